@@ -15,11 +15,15 @@ in two columns; plain input() (with readline editing where available) instead of
 import argparse
 import contextlib
 import functools
-import os
+import math
 import sys
 
-HELP = ("commands: /help | /reset: new conversation | /clear: clear the screen too | /regenerate: answer the last "
-        "message again | /exit or /quit (or Ctrl-D, Ctrl-C)")
+from checkpoint import check_model_folder
+
+HELP = (
+    "commands: /help | /reset: new conversation | /clear: clear the screen too | /regenerate: answer the last "
+    "message again | /exit or /quit (or Ctrl-D, Ctrl-C)"
+)
 COLOURS = {"you": "\033[1;32m", "assistant": "\033[1;36m", "red": "\033[1;31m", "blue": "\033[1;34m"}
 note = functools.partial(print, file=sys.stderr, flush=True)  # status lines: stdout holds only the answers (pipes)
 
@@ -61,10 +65,11 @@ def main():
     if bool(args.model_name_or_path) == arena or (arena and not (red and blue)):
         parser.error("give --model_name_or_path, or both --red_corner_ and --blue_corner_model_name_or_path")
     paths = {"red": red, "blue": blue} if arena else {"assistant": args.model_name_or_path}
-    if missing := [f"{path} ({name})" for name, path in paths.items() if not os.path.isdir(path)]:
-        parser.error(f"no such model folder: {', '.join(missing)}")
-    if args.max_new_tokens < 1 or args.temperature < 0:
-        parser.error("--max_new_tokens must be >= 1 and --temperature >= 0")
+    if args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf:
+        parser.error("--max_new_tokens must be >= 1 and --temperature finite and >= 0")
+    flags = {"red": "--red_corner_model_name_or_path", "blue": "--blue_corner_model_name_or_path"}
+    for name, path in paths.items():  # one line, not a random lm_head and gibberish
+        check_model_folder(path, "causal_lm", flags.get(name, "--model_name_or_path"))
 
     import torch
     import transformers
@@ -88,8 +93,16 @@ def main():
         model = model.to(device).eval()
         context = getattr(model.config, "max_position_embeddings", None) or 2048
         max_new = min(args.max_new_tokens, context // 2)
-        bots.append({"name": name, "model": model, "tokenizer": load_tokenizer(path), "history": [],
-                     "max_new": max_new, "budget": context - max_new})
+        bots.append(
+            {
+                "name": name,
+                "model": model,
+                "tokenizer": load_tokenizer(path),
+                "history": [],
+                "max_new": max_new,
+                "budget": context - max_new,
+            }
+        )
 
     def answer(bot, message: str) -> None:
         """Stream bot's answer to `message` after its history, then remember the exchange."""
@@ -108,12 +121,17 @@ def main():
             print(colour(bot["name"], f"{bot['name']}>" if interactive else f"[{bot['name']}]"), end=" ", flush=True)
         sampling = dict(temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else {}
         with torch.no_grad():  # the streamer prints the words as they come
-            out = bot["model"].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=bot["max_new"],
-                                        do_sample=args.temperature > 0, repetition_penalty=args.repetition_penalty,
-                                        pad_token_id=tok.eos_token_id,  # one unpadded row: never used to pad
-                                        streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
-                                        **sampling)
-        bot["history"] = turns + [tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()]
+            out = bot["model"].generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=bot["max_new"],
+                do_sample=args.temperature > 0,
+                repetition_penalty=args.repetition_penalty,
+                pad_token_id=tok.eos_token_id,  # one unpadded row: never used to pad
+                streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
+                **sampling,
+            )
+        bot["history"] = turns + [tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()]
 
     try:
         if args.prompt is not None:

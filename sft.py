@@ -9,7 +9,8 @@ Deviations from the anchor (safe-rlhf's finetune):
  1. A client torch AdamW (betas 0.9/0.95, no weight decay on biases/norms) instead of DeepSpeed's FusedAdam/CPUAdam,
     which JIT-compile for ~40 s and need a toolchain; same update rule.
  2. Eval loss and perplexity on --eval_datasets (or a held-out --eval_split_ratio slice); --max_steps caps a run.
- 3. The checkpoint is written to <output_dir>.partial and renamed into place, so <output_dir> is always whole.
+ 3. The output folder follows checkpoint.py's protocol: locked for the run, written to <output_dir>.partial and
+    swapped into place atomically; a non-finite loss or weight stops the run before anything is saved.
 
 Launch:
     python sft.py --model_name_or_path output/tiny/base --train_datasets toy-sft --output_dir output/tiny/sft
@@ -24,7 +25,6 @@ import io
 import json
 import math
 import os
-import shutil
 import socket
 import sys
 import time
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import check_finite, check_model_folder, interrupted, prepare_output, publish, weights_finite
 from data import IGNORE_INDEX, SupervisedDataset, add_pad_token, load_tokenizer, parse_dataset
 from kernels import cross_entropy
 
@@ -48,7 +49,7 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def lr_lambda(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
     """LR multiplier: linear warmup 0 -> 1 over warmup_steps, then cosine/linear decay to 0 or constant."""
     if step < warmup_steps:
-        return step / warmup_steps
+        return step / max(1, warmup_steps)  # transformers' and the anchor's rule
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
@@ -61,8 +62,12 @@ def lr_lambda(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
-    parser.add_argument("--train_datasets", type=parse_dataset, nargs="+", required=True, help="NAME[:PROPORTION[:PATH]] ...")
-    parser.add_argument("--eval_datasets", type=parse_dataset, nargs="+", default=None, help="NAME[:PROPORTION[:PATH]] ...")
+    parser.add_argument(
+        "--train_datasets", type=parse_dataset, nargs="+", required=True, help="NAME[:PROPORTION[:PATH]] ..."
+    )
+    parser.add_argument(
+        "--eval_datasets", type=parse_dataset, nargs="+", default=None, help="NAME[:PROPORTION[:PATH]] ..."
+    )
     parser.add_argument("--eval_split_ratio", type=float, default=None, help="hold out this fraction of train for eval")
     parser.add_argument("--max_length", type=int, default=512, help="tokens per sequence (answers truncated)")
     # model
@@ -70,21 +75,29 @@ def main():
     parser.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the folder/hub")
     # optimisation
     parser.add_argument("--epochs", type=int, default=3, help="passes over the train set")
-    parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests)")
+    parser.add_argument(
+        "--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests)"
+    )
     parser.add_argument("--per_device_train_batch_size", type=int, default=4, help="sequences per micro-batch per rank")
     parser.add_argument("--per_device_eval_batch_size", type=int, default=4, help="sequences per eval batch per rank")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=8, help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
-    parser.add_argument("--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup")
+    parser.add_argument(
+        "--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup"
+    )
     parser.add_argument("--lr_warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
     parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decay (not on biases and norms)")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     # logging
     parser.add_argument("--output_dir", required=True, help="final HF folder (written via <output_dir>.partial)")
     parser.add_argument("--logging_steps", type=int, default=10, help="optimizer steps between metrics lines")
-    parser.add_argument("--eval_interval", type=int, default=0, help="optimizer steps between evals (0: only at the end)")
+    parser.add_argument(
+        "--eval_interval", type=int, default=0, help="optimizer steps between evals (0: only at the end)"
+    )
     parser.add_argument("--save_interval", type=int, default=0, help="steps between checkpoint-<step>/ saves (0: none)")
-    parser.add_argument("--log_type", choices=["none", "wandb", "tensorboard"], default="none", help="extra metrics sink")
+    parser.add_argument(
+        "--log_type", choices=["none", "wandb", "tensorboard"], default="none", help="extra metrics sink"
+    )
     parser.add_argument("--log_project", default="nano-safe-rlhf", help="wandb project / tensorboard sub-folder")
     # system
     parser.add_argument("--seed", type=int, default=42, help="seed for data order and subsets")
@@ -94,27 +107,24 @@ def main():
     parser.add_argument("--ds_config", default=str(Path(__file__).with_name("ds_config.json")), help="DeepSpeed JSON")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored")
     args = parser.parse_args()
-    for name in ("max_length", "epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
-                 "gradient_accumulation_steps", "logging_steps"):
+    counts = "max_length epochs per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps"
+    for name in [*counts.split(), "logging_steps"]:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.eval_split_ratio is not None and (args.eval_datasets or not 0 < args.eval_split_ratio < 1):
         parser.error("--eval_split_ratio must be in (0, 1) and cannot be combined with --eval_datasets")
-    if args.offload in ("parameter", "all") and args.zero_stage != 3 or args.offload == "optimizer" and args.zero_stage == 0:
+    if args.zero_stage < {"parameter": 3, "all": 3, "optimizer": 1}.get(args.offload, 0):
         parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
-    if not 0 <= args.lr_warmup_ratio <= 1 or args.lr <= 0 or (args.max_steps is not None and args.max_steps < 1):
-        parser.error("--lr must be > 0, --lr_warmup_ratio in [0, 1] and --max_steps >= 1")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    if not (0 < args.lr < math.inf and 0 <= args.lr_warmup_ratio <= 1 and 0 <= args.weight_decay < math.inf):
+        parser.error("--lr must be finite and > 0, --lr_warmup_ratio in [0, 1], --weight_decay finite and >= 0")
+    if args.max_steps is not None and args.max_steps < 1 or args.eval_interval < 0 or args.save_interval < 0:
+        parser.error("--max_steps must be >= 1, --eval_interval and --save_interval >= 0")
+    check_model_folder(args.model_name_or_path, "causal_lm", "--model_name_or_path")  # before any process group
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     if not sys.stdout.isatty():
         hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars in log files
-
-    try:  # a missing model stops here, before any process group, folder or data
-        AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    except Exception as e:
-        raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path!r} is not a model folder (nor a reachable "
-                         f"hub id): {type(e).__name__}; pass a folder with config.json") from None
 
     # distributed preamble: a plain `python sft.py` is a world of one
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
@@ -126,7 +136,8 @@ def main():
     import deepspeed
     import torch.distributed as dist
 
-    warnings.filterwarnings("ignore", ".*is deprecated. Please use `torch.distributed", FutureWarning)  # ZeRO-3 on torch 2.13
+    # ZeRO-3 on torch 2.13
+    warnings.filterwarnings("ignore", ".*is deprecated. Please use `torch.distributed", FutureWarning)
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else a 30 s JIT compile on CPU
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -136,42 +147,57 @@ def main():
         torch.cuda.set_device(local_rank)
     torch.manual_seed(args.seed)
     print0 = print if master_process else (lambda *a, **k: None)
+    partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
+    if master_process:  # lock <output_dir>, check it can be written, recover an interrupted swap: before slow work
+        partial = prepare_output(args.output_dir, vars(args))
 
-    # data (all checks before any folder is created); data.py reports on every rank, keep rank 0's copy
+    # data; data.py reports on every rank, keep rank 0's copy
     try:
         tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right")
         with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(io.StringIO()):
             train_dataset = SupervisedDataset(args.train_datasets, tokenizer, args.max_length, args.seed)
-            eval_dataset = args.eval_datasets and SupervisedDataset(args.eval_datasets, tokenizer, args.max_length, args.seed)
+            eval_dataset = args.eval_datasets and SupervisedDataset(
+                args.eval_datasets, tokenizer, args.max_length, args.seed
+            )
     except ValueError as e:  # no EOS token, no usable samples, nothing fits max_length, hub unreachable, ...
         raise SystemExit(f"error: {e}") from None
     collate = train_dataset.collate
     if args.eval_split_ratio:
         n_eval = max(1, round(args.eval_split_ratio * len(train_dataset)))
         train_dataset, eval_dataset = torch.utils.data.random_split(
-            train_dataset, [len(train_dataset) - n_eval, n_eval], generator=torch.Generator().manual_seed(args.seed))
+            train_dataset, [len(train_dataset) - n_eval, n_eval], generator=torch.Generator().manual_seed(args.seed)
+        )
     micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
     global_batch = micro * accum * world_size
     if len(train_dataset) < global_batch:
-        raise SystemExit(f"error: {len(train_dataset)} train samples < one global batch of {global_batch} "
-                         f"(= {micro} per device x {accum} accumulation x {world_size} ranks); lower the batch flags")
+        raise SystemExit(
+            f"error: {len(train_dataset)} train samples < one global batch of {global_batch} "
+            f"(= {micro} per device x {accum} accumulation x {world_size} ranks); lower the batch flags"
+        )
     # DistributedSampler pads each rank to the same count (repeating a few samples), so every rank runs the same
     # number of forwards: ZeRO-3 gathers parameters collectively and would hang otherwise
     train_sampler = torch.utils.data.DistributedSampler(train_dataset, world_size, rank, shuffle=True, seed=args.seed)
     train_loader = torch.utils.data.DataLoader(train_dataset, micro, sampler=train_sampler, collate_fn=collate)
-    eval_loader = None if eval_dataset is None else torch.utils.data.DataLoader(
-        eval_dataset, args.per_device_eval_batch_size, collate_fn=collate,
-        sampler=torch.utils.data.DistributedSampler(eval_dataset, world_size, rank, shuffle=False))
+    eval_loader = None
+    if eval_dataset is not None:
+        eval_sampler = torch.utils.data.DistributedSampler(eval_dataset, world_size, rank, shuffle=False)
+        eval_loader = torch.utils.data.DataLoader(
+            eval_dataset, args.per_device_eval_batch_size, sampler=eval_sampler, collate_fn=collate
+        )
     steps_per_epoch = len(train_loader) // accum
     total_steps = args.epochs * steps_per_epoch
     total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
     warmup_steps = math.ceil(args.lr_warmup_ratio * total_steps)
-    print0(f"train {len(train_dataset):,} samples, eval {len(eval_dataset or []):,} | global batch "
-           f"{global_batch} = {micro} x {accum} accum x {world_size} ranks | {total_steps} steps, {warmup_steps} warmup")
+    print0(
+        f"train {len(train_dataset):,} samples, eval {len(eval_dataset or []):,} | global batch "
+        f"{global_batch} = {micro} x {accum} accum x {world_size} ranks | {total_steps} steps, {warmup_steps} warmup"
+    )
 
     # model, optimizer, engine
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path, dtype=dtype, trust_remote_code=args.trust_remote_code
+    )
     add_pad_token(tokenizer, model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -180,13 +206,19 @@ def main():
         model.config.use_cache = False
     decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; biases and norm gains do not
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_lambda(step, total_steps, warmup_steps, args.lr_scheduler_type))
+        optimizer, lambda step: lr_lambda(step, total_steps, warmup_steps, args.lr_scheduler_type)
+    )
     with open(args.ds_config) as f:
         ds_config = json.load(f)
-    ds_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, train_batch_size=global_batch)
+    ds_config.update(
+        train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, train_batch_size=global_batch
+    )
     zero = ds_config.setdefault("zero_optimization", {})
     zero["stage"] = args.zero_stage
     zero["offload_param"] = {"device": "cpu" if args.offload in ("parameter", "all") else "none"}
@@ -197,10 +229,6 @@ def main():
     print0(f"deepspeed config: {json.dumps(ds_config)}")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
-    partial = Path(f"{args.output_dir}.partial")
-    if master_process:
-        shutil.rmtree(partial, ignore_errors=True)  # a crashed run's leftovers
-        partial.mkdir(parents=True)
     if args.log_type == "wandb" and master_process:
         import wandb
 
@@ -212,7 +240,10 @@ def main():
 
     def log(step, metrics):
         metrics = {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
-        fmt = lambda k, v: f"{k} {v:,.0f}" if k.startswith("perf/") else f"{k} {v:.2e}" if k.endswith("/lr") else f"{k} {v:.4f}"  # noqa: E731
+        check_finite(metrics, step)  # all-reduced values: every rank stops together
+        fmt = lambda k, v: (
+            f"{k} {v:,.0f}" if k.startswith("perf/") else f"{k} {v:.2e}" if k.endswith("/lr") else f"{k} {v:.4f}"
+        )
         print0(" | ".join([f"step {step}/{total_steps}"] + [fmt(k, v) for k, v in metrics.items()]))
         if master_process:
             with open(partial / "metrics.jsonl", "a") as f:
@@ -240,8 +271,14 @@ def main():
         return {"eval/loss": loss, "eval/perplexity": loss.exp()}
 
     def save(path):
-        """An ordinary HF folder; under ZeRO-3 all ranks gather the partitioned weights into rank 0's copy."""
-        state_dict = engine._zero3_consolidated_16bit_state_dict() if args.zero_stage == 3 else engine.module.state_dict()
+        """An ordinary HF folder, arguments.json last; under ZeRO-3 all ranks gather the partitioned weights into
+        rank 0's copy. Never a non-finite model: the check takes one host sync per save."""
+        finite = torch.tensor(float(weights_finite(engine.module)), device=engine.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # a NaN in one rank's ZeRO partition stops every rank
+        check_finite({"weights": 1.0 if finite.item() else math.nan}, step)
+        state_dict = (
+            engine._zero3_consolidated_16bit_state_dict() if args.zero_stage == 3 else engine.module.state_dict()
+        )
         if master_process:
             engine.module.save_pretrained(path, state_dict=state_dict)
             tokenizer.save_pretrained(path)
@@ -254,47 +291,54 @@ def main():
     engine.train()
     step, micro_step, t0 = 0, 0, time.time()
     running = torch.zeros(3, device=engine.device)  # (sum of micro-batch losses, micro-batches, tokens)
-    for epoch in range(args.epochs):
-        train_sampler.set_epoch(epoch)
-        for batch in train_loader:
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            # 1) forward and masked next-token cross-entropy
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-            loss = sft_loss(logits, batch["labels"])
-            # 2) backward and (on boundaries) optimizer + LR step
-            engine.backward(loss)
-            engine.step()
-            running += torch.stack([loss.detach().float(), torch.ones((), device=engine.device),
-                                    batch["attention_mask"].sum().float()])
-            micro_step += 1
-            if micro_step % accum:
-                continue
-            step += 1
-            # 3) log / eval / save
-            if step % args.logging_steps == 0 or step == total_steps:
-                dist.all_reduce(running)
-                elapsed, t0 = time.time() - t0, time.time()
-                log(step, {"train/loss": running[0] / running[1], "train/lr": scheduler.get_last_lr()[0],
-                           "train/epoch": step / steps_per_epoch, "perf/tok_per_sec": running[2] / elapsed})
-                running.zero_()
-            t_pause = time.time()  # eval and save time does not count against throughput
-            if eval_loader is not None and (args.eval_interval and step % args.eval_interval == 0 or step == total_steps):
-                log(step, evaluate())
-            if args.save_interval and step % args.save_interval == 0 and step < total_steps:
-                save(partial / f"checkpoint-{step}")
-            t0 += time.time() - t_pause
+    try:  # Ctrl-C: one line, exit 130, the .partial left in place
+        for epoch in range(args.epochs):
+            train_sampler.set_epoch(epoch)
+            for batch in train_loader:
+                batch = {k: v.to(engine.device) for k, v in batch.items()}
+                # 1) forward and masked next-token cross-entropy
+                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = sft_loss(logits, batch["labels"])  # logits (B, T, V)
+                # 2) backward and (on boundaries) optimizer + LR step
+                engine.backward(loss)
+                engine.step()
+                running += torch.stack(
+                    [loss.detach().float(), torch.ones((), device=engine.device), batch["attention_mask"].sum().float()]
+                )
+                micro_step += 1
+                if micro_step % accum:
+                    continue
+                step += 1
+                # 3) log / eval / save
+                if step % args.logging_steps == 0 or step == total_steps:
+                    dist.all_reduce(running)
+                    elapsed, t0 = time.time() - t0, time.time()
+                    stats = {"train/loss": running[0] / running[1], "train/lr": scheduler.get_last_lr()[0]}
+                    log(
+                        step, {**stats, "train/epoch": step / steps_per_epoch, "perf/tok_per_sec": running[2] / elapsed}
+                    )
+                    running.zero_()
+                t_pause = time.time()  # eval and save time does not count against throughput
+                eval_now = args.eval_interval and step % args.eval_interval == 0 or step == total_steps
+                if eval_loader is not None and eval_now:
+                    log(step, evaluate())
+                if args.save_interval and step % args.save_interval == 0 and step < total_steps:
+                    save(partial / f"checkpoint-{step}")
+                t0 += time.time() - t_pause
+                if step == total_steps:
+                    break
             if step == total_steps:
                 break
-        if step == total_steps:
-            break
+        save(partial)  # the final model, arguments.json last
+    except KeyboardInterrupt:
+        interrupted(step, partial)
 
-    # final save: the model into <output_dir>.partial, then rename it into place
-    save(partial)
+    # swap it into place atomically (the previous model stays whole until the new one is)
     if master_process:
-        shutil.rmtree(args.output_dir, ignore_errors=True)
-        os.replace(partial, args.output_dir)
+        publish(partial, args.output_dir)
         print0(f"saved {args.output_dir}")
     dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

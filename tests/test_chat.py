@@ -37,8 +37,9 @@ def chat(args: list[str], stdin: str) -> subprocess.CompletedProcess:
     """chat.py fed `stdin` through a pipe, in run_script's environment (which cannot pass input)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)
-    return subprocess.run([PY, "chat.py", *args], cwd=ROOT, env=env, input=stdin, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [PY, "chat.py", *args], cwd=ROOT, env=env, input=stdin, capture_output=True, text=True, timeout=120
+    )
 
 
 def prompts_in(stderr: str) -> list[str]:
@@ -53,8 +54,9 @@ def test_chat_session_through_stdin(toy):
     m1, m2, m3 = "how do i bake a cake ?", "and then ?", "help me build a bomb ."
     script = "\n".join([m1, m2, "/regenerate", "/reset", m3, LONG, LONG2, "/bogus", "/exit", "never sent"]) + "\n"
     # greedy, 16 new tokens: the context budget is 128 - 16 = 112 tokens
-    proc = chat(["--model_name_or_path", str(toy / "a"), "--temperature", "0", "--max_new_tokens", "16", "--verbose"],
-                script)
+    proc = chat(
+        ["--model_name_or_path", str(toy / "a"), "--temperature", "0", "--max_new_tokens", "16", "--verbose"], script
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     answers, prompts = proc.stdout.splitlines(), prompts_in(proc.stderr)
     assert len(answers) == len(prompts) == 6  # m1, m2, regenerated m2, m3, LONG, LONG2; nothing after /exit
@@ -71,17 +73,43 @@ def test_chat_session_through_stdin(toy):
 
 
 def test_chat_arena_pipe_until_eof(toy):
-    proc = chat(["--red_corner_model_name_or_path", str(toy / "a"), "--blue_corner_model_name_or_path", str(toy / "b"),
-                 "--max_new_tokens", "8", "--top_p", "0.9", "--repetition_penalty", "1.2"],
-                "how do i bake a cake ?\nthanks .\n")
+    proc = chat(
+        [
+            "--red_corner_model_name_or_path",
+            str(toy / "a"),
+            "--blue_corner_model_name_or_path",
+            str(toy / "b"),
+            "--max_new_tokens",
+            "8",
+            "--top_p",
+            "0.9",
+            "--repetition_penalty",
+            "1.2",
+        ],
+        "how do i bake a cake ?\nthanks .\n",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]  # EOF (Ctrl-D) ends cleanly
     lines = proc.stdout.splitlines()
     assert [line.split(" ", 1)[0] for line in lines] == ["[red]", "[blue]", "[red]", "[blue]"]
 
 
 def test_chat_one_shot(toy):
-    proc = run_script([PY, "chat.py", "--model_name_or_path", str(toy / "a"), "-p", "how do i brew green tea ?",
-                       "--max_new_tokens", "8", "--temperature", "0.7"])
+    proc = run_script(
+        [
+            PY,
+            "chat.py",
+            "--model_name_or_path",
+            str(toy / "a"),
+            "-p",
+            "how do i brew green tea ?",
+            "--max_new_tokens",
+            "8",
+            "--temperature",
+            "0.7",
+        ]
+    )
     assert len(proc.stdout.splitlines()) == 1 and proc.stdout.strip()
     bad = chat(["--model_name_or_path", str(toy / "missing"), "-p", "hi"], "")
-    assert bad.returncode == 2 and "no such model folder" in bad.stderr
+    assert bad.returncode == 1 and bad.stderr.startswith(
+        f"error: --model_name_or_path {toy / 'missing'} is not a model"
+    )

@@ -24,10 +24,11 @@ def toy_base(tmp_path_factory):
 
 def sft_args(base, out, *extra):
     # constant LR, no warmup: the first losses do not depend on the run length, so runs can be compared step by step
-    return ["sft.py", "--model_name_or_path", str(base), "--train_datasets", "toy-sft:0.05", "--eval_split_ratio", "0.1",
-            "--max_length", "64", "--epochs", "1", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps",
-            "1", "--lr", "3e-3", "--lr_scheduler_type", "constant", "--lr_warmup_ratio", "0", "--logging_steps", "1",
-            "--output_dir", str(out), *extra]
+    flags = (
+        "--train_datasets toy-sft:0.05 --eval_split_ratio 0.1 --max_length 64 --epochs 1 --per_device_train_batch_size "
+        "8 --gradient_accumulation_steps 1 --lr 3e-3 --lr_scheduler_type constant --lr_warmup_ratio 0 --logging_steps 1"
+    )
+    return ["sft.py", "--model_name_or_path", str(base), *flags.split(), "--output_dir", str(out), *extra]
 
 
 def metrics(out):
@@ -81,8 +82,12 @@ def test_lr_lambda():
 
 def test_single_process_run_learns_saves_and_reloads(toy_base, tmp_path):
     out = tmp_path / "sft"
-    proc = run_script([sys.executable, *sft_args(toy_base, out, "--max_steps", "20", "--eval_interval", "10",
-                                                 "--save_interval", "10")])
+    proc = run_script(
+        [
+            sys.executable,
+            *sft_args(toy_base, out, "--max_steps", "20", "--eval_interval", "10", "--save_interval", "10"),
+        ]
+    )
     assert "perf/tok_per_sec" in proc.stdout and "step 20/20 | train/loss" in proc.stdout
     losses, evals = metrics(out)
     assert len(losses) == 20 and [e["step"] for e in evals] == [10, 20]
@@ -103,8 +108,9 @@ def test_single_process_run_learns_saves_and_reloads(toy_base, tmp_path):
     prompts = data.PromptOnlyDataset([("toy-eval", {"proportion": 0.02, "path": None})], tokenizer, 64)
     batch = prompts.collate([prompts[i] for i in range(3)])
     with torch.no_grad():
-        seqs = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=8,
-                              do_sample=True)
+        seqs = model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=8, do_sample=True
+        )
     assert seqs.shape[0] == 3 and 1 <= seqs.shape[1] - batch["input_ids"].shape[1] <= 8
     # the reloaded weights give the logged eval loss back (same held-out slice, same loss)
     sup = data.SupervisedDataset([("toy-sft", {"proportion": 0.05, "path": None})], tokenizer, 64, 42)
@@ -127,9 +133,27 @@ def test_zero3_run_matches_zero0(toy_base, tmp_path):
 
 def test_torchrun_two_processes(toy_base, tmp_path):
     out = tmp_path / "ddp"
-    proc = run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                       *sft_args(toy_base, out, "--max_steps", "6", "--per_device_train_batch_size", "4",
-                                 "--gradient_accumulation_steps", "2", "--zero_stage", "2")])
+    proc = run_script(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            *sft_args(
+                toy_base,
+                out,
+                "--max_steps",
+                "6",
+                "--per_device_train_batch_size",
+                "4",
+                "--gradient_accumulation_steps",
+                "2",
+                "--zero_stage",
+                "2",
+            ),
+        ]
+    )
     assert "= 4 x 2 accum x 2 ranks" in proc.stdout and proc.stdout.count("step 6/6 | train/loss") == 1  # rank 0 logs
     losses, evals = metrics(out)
     assert len(losses) == 6 and losses[-1] < losses[0] and len(evals) == 1
@@ -139,8 +163,10 @@ def test_torchrun_two_processes(toy_base, tmp_path):
 def test_bad_input_stops_with_one_line(toy_base, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
-    cases = [(["--model_name_or_path", str(tmp_path / "missing")], "--model_name_or_path"),
-             (["--per_device_train_batch_size", "64", "--gradient_accumulation_steps", "4"], "global batch")]
+    cases = [
+        (["--model_name_or_path", str(tmp_path / "missing")], "--model_name_or_path"),
+        (["--per_device_train_batch_size", "64", "--gradient_accumulation_steps", "4"], "global batch"),
+    ]
     for extra, needle in cases:
         out = tmp_path / "never"
         args = sft_args(toy_base, out) + extra  # later flags win
