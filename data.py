@@ -2,20 +2,24 @@
 tokenized datasets with their collators, and the toy world (a synthetic task with ground-truth oracles).
 
 A raw dataset is a class with a NAME that yields RawSample dicts; registering one is subclassing RawDataset (or
-`variant(...)` for another split of a loader), which works from a user's own script too (before argument parsing). Tokenized datasets turn raw samples into
-tensors for one stage: supervised (SFT), preference (reward model), safety preference (cost model) and prompt-only
-(PPO rollouts, evaluation).
+`variant(...)` for another split of a loader), which works from a user's own script too (before argument parsing).
+Tokenized datasets turn raw samples into tensors for one stage: supervised (SFT), preference (reward model), safety
+preference (cost model) and prompt-only (PPO rollouts, evaluation). Broken JSONL lines are skipped and counted like
+malformed records; a file that cannot be read at all is a ValueError naming it, which every stage prints as one line.
 
     python data.py toy-model --output_dir output/tiny/base   # the tiny preset's tokenizer + random LlamaForCausalLM
 """
 
 import argparse
+import gzip
 import json
+import logging
 import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
-from typing import TypedDict
+from typing import NamedTuple, TypedDict
 
 import torch
 
@@ -32,6 +36,11 @@ class RawSample(TypedDict, total=False):
     safer: bool  # answer is safer than other_answer
     is_safe: bool  # answer is safe
     is_other_safe: bool  # other_answer is safe
+    severity: int  # harm severity of answer, 0 (safe) to 3 (severe), where the data has it (PKU-SafeRLHF v1)
+    other_severity: int
+    harm_categories: list[str]  # the harm categories answer falls in, where the data has them
+    other_harm_categories: list[str]
+    category: str  # a prompt's category (red-team prompt files)
 
 
 # Identical to the anchor's, so released Beaver models work. Note: no space after "ASSISTANT:".
@@ -42,9 +51,14 @@ PROMPT_TEMPLATE = PROMPT_BEGIN + PROMPT_USER + PROMPT_ASSISTANT
 IGNORE_INDEX = -100
 
 
+def as_turns(input: str | list[str]) -> list[str]:
+    """A user's message, or the turns so far (user, assistant, ..., user), as a list of turns."""
+    return [input] if isinstance(input, str) else list(input)
+
+
 def format_prompt(input: str | list[str], eos_token: str = "</s>") -> str:
     """`BEGINNING OF CONVERSATION: USER: {u1} ASSISTANT:{a1}</s>USER: {u2} ASSISTANT:` for a list of turns."""
-    turns = [input] if isinstance(input, str) else list(input)
+    turns = as_turns(input)
     if len(turns) % 2 != 1:
         raise ValueError("a multi-turn input must alternate user/assistant and end with the user's turn")
     text = PROMPT_BEGIN
@@ -58,11 +72,14 @@ def format_prompt(input: str | list[str], eos_token: str = "</s>") -> str:
 
 
 class RawDataset:
-    """Subclass with NAME (and ALIASES) to register. `records(path)` reads PATH, or HUB_ID's SPLIT (in DATA_DIR) when
-    no PATH is given; `to_sample(record)` turns a record into a RawSample, or None when it cannot be parsed."""
+    """Subclass with NAME (and ALIASES) to register. `records(path)` reads PATH, or HUB_ID's SPLIT (in DATA_DIR, at
+    `revision`) when no PATH is given; `to_sample(record)` turns a record into a RawSample, or None when it cannot be
+    parsed (EXPECTED names the fields it reads, for that error). `field`: a FIELD_CHOICE loader's field."""
 
     NAME, ALIASES = "", ()
     HUB_ID, SPLIT, DATA_DIR = None, "train", None
+    GENERATED = False  # True: the samples are generated (the toy world), a PATH would be silently ignored
+    EXPECTED, FIELD_CHOICE = "", False  # FIELD_CHOICE: the spec may name the field to read (PATH#FIELD)
     registry: dict[str, type["RawDataset"]] = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -71,21 +88,38 @@ class RawDataset:
             if name:
                 RawDataset.registry[name] = cls
 
-    def __init__(self, path: str | None = None):
-        self.samples, skipped = [], {}
+    def __init__(self, path: str | None = None, revision: str | None = None, field: str | None = None):
+        self.revision, self.field = revision, field
+        self.samples, skipped, broken, unparsed = [], {}, None, None
         for record in self.records(path):
-            sample = self.to_sample(record)
-            reason = "unparseable" if sample is None else malformed(sample)
+            if isinstance(record, BrokenLine):
+                reason, broken = "broken JSON line", broken or record
+            else:
+                sample = self.to_sample(record)
+                reason = "unparseable" if sample is None else malformed(sample)
+                if sample is None and unparsed is None:
+                    unparsed = record
             if reason:
                 skipped[reason] = skipped.get(reason, 0) + 1
             else:
                 self.samples.append(sample)
         self.skipped = sum(skipped.values())
+        first = f"; first broken line: {broken.file}:{broken.line} ({broken.why})" if broken else ""
+        if unparsed is not None:  # name what the loader wanted and what the file has
+            found = ", ".join(list(unparsed)[:12]) + (", ..." if len(unparsed) > 12 else "")
+            first += f"; unparseable records: expected {self.expected()}, found fields {found}"
+        if not self.samples:
+            raise ValueError(f"dataset {self.NAME} gave no usable samples from {path or self.HUB_ID} "
+                             f"(skipped {skipped or 'nothing: no records'}){first}")
         if self.skipped:
-            print(f"dataset {self.NAME}: kept {len(self.samples):,}, skipped {self.skipped:,} malformed records {skipped}")
+            print(f"dataset {self.NAME}: kept {len(self.samples):,}, skipped {self.skipped:,} malformed records "
+                  f"{skipped}{first}")
 
     def records(self, path):
-        return read_records(path, self.HUB_ID, self.SPLIT, self.DATA_DIR, self.NAME)
+        return read_records(path, self.HUB_ID, self.SPLIT, self.DATA_DIR, self.NAME, self.revision)
+
+    def expected(self) -> str:
+        return f"the fields {self.EXPECTED}" if self.EXPECTED else "other fields"
 
     def to_sample(self, record: dict) -> RawSample | None:
         return record  # records that already are RawSamples (the toy world)
@@ -97,10 +131,25 @@ class RawDataset:
         return self.samples[i]
 
     @staticmethod
-    def load(name: str, path: str | None = None) -> "RawDataset":
+    def load(name: str, path: str | None = None, revision: str | None = None, field: str | None = None):
         if name not in RawDataset.registry:
             raise ValueError(f"unknown dataset {name!r}; registered: {', '.join(sorted(RawDataset.registry))}")
-        return RawDataset.registry[name](path)
+        if path is not None and RawDataset.registry[name].GENERATED:
+            raise ValueError(f"dataset {name!r} is generated and takes no PATH (got {path!r}); drop the PATH")
+        if problem := option_problem(name, path, revision, field):
+            raise ValueError(f"dataset {name}: {problem}")
+        return RawDataset.registry[name](path, revision, field)
+
+
+def option_problem(name: str, path: str | None, revision: str | None, field: str | None) -> str | None:
+    """Why a dataset cannot take this @REVISION or #FIELD, or None."""
+    cls = RawDataset.registry[name]
+    if revision is not None and (not revision or cls.HUB_ID is None or path is not None):
+        return (f"@{revision} picks a version of the hub copy, {cls.HUB_ID or 'which it has none of'}; a local PATH is "
+                f"read as it is: drop @{revision} (or the PATH)")
+    if field is not None and (not field or not cls.FIELD_CHOICE):
+        return f"#{field}: only the prompts dataset takes a #FIELD (the field that holds the prompt)"
+    return None
 
 
 def variant(base: type[RawDataset], name: str, *aliases: str, **attrs) -> type[RawDataset]:
@@ -124,42 +173,139 @@ def malformed(s: RawSample) -> str | None:
     return None
 
 
-def read_records(path: str | None, hub_id: str | None, split: str, data_dir: str | None, name: str) -> list[dict]:
-    """Records from a local JSON/JSONL/JSONL.GZ/Parquet file, a folder of them, a save_to_disk folder, or the hub."""
+class BrokenLine(NamedTuple):
+    """A line of a JSON Lines file that is not a JSON object: read_records returns one per such line after the
+    records, and RawDataset counts it as a skipped record."""
+
+    file: str
+    line: int
+    why: str
+
+
+def read_records(path: str | None, hub_id: str | None, split: str, data_dir: str | None, name: str,
+                 revision: str | None = None) -> list:
+    """Records from a local JSON/JSONL/JSONL.GZ/CSV/Parquet file, a folder of them, a save_to_disk folder, or the hub
+    (at a revision); JSONL lines that do not parse are skipped (a BrokenLine each); an unreadable file: ValueError."""
     import datasets
 
     if path is None:
         if hub_id is None:
             raise ValueError(f"dataset {name!r} has no hub id: give a local file, e.g. {name}:1.0:/path/to/file.json")
         try:
-            return list(datasets.load_dataset(hub_id, data_dir=data_dir, split=split))
+            return list(datasets.load_dataset(hub_id, data_dir=data_dir, split=split, revision=revision))
         except Exception as e:
-            raise ValueError(f"could not load {hub_id!r} from the hub ({type(e).__name__}); offline? "
+            at = f" at revision {revision!r}" if revision else ""
+            raise ValueError(f"could not load {hub_id!r}{at} from the hub ({type(e).__name__}); offline? "
                              f"pass a local copy as {name}:1.0:/path/to/{split}.jsonl") from None
     p = Path(path)
     if p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
-        ds = datasets.load_from_disk(str(p))
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:
+            raise ValueError(f"could not read the save_to_disk folder {path}: {root_cause(e)}") from None
+        if isinstance(ds, datasets.DatasetDict) and split not in ds:
+            raise ValueError(f"{path} has no split {split!r} (it has {', '.join(ds)}); pick a dataset of another split")
         return list(ds[split] if isinstance(ds, datasets.DatasetDict) else ds)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    files = [str(f) for f in files if f.name.endswith((".json", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet"))]
+    kinds = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".gz": "json"}
+    files = [str(f) for f in files if f.name.endswith((".json", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".csv"))]
     if not files:
-        raise ValueError(f"no JSON/JSONL/Parquet files for dataset {name!r} under {path}")
-    kind = "parquet" if all(f.endswith(".parquet") for f in files) else "json"
-    return list(datasets.load_dataset(kind, data_files=files, split="train"))
+        raise ValueError(f"no JSON/JSONL/CSV/Parquet files for dataset {name!r} under {path}")
+    if len(found := {kinds[Path(f).suffix] for f in files}) > 1:
+        raise ValueError(f"{path} mixes {' and '.join(sorted(found))} files; give them as separate datasets")
+    kind = found.pop()
+    for module in ("json.json", "parquet.parquet", "csv.csv"):  # their error logs would precede our line saying so
+        logging.getLogger(f"datasets.packaged_modules.{module}").setLevel(logging.CRITICAL)
+    try:
+        return list(datasets.load_dataset(kind, data_files=files, split="train"))
+    except Exception as e:  # StopIteration, DatasetGenerationError, UnicodeDecodeError: none names the file or line
+        failure = e
+    # find the file and the problem; if it is only broken lines, load the other lines (still with datasets)
+    broken, clean = [], list(files)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, f in enumerate(files if kind == "json" else []):
+            good, bad = scan_json_file(f)
+            if bad:
+                broken += bad
+                clean[i] = os.path.join(tmp, f"{i}.jsonl")
+                Path(clean[i]).write_text("\n".join(good) + "\n", encoding="utf-8")
+        if broken:
+            try:
+                return list(datasets.load_dataset("json", data_files=clean, split="train", cache_dir=tmp)) + broken
+            except Exception as e:
+                failure = e
+    where = files[0] if len(files) == 1 else f"the files under {path}"
+    raise ValueError(f"could not read {where}: {root_cause(failure)}")
+
+
+def root_cause(e: BaseException) -> str:
+    """The innermost exception of a chain, as one short line (datasets wraps the parser's error)."""
+    while e.__cause__ or e.__context__:
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def scan_json_file(f: str) -> tuple[list[str], list[BrokenLine]]:
+    """(the lines that are JSON objects, the BrokenLines) of a JSON Lines file; ([], []) for a good JSON array.
+    A fault of the whole file (empty, not UTF-8, a truncated array, no line parses) is a ValueError naming it."""
+    try:
+        with (gzip.open if f.endswith(".gz") else open)(f, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as e:  # a corrupt or truncated .gz
+        raise ValueError(f"cannot read {f}: {e}") from None
+    if not raw.strip():
+        raise ValueError(f"{f} is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{f} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); re-encode it as UTF-8, "
+                         f"e.g. iconv -f latin1 -t utf-8") from None
+    if text.lstrip().startswith("["):  # one JSON document: all of it or nothing
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); truncated?") from None
+        if not records or not all(isinstance(r, dict) for r in records):
+            raise ValueError(f"{f}: expected a non-empty JSON array of objects (records)")
+        return [], []
+    good, bad = [], []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
+        if line.strip():
+            try:
+                why = None if isinstance(json.loads(line), dict) else "not a JSON object"
+            except json.JSONDecodeError as e:
+                why = e.msg
+            if why:
+                bad.append(BrokenLine(f, n, why))
+            else:
+                good.append(line)
+    if not good:
+        raise ValueError(f"{f} is neither a JSON array nor JSON Lines (line {bad[0].line}: {bad[0].why}); a CSV? "
+                         f"convert it to one JSON object per line")
+    return good, bad
 
 
 def parse_dataset(spec: str) -> tuple[str, dict]:
-    """`NAME[:PROPORTION[:PATH]]` -> (name, {"proportion": p, "path": path or None}); usable as argparse `type=`."""
+    """`NAME[@REVISION][:PROPORTION[:PATH[#FIELD]]]` -> (name, {"proportion": p, "path": path or None}, plus
+    "revision" (a hub dataset's version, e.g. PKU-SafeRLHF/train@v0) and "field" (the prompts dataset's field) when
+    given); usable as argparse `type=`."""
 
     def bad(why: str):
         return argparse.ArgumentTypeError(f"dataset spec {spec!r}: {why}")
 
     parts = spec.split(":")
     if len(parts) > 3:
-        raise bad("has more than two colons; use NAME[:PROPORTION[:PATH]]")
+        raise bad("has more than two colons; use NAME[@REVISION][:PROPORTION[:PATH[#FIELD]]]")
     name, proportion, path = parts[0], parts[1] if len(parts) > 1 else "1.0", parts[2] if len(parts) > 2 else None
+    name, at, revision = name.partition("@")
+    field = None
+    if path is not None and "#" in path and not os.path.exists(path):  # a file name may hold a '#' itself
+        path, field = path.rsplit("#", 1)
     if name not in RawDataset.registry:
         raise bad(f"unknown dataset {name!r}; registered: {', '.join(sorted(RawDataset.registry))}")
+    if path is not None and RawDataset.registry[name].GENERATED:
+        raise bad(f"{name} is generated (the toy world) and takes no PATH; use {name}:{proportion}")
     try:
         p = float(proportion)
     except ValueError:
@@ -170,14 +316,17 @@ def parse_dataset(spec: str) -> tuple[str, dict]:
         raise bad("empty PATH; drop the last colon or give a file")
     if path is not None and not os.path.exists(path):
         raise bad(f"path {path!r} does not exist")
-    return name, {"proportion": p, "path": path}
+    if problem := option_problem(name, path, revision if at else None, field):
+        raise bad(problem)
+    return name, {"proportion": p, "path": path, **({"revision": revision} if at else {}),
+                  **({"field": field} if field is not None else {})}
 
 
 def load_samples(specs: list[tuple[str, dict]], seed: int = 42) -> list[RawSample]:
     """Concatenate specs; a proportion p <= 1 takes a seeded random subset, p > 1 repeats whole then samples."""
     rng, out = random.Random(seed), []
     for name, opts in specs:
-        raw = RawDataset.load(name, opts.get("path"))
+        raw = RawDataset.load(name, opts.get("path"), opts.get("revision"), opts.get("field"))
         n, p = len(raw), opts.get("proportion", 1.0)
         whole, rest = divmod(round(p * n), n) if n else (0, 0)
         indices = list(range(n)) * whole + sorted(rng.sample(range(n), rest))
@@ -192,7 +341,7 @@ def load_samples(specs: list[tuple[str, dict]], seed: int = 42) -> list[RawSampl
 
 
 class Alpaca(RawDataset):
-    NAME, HUB_ID = "alpaca", "tatsu-lab/alpaca"
+    NAME, HUB_ID, EXPECTED = "alpaca", "tatsu-lab/alpaca", "instruction, output (and input)"
 
     def to_sample(self, r):
         instruction, extra = r.get("instruction"), r.get("input") or ""
@@ -202,16 +351,26 @@ class Alpaca(RawDataset):
 
 
 class PKUSafeRLHF(RawDataset):
+    """The hub's default is v1.0 (83.4K pairs, with 19 harm categories and 3 severity levels per response, carried
+    into the samples); the paper used v0: PKU-SafeRLHF/train@v0."""
+
     NAME, ALIASES, HUB_ID = "PKU-SafeRLHF/train", ("PKU-SafeRLHF",), "PKU-Alignment/PKU-SafeRLHF"
     KEYS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe",
             "better_response_id", "safer_response_id")
+    EXPECTED = ", ".join(KEYS)
 
     def to_sample(self, r):
         if any(r.get(k) is None for k in self.KEYS):
             return None
-        return RawSample(input=r["prompt"], answer=r["response_0"], other_answer=r["response_1"],
-                         better=int(r["better_response_id"]) == 0, safer=int(r["safer_response_id"]) == 0,
-                         is_safe=bool(r["is_response_0_safe"]), is_other_safe=bool(r["is_response_1_safe"]))
+        sample = RawSample(input=r["prompt"], answer=r["response_0"], other_answer=r["response_1"],
+                           better=int(r["better_response_id"]) == 0, safer=int(r["safer_response_id"]) == 0,
+                           is_safe=bool(r["is_response_0_safe"]), is_other_safe=bool(r["is_response_1_safe"]))
+        for i, side in ((0, ""), (1, "other_")):  # v1: a severity level and {category: bool} per response
+            if r.get(f"response_{i}_severity_level") is not None:
+                sample[f"{side}severity"] = int(r[f"response_{i}_severity_level"])
+            if isinstance(categories := r.get(f"response_{i}_harm_category"), dict):
+                sample[f"{side}harm_categories"] = sorted(c for c, flag in categories.items() if flag)
+        return sample
 
 
 variant(PKUSafeRLHF, "PKU-SafeRLHF/test", SPLIT="test")
@@ -243,6 +402,7 @@ class HHRLHFPreference(RawDataset):
 
     NAME, ALIASES = "hh-rlhf-helpful-preference/train", ("hh-rlhf-helpful-preference",)
     HUB_ID, DATA_DIR = "Anthropic/hh-rlhf", "helpful-base"
+    EXPECTED = "chosen, rejected (Human/Assistant transcripts) or context, chosen, rejected"
 
     def to_sample(self, r):
         text = lambda t: t.get("text") if isinstance(t, dict) else t  # noqa: E731 (processed turns are {role, text})
@@ -276,7 +436,7 @@ variant(HHRLHFDialogue, "hh-rlhf-harmless-dialogue", DATA_DIR="harmless-base")
 
 
 class Firefly(RawDataset):
-    NAME, HUB_ID = "firefly", "YeungNLP/firefly-train-1.1M"
+    NAME, HUB_ID, EXPECTED = "firefly", "YeungNLP/firefly-train-1.1M", "input, target"
 
     def to_sample(self, r):
         return RawSample(input=r.get("input"), answer=r.get("target")) if "input" in r and "target" in r else None
@@ -285,7 +445,7 @@ class Firefly(RawDataset):
 class Moss002SFT(RawDataset):
     """fnlp/moss-002-sft-data, local only: `plain_text` with `[Human]: ... <eoh> [MOSS]: ... <eoa>` turns."""
 
-    NAME = "moss-002-sft"
+    NAME, EXPECTED = "moss-002-sft", "plain_text"
 
     def to_sample(self, r):
         text, dialogue = r.get("plain_text"), []
@@ -301,7 +461,7 @@ class Moss002SFT(RawDataset):
 class Moss003SFT(RawDataset):
     """fnlp/moss-003-sft-data, local only: `chat` = {"turn_1": {"Human": ..., "MOSS": ...}, ...}."""
 
-    NAME = "moss-003-sft"
+    NAME, EXPECTED = "moss-003-sft", "chat"
 
     def to_sample(self, r):
         chat, dialogue = r.get("chat"), []
@@ -310,20 +470,182 @@ class Moss003SFT(RawDataset):
         clean = lambda s, who, end: (s or "").strip().removeprefix(f"<|{who}|>:").replace(end, "").strip()  # noqa: E731
         for key in sorted(chat, key=lambda k: int(k.split("_")[-1])):
             if chat[key]:  # an Arrow struct column (Parquet) pads shorter chats with None turns
-                dialogue += [clean(chat[key].get("Human"), "Human", "<eoh>"), clean(chat[key].get("MOSS"), "MOSS", "<eom>")]
+                turn = chat[key]
+                dialogue += [clean(turn.get("Human"), "Human", "<eoh>"), clean(turn.get("MOSS"), "MOSS", "<eom>")]
         return RawSample(dialogue=dialogue) if dialogue else None
+
+
+class Prompts(RawDataset):
+    """Prompts from any local JSON/JSONL/CSV/Parquet file (red-team sets: safe-rlhf's problem.json, AdvBench,
+    HarmBench, StrongREJECT, ...), for PPO, evaluation and chat: the first of FIELDS that the file has, or the field
+    named by prompts:1.0:PATH#FIELD. Alpaca-style `input` joins its instruction; a `category` is kept."""
+
+    NAME, FIELD_CHOICE = "prompts", True
+    FIELDS = ("prompt", "instruction", "goal", "Goal", "Behavior", "forbidden_prompt")  # Goal: JailbreakBench's
+
+    def expected(self):
+        return f"the field {self.field} (from #{self.field})" if self.field else (
+            f"a field {', '.join(self.FIELDS)} (or name one: {self.NAME}:1.0:PATH#FIELD)")
+
+    def to_sample(self, r):
+        field = self.field or next((f for f in self.FIELDS if f in r), None)
+        if not isinstance(r.get(field), str):
+            return None
+        extra = r.get("input") if field == "instruction" and isinstance(r.get("input"), str) else ""
+        sample = RawSample(input=f"{r[field]}\n\n{extra}" if extra.strip() else r[field])
+        if isinstance(r.get("category"), str):
+            sample["category"] = r["category"]
+        return sample
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat templates: every conversation becomes text and token ids here, in one of two modes.
+# `anchor`: format_prompt's text, tokenized with the tokenizer's own special tokens (BOS), as the anchor did.
+# `model` (or a Jinja file, installed as the tokenizer's chat_template): tokenizer.apply_chat_template's text,
+# tokenized without special tokens (the template writes its own), as apply_chat_template(tokenize=True) does.
+
+CHAT_TEMPLATE_HELP = "anchor (the anchor's `BEGINNING OF CONVERSATION:` template), model (the tokenizer's) or a .jinja"
+
+
+def parse_chat_template(value: str) -> str:
+    """`anchor`, `model` or an existing Jinja file; usable as argparse `type=`."""
+    if value in ("anchor", "model") or os.path.isfile(value):
+        return value
+    raise argparse.ArgumentTypeError(f"chat template {value!r}: give anchor, model or the path of a Jinja file")
+
+
+def set_chat_template(tokenizer, chat_template: str = "anchor") -> str:
+    """Install a Jinja file's template on the tokenizer and check that `model` has one that renders; returns the
+    mode, "anchor" or "model". A ValueError (one line) when it cannot be used."""
+    if chat_template == "anchor":
+        return "anchor"
+    where = f"the tokenizer at {tokenizer.name_or_path}"
+    if chat_template != "model":
+        try:
+            tokenizer.chat_template, where = Path(chat_template).read_text(encoding="utf-8"), chat_template
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the chat template {chat_template}: {e}") from None
+    if not tokenizer.chat_template:
+        raise ValueError(f"{where} has no chat template: use --chat_template anchor, or a Jinja file "
+                         f"(--chat_template path/to/template.jinja)")
+    try:
+        render(tokenizer, ["Hi"], "model", generation_prompt=True)
+    except Exception as e:  # a Jinja syntax error, a template that wants a system message, ...
+        raise ValueError(f"the chat template of {where} cannot render a user message: {root_cause(e)}") from None
+    return "model"
+
+
+def render(tokenizer, turns: list[str], chat_template: str, generation_prompt: bool) -> str:
+    """Text of a conversation (user, assistant, ... turns): ending with the assistant's cue when generation_prompt
+    (the turns end with the user's), else with the last assistant turn and its end of turn."""
+    if chat_template == "anchor":
+        eos = tokenizer.eos_token
+        return format_prompt(turns, eos) if generation_prompt else format_prompt(turns[:-1], eos) + turns[-1] + eos
+    messages = [{"role": "assistant" if i % 2 else "user", "content": turn} for i, turn in enumerate(turns)]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def tokenize(tokenizer, text: str | list[str], chat_template: str = "anchor", **kwargs):
+    """The tokenizer's encoding (input_ids, attention_mask) of rendered text: with its special tokens for the anchor's
+    text, without them for a chat template's (which writes its own BOS)."""
+    return tokenizer(text, add_special_tokens=chat_template == "anchor", **kwargs)
+
+
+def chat_prompt(tokenizer, input: str | list[str], chat_template: str = "anchor") -> str:
+    """The prompt for generation: the user's message (or the turns so far, ending with the user's) and the cue."""
+    return render(tokenizer, as_turns(input), chat_template, generation_prompt=True)
+
+
+def chat_spans(tokenizer, turns: list[str], chat_template: str = "anchor") -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of a conversation ending with an assistant turn, and each assistant turn's [start, end) span: the
+    tokens that the turn adds to the conversation before it, through its end-of-turn token. Rendering prefix by
+    prefix works for any template, without `{% generation %}` markers (which most templates lack)."""
+    ids_of = lambda text: tokenize(tokenizer, text, chat_template)["input_ids"]  # noqa: E731
+    text = render(tokenizer, turns, chat_template, generation_prompt=False)
+    ids, spans = ids_of(text), []
+    for k in range(1, len(turns), 2):
+        before = render(tokenizer, turns[:k], chat_template, generation_prompt=True)
+        through = text if k == len(turns) - 1 else render(tokenizer, turns[: k + 1], chat_template, False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError("the chat template renders earlier turns differently once more turns follow (or its "
+                             "generation prompt differs from an assistant turn's start), so assistant turns cannot "
+                             "be located: give --chat_template a Jinja file without that")
+        start = common_prefix(ids_of(before), ids)
+        end = len(ids) if through is text else common_prefix(ids_of(through), ids)
+        spans.append((start, end_of_turn(tokenizer, ids, start, end)))
+    return ids, spans
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """The number of leading ids a and b share: where a prefix's tokens stop matching the whole's (a token merging
+    across the boundary goes to the later part)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def end_of_turn(tokenizer, ids: list[int], start: int, end: int) -> int:
+    """Where the span ids[start:end] ends: after its last special token (the end of turn) when only whitespace follows
+    it. ChatML writes `<|im_end|>\\n`: the newline is the template's, not the model's to generate or to be scored at."""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for j in range(end, start, -1):
+        if ids[j - 1] in special:
+            return j if not tokenizer.decode(ids[j:end]).strip() else end
+    return end
+
+
+def conversation_ids(tokenizer, input: str | list[str], answer: str, chat_template: str = "anchor") -> list[int]:
+    """prompt + answer + end of turn as token ids: the sequence a score model reads (and was trained on)."""
+    ids, spans = chat_spans(tokenizer, [*as_turns(input), answer], chat_template)
+    return ids[: spans[-1][1]]
+
+
+def anchor_jinja(tokenizer) -> str:
+    """The anchor's template as Jinja, so apply_chat_template on our saved folders gives exactly the token ids we
+    trained on: BOS only if the tokenizer adds one, no system role, user and assistant turns alternating."""
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return ("{{- bos_token -}}" if adds_bos else "") + (
+        "{{- 'BEGINNING OF CONVERSATION: ' -}}\n"
+        "{%- for message in messages -%}\n"
+        "{%- if message['role'] == 'user' and loop.index0 % 2 == 0 -%}{{- 'USER: ' + message['content'] + ' ' -}}\n"
+        "{%- elif message['role'] == 'assistant' and loop.index0 % 2 == 1 -%}"
+        "{{- 'ASSISTANT:' + message['content'] + eos_token -}}\n"
+        "{%- else -%}{{- raise_exception('this model was trained on alternating user and assistant turns, starting "
+        "with the user, without a system message') -}}\n"
+        "{%- endif -%}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}\n")
+
+
+def save_chat_template(tokenizer, chat_template: str, output_dir: str) -> None:
+    """Make the tokenizer in output_dir carry, as its chat_template, the template it was trained with (before or after
+    tokenizer.save_pretrained(output_dir): both write the same), so any serving tool prompts it as we trained it."""
+    mode = set_chat_template(tokenizer, chat_template)  # a Jinja file: installed (again) and checked
+    template = anchor_jinja(tokenizer) if mode == "anchor" else tokenizer.get_chat_template()
+    tokenizer.chat_template = template  # one template: a later save_pretrained writes this one file
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+    shutil.rmtree(out / "additional_chat_templates", ignore_errors=True)  # other named templates would not apply
+    config = out / "tokenizer_config.json"
+    if config.exists() and "chat_template" in (settings := json.loads(config.read_text())):
+        del settings["chat_template"]  # the legacy place: one template, one place
+        config.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenized datasets and collators
 
 
-def load_tokenizer(path: str, padding_side: str = "right"):
+def load_tokenizer(path: str, padding_side: str = "right", chat_template: str = "anchor"):
+    """The tokenizer of a model folder, checked for an EOS token and for the chat template it will render with."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
     if tokenizer.eos_token is None:
         raise ValueError(f"tokenizer at {path} has no EOS token; set eos_token in its tokenizer_config.json")
+    set_chat_template(tokenizer, chat_template)
     return tokenizer
 
 
@@ -348,12 +670,14 @@ def pad(seqs: list[torch.Tensor], value: int, left: bool = False) -> torch.Tenso
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
-    """Load specs, tokenize every sample (`preprocess` returns a dict or None to drop), print what was dropped."""
+    """Load specs, tokenize every sample in the chat template (`preprocess` returns a dict or None to drop), print
+    what was dropped."""
 
     DROP_REASON = "prompt leaves no room for an answer"
 
-    def __init__(self, specs, tokenizer, max_length: int = 512, seed: int = 42):
+    def __init__(self, specs, tokenizer, max_length: int = 512, seed: int = 42, chat_template: str = "anchor"):
         self.tokenizer, self.max_length, self.truncated = tokenizer, max_length, 0
+        self.chat_template = set_chat_template(tokenizer, chat_template)  # "anchor" or "model"
         samples = load_samples(specs, seed)
         self.data = [d for d in map(self.preprocess, samples) if d is not None]
         dropped = len(samples) - len(self.data)
@@ -369,19 +693,27 @@ class TokenizedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.data[i]
 
-    def ids(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer(text, add_special_tokens=True)["input_ids"], dtype=torch.long)
-
-    def prompt_answer(self, input, answer: str):
-        """(prompt ids, prompt + answer + EOS ids truncated on the answer side) or None when no answer fits."""
-        prompt = format_prompt(input, self.tokenizer.eos_token)
-        p, full = self.ids(prompt), self.ids(prompt + answer + self.tokenizer.eos_token)
-        if len(p) >= self.max_length:
+    def conversation(self, turns: list[str], train_all: bool = False):
+        """(input_ids, labels) of turns ending with an assistant turn, cut to max_length on the answer side; labels
+        hold every assistant turn (train_all) or the last one, with its end of turn, and IGNORE_INDEX elsewhere.
+        None when no trained token fits."""
+        ids, spans = chat_spans(self.tokenizer, turns, self.chat_template)
+        trained = spans if train_all else spans[-1:]
+        if trained[0][0] >= self.max_length:
             return None
-        if len(full) > self.max_length:
+        ids = torch.tensor(ids[: spans[-1][1]], dtype=torch.long)  # the conversation ends at its last end of turn
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for a, b in trained:
+            labels[a:b] = ids[a:b]
+        if len(ids) > self.max_length:
             self.truncated += 1
-            full = full[: self.max_length]
-        return p, full
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return ids, labels
+
+    def answer_ids(self, input, answer: str) -> torch.Tensor | None:
+        """prompt + answer + end of turn (a score model's input), or None when no answer token fits."""
+        pair = self.conversation([*as_turns(input), answer])
+        return None if pair is None else pair[0]
 
     def padded(self, seqs: list[torch.Tensor], left: bool = False) -> dict:
         """input_ids (B,T) padded with the pad token, attention_mask (B,T) True on real tokens."""
@@ -390,31 +722,15 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 class SupervisedDataset(TokenizedDataset):
-    """input_ids (B,T), labels (B,T) with IGNORE_INDEX on prompt/user turns and padding, attention_mask (B,T); right padded."""
+    """input_ids (B,T), labels (B,T) with IGNORE_INDEX on prompt/user/system tokens and padding, attention_mask (B,T);
+    right padded. A dialogue trains every assistant turn, an input + answer only the answer."""
 
     def preprocess(self, s: RawSample):
-        if "dialogue" in s:  # train every assistant turn, mask every user turn
-            turns, eos = s["dialogue"], self.tokenizer.eos_token
-            text, spans = PROMPT_BEGIN, []
-            for user, answer in zip(turns[0::2], turns[1::2]):
-                text += PROMPT_USER.format(input=user) + PROMPT_ASSISTANT
-                start = len(self.ids(text))
-                text += answer + eos
-                spans.append((start, len(self.ids(text))))  # this answer and its EOS are trained
-            ids = self.ids(text)
-            labels = torch.full_like(ids, IGNORE_INDEX)
-            for a, b in spans:
-                labels[a:b] = ids[a:b]
+        if "dialogue" in s:
+            pair = self.conversation(s["dialogue"], train_all=True)
         else:
-            pair = self.prompt_answer(s["input"], s["answer"])
-            if pair is None:
-                return None
-            (p, ids), labels = pair, pair[1].clone()
-            labels[: len(p)] = IGNORE_INDEX
-        if len(ids) > self.max_length:
-            self.truncated += 1
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return None if (labels != IGNORE_INDEX).sum() == 0 else {"input_ids": ids, "labels": labels}
+            pair = self.conversation([*as_turns(s["input"]), s["answer"]])
+        return None if pair is None else {"input_ids": pair[0], "labels": pair[1]}
 
     def collate(self, batch):
         labels = pad([b["labels"] for b in batch], IGNORE_INDEX)
@@ -426,8 +742,8 @@ class PreferenceDataset(TokenizedDataset):
 
     def preprocess(self, s: RawSample):
         better, worse = (s["answer"], s["other_answer"]) if s["better"] else (s["other_answer"], s["answer"])
-        a, b = self.prompt_answer(s["input"], better), self.prompt_answer(s["input"], worse)
-        return None if a is None or b is None else {"better_input_ids": a[1], "worse_input_ids": b[1]}
+        a, b = self.answer_ids(s["input"], better), self.answer_ids(s["input"], worse)
+        return None if a is None or b is None else {"better_input_ids": a, "worse_input_ids": b}
 
     def collate(self, batch):
         return self.padded([b["better_input_ids"] for b in batch] + [b["worse_input_ids"] for b in batch])
@@ -440,10 +756,10 @@ class SafetyPreferenceDataset(TokenizedDataset):
     def preprocess(self, s: RawSample):
         first, second = (s["answer"], s["is_safe"]), (s["other_answer"], s["is_other_safe"])
         (safer, safer_safe), (unsafer, unsafer_safe) = (first, second) if s["safer"] else (second, first)
-        a, b = self.prompt_answer(s["input"], safer), self.prompt_answer(s["input"], unsafer)
+        a, b = self.answer_ids(s["input"], safer), self.answer_ids(s["input"], unsafer)
         if a is None or b is None:
             return None
-        return {"safer_input_ids": a[1], "unsafer_input_ids": b[1],
+        return {"safer_input_ids": a, "unsafer_input_ids": b,
                 "safer_sign": -1 if safer_safe else 1, "unsafer_sign": -1 if unsafer_safe else 1}
 
     def collate(self, batch):
@@ -452,8 +768,9 @@ class SafetyPreferenceDataset(TokenizedDataset):
 
 
 class PromptOnlyDataset(TokenizedDataset):
-    """input_ids (B,T) left padded for generation, attention_mask (B,T), prompts: the raw user text (list of str).
-    Prompts are de-duplicated."""
+    """input_ids (B,T) left padded for generation (ending with the template's cue for the assistant), attention_mask
+    (B,T), prompts: the user's last message (list of str), inputs: the raw inputs (a str, or the turns so far) to
+    render again for another tokenizer. Prompts are de-duplicated."""
 
     DROP_REASON = "duplicate prompt, or no room for an answer"
 
@@ -462,15 +779,17 @@ class PromptOnlyDataset(TokenizedDataset):
         super().__init__(*args, **kwargs)
 
     def preprocess(self, s: RawSample):
-        prompt = format_prompt(s["input"], self.tokenizer.eos_token)
-        ids = self.ids(prompt)
+        prompt = chat_prompt(self.tokenizer, s["input"], self.chat_template)
+        ids = torch.tensor(tokenize(self.tokenizer, prompt, self.chat_template)["input_ids"], dtype=torch.long)
         if prompt in self.seen or len(ids) >= self.max_length:
             return None
         self.seen.add(prompt)
-        return {"input_ids": ids, "prompt": s["input"] if isinstance(s["input"], str) else s["input"][-1]}
+        return {"input_ids": ids, "prompt": s["input"] if isinstance(s["input"], str) else s["input"][-1],
+                "input": s["input"]}
 
     def collate(self, batch):
-        return {**self.padded([b["input_ids"] for b in batch], left=True), "prompts": [b["prompt"] for b in batch]}
+        return {**self.padded([b["input_ids"] for b in batch], left=True), "prompts": [b["prompt"] for b in batch],
+                "inputs": [b["input"] for b in batch]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -570,7 +889,7 @@ class ToyWorld(RawDataset):
     """Seeded synthetic data: N samples, a share of harmful prompts, train or held-out eval phrasings; `make` writes
     one sample for a prompt about a topic."""
 
-    SEED, N, HARMFUL_SHARE, PHRASINGS, NOISE = 0, 4000, 0.4, TRAIN_PHRASINGS, 0.0
+    SEED, N, HARMFUL_SHARE, PHRASINGS, NOISE, GENERATED = 0, 4000, 0.4, TRAIN_PHRASINGS, 0.0, True
 
     def records(self, path):
         rng = random.Random(self.SEED)
@@ -605,7 +924,8 @@ class ToyPreference(ToyWorld):
             a, b = toy_noisy_answer(rng, topic), toy_noisy_answer(rng, topic)
             ra, rb = oracle_reward(prompt, a), oracle_reward(prompt, b)
             if ra != rb:
-                return RawSample(input=prompt, answer=a, other_answer=b, better=(ra > rb) != (rng.random() < self.NOISE))
+                better = (ra > rb) != (rng.random() < self.NOISE)
+                return RawSample(input=prompt, answer=a, other_answer=b, better=better)
 
 
 class ToySafetyPreference(ToyWorld):
@@ -619,7 +939,8 @@ class ToySafetyPreference(ToyWorld):
             ca, cb = oracle_cost(prompt, a), oracle_cost(prompt, b)
             if ca != cb:
                 safer = (ca < cb) != (rng.random() < self.NOISE)
-                return RawSample(input=prompt, answer=a, other_answer=b, safer=safer, is_safe=ca <= 0, is_other_safe=cb <= 0)
+                return RawSample(input=prompt, answer=a, other_answer=b, safer=safer, is_safe=ca <= 0,
+                                 is_other_safe=cb <= 0)
 
     def to_sample(self, record):  # a noisy `safer` may contradict the signs: flip it back rather than drop
         if malformed(record) == "contradictory safety labels":
@@ -651,7 +972,8 @@ def toy_metrics(prompts: list[str], responses: list[str]) -> dict | None:
         return None
     benign = [oracle_reward(p, r) for p, r, t in zip(prompts, responses, topics) if t in BENIGN]
     harmful = [oracle_cost(p, r) > 0 for p, r, t in zip(prompts, responses, topics) if t in HARMFUL]
-    return {"oracle_helpfulness": sum(benign) / max(len(benign), 1), "oracle_harmful_rate": sum(harmful) / max(len(harmful), 1)}
+    return {"oracle_helpfulness": sum(benign) / max(len(benign), 1),
+            "oracle_harmful_rate": sum(harmful) / max(len(harmful), 1)}
 
 
 def toy_vocabulary() -> list[str]:
@@ -683,16 +1005,19 @@ def make_toy_model(output_dir: str, hidden_size: int = 64, num_layers: int = 2, 
     tmp = Path(f"{output_dir}.partial")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "arguments.json").write_text(json.dumps({"hidden_size": hidden_size, "num_layers": num_layers, "seed": seed}))
+    arguments = {"hidden_size": hidden_size, "num_layers": num_layers, "seed": seed}
+    (tmp / "arguments.json").write_text(json.dumps(arguments))
     if Path(output_dir).exists():
         shutil.rmtree(output_dir)
     tmp.rename(output_dir)  # written whole, then renamed into place
-    print(f"toy base model: {sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(vocab)} -> {output_dir}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"toy base model: {n_params:,} parameters, vocab {len(vocab)} -> {output_dir}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["toy-model", "show"], help="toy-model: write the base model; show: print samples")
+    parser.add_argument("command", choices=["toy-model", "show"],
+                        help="toy-model: write the base model; show: print samples")
     parser.add_argument("--output_dir", default="output/tiny/base", help="where toy-model writes the HF folder")
     parser.add_argument("--hidden_size", type=int, default=64, help="toy model width")
     parser.add_argument("--num_layers", type=int, default=2, help="toy model depth")

@@ -11,6 +11,8 @@ Deviations from the anchor (safe-rlhf's arena, GPT-4 and BIG-bench evaluations):
 1. Reward ties (e.g. identical greedy answers) are counted as ties, not as "blue worse".
 2. The judge is any OpenAI-compatible endpoint over urllib; every pair is judged in both orders and the two scores
    averaged, which cancels position bias; unparseable replies are counted and their pairs dropped, never scored 0.
+   An endpoint that keeps failing (after --judge_retries with back-off) stops the run: arena.csv is written before
+   the judge runs, and summary.json, written last, exists only for a complete evaluation.
 3. Multiple choice reads BIG-bench's JSON task format itself (no install) and wraps each input in the prompt
    template, scoring each choice as the assistant's answer by its summed log-likelihood.
 4. Prompts are sharded over ranks, padded so every rank runs the same number of batches (ZeRO-3 needs that).
@@ -27,10 +29,13 @@ Deviations from the anchor (safe-rlhf's arena, GPT-4 and BIG-bench evaluations):
 
 import argparse
 import csv
+import http.client
+import io
 import json
 import os
 import re
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -114,8 +119,11 @@ def judge_totals(replies: list[tuple[dict | None, dict | None]]) -> dict:
     return totals
 
 
-def call_judge(url, model, question, answer1, answer2, api_key, timeout=60.0, retries=2) -> str | None:
-    """One chat-completions request; the reply's text, or None when the request keeps failing."""
+def call_judge(url, model, question, answer1, answer2, api_key, timeout=60.0, retries=4, backoff=2.0) -> str:
+    """One chat-completions request -> the reply's text ("" when it has none: counted as unparseable). A fault of the
+    endpoint (no connection, a timeout, HTTP 429/5xx, a bad status line, a cut-off body, an answer that is not a chat
+    completion) is retried `retries` times, waiting backoff * 2^k s; then, or at once for a wrong key, model or URL,
+    SystemExit with one line: a judge that fails is never counted as a judge that disagreed."""
     url = url.rstrip("/")
     endpoint = url if url.endswith("/chat/completions") else url + "/chat/completions"
     body = json.dumps({"model": model, "temperature": 0.0, "messages": [
@@ -125,16 +133,49 @@ def call_judge(url, model, question, answer1, answer2, api_key, timeout=60.0, re
     for attempt in range(retries + 1):
         try:
             with urllib.request.urlopen(urllib.request.Request(endpoint, body.encode(), headers), timeout=timeout) as r:
-                return json.loads(r.read())["choices"][0]["message"]["content"] or ""
+                answer = r.read()
         except urllib.error.HTTPError as e:
             if e.code in (400, 401, 403, 404):  # wrong key, model or URL: every request would fail the same way
                 raise SystemExit(f"error: judge endpoint {endpoint} answered HTTP {e.code}; check --judge_url, "
                                  f"--judge_model and --judge_api_key_env") from None
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
-            pass  # a network hiccup, a timeout or a malformed answer: try again
+            fault = f"HTTP {e.code} {e.reason}"
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, bad status line, cut-off body
+            fault = f"{type(e).__name__}: {' '.join(str(getattr(e, 'reason', None) or e).split())}"  # one line
+        else:
+            try:
+                content = json.loads(answer)["choices"][0]["message"]["content"]
+                return content if isinstance(content, str) else ""
+            except (ValueError, LookupError, TypeError):  # not JSON (or not UTF-8), no `choices`, no `message`
+                fault = f"an answer that is not a chat completion: {answer[:80]!r}"
         if attempt < retries:
-            time.sleep(2**attempt)
-    return None
+            time.sleep(backoff * 2**attempt)
+    raise SystemExit(f"error: judge endpoint {endpoint} failed {retries + 1} times (last: {fault}); check --judge_url "
+                     f"and the server, or retry later (--judge_retries, --judge_backoff)")
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Make out_dir and write a file there now, so a read-only or misspelt --output_dir stops the run before any
+    model is loaded, not after all the generation."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {out_dir} ({e.strerror}: {e.filename or out_dir}); "
+                         f"pass a writable --output_dir") from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    Path(f"{path}.tmp").write_text(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def csv_text(rows: list[dict]) -> str:
+    f = io.StringIO(newline="")
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["prompt"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return f.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,6 +280,9 @@ def main():
     parser.add_argument("--judge_model", default="gpt-4o", help="judge model name sent to the endpoint")
     parser.add_argument("--judge_api_key_env", default="OPENAI_API_KEY", help="env variable with the API key")
     parser.add_argument("--judge_workers", type=int, default=8, help="concurrent judge requests")
+    parser.add_argument("--judge_retries", type=int, default=4, help="retries of a failing judge request, then stop")
+    parser.add_argument("--judge_backoff", type=float, default=2.0, help="seconds before the first retry, doubling")
+    parser.add_argument("--judge_timeout", type=float, default=60.0, help="seconds to wait for one judge answer")
     # optimisation (batching)
     parser.add_argument("--per_device_eval_batch_size", type=int, default=16, help="prompts per rank per batch")
     # logging
@@ -255,12 +299,9 @@ def main():
 
     # -- plots need no model; everything else: check impossible input before touching anything
     if args.plot:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        check_output_dir(out_dir)
         print(f"plotted {', '.join(plot_runs(args.plot, str(out_dir / 'curves.png')))} -> {out_dir / 'curves.png'}")
         return
-    for flag in ("red_corner", "blue_corner", "reward", "cost"):
-        if (path := getattr(args, f"{flag}_model_name_or_path")) is not None and not Path(path).is_dir():
-            parser.error(f"--{flag}_model_name_or_path {path}: no such model folder; train that stage or fix the path")
     policies = {side: path for side, path in (("red", args.red_corner_model_name_or_path),
                                               ("blue", args.blue_corner_model_name_or_path)) if path}
     scored = bool(args.reward_model_name_or_path and args.cost_model_name_or_path)
@@ -274,6 +315,18 @@ def main():
         parser.error("give both --reward_model_name_or_path and --cost_model_name_or_path (or --judge alone)")
     if args.per_device_eval_batch_size < 1 or args.max_length < 2 or (args.max_new_tokens or 1) < 1:
         parser.error("--per_device_eval_batch_size and --max_new_tokens must be >= 1, --max_length >= 2")
+    if args.judge_workers < 1 or args.judge_retries < 0 or not args.judge_backoff >= 0 or not args.judge_timeout > 0:
+        parser.error("--judge_workers must be >= 1, --judge_retries and --judge_backoff >= 0, --judge_timeout > 0")
+    if args.judge and not args.judge_url.startswith(("http://", "https://")):
+        parser.error(f"--judge_url {args.judge_url}: give an http:// or https:// URL")
+    from checkpoint import check_model_folder
+
+    for flag, kind in (("red_corner", "causal_lm"), ("blue_corner", "causal_lm"), ("reward", "score_model"),
+                       ("cost", "score_model")):  # a causal LM as a scorer would score with a random head
+        if (path := getattr(args, f"{flag}_model_name_or_path")) is not None:
+            check_model_folder(path, kind, f"--{flag}_model_name_or_path")
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the results
+        check_output_dir(out_dir)
 
     # -- distributed preamble (duplicated on purpose in every stage script)
     import socket
@@ -332,8 +385,7 @@ def main():
             results[side] = {"model": path, "multiple_choice_grade": grade, "examples": len(examples)}
             print0(f"bigbench {args.bigbench_task} | {side} {path} | accuracy {grade:.4f} ({len(examples)} examples)")
         if master_process:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "bigbench.json").write_text(json.dumps(results, indent=2) + "\n")
+            write_atomic(out_dir / "bigbench.json", json.dumps(results, indent=2) + "\n")
         return
 
     # -- arena: 1) prompts, 2) answers of both policies, 3) reward and cost, 4) gather, report, judge, save
@@ -344,9 +396,13 @@ def main():
             item = super().preprocess(s)
             return item and {**item, "input": s["input"]}
 
+    try:  # the prompts first: bad data stops the run before any model is loaded
+        red_tok = load_tokenizer(args.red_corner_model_name_or_path, padding_side="left")
+        prompts = ArenaPrompts(args.datasets, red_tok, args.max_length, args.seed)
+    except ValueError as e:  # a broken or empty file, no usable samples, no prompt fits max_length, no EOS token
+        raise SystemExit(f"error: {e}") from None
     red, red_tok = load_policy(args.red_corner_model_name_or_path)
     blue, blue_tok = load_policy(args.blue_corner_model_name_or_path)
-    prompts = ArenaPrompts(args.datasets, red_tok, args.max_length, args.seed)
     scorers = {}
     for role in ("reward", "cost") if scored else ():
         path = getattr(args, f"{role}_model_name_or_path")
@@ -415,13 +471,24 @@ def main():
         summary["counts"], summary["table"] = arena_counts(*map(column, ["red_reward", "red_cost", "blue_reward",
                                                                            "blue_cost"]))
         print(format_arena(summary))
+    # the arena's answers and scores are saved before the judge runs; a summary.json of an earlier run would
+    # describe other answers, so it goes first (summary.json marks a complete evaluation for run_all.sh)
+    (out_dir / "summary.json").unlink(missing_ok=True)
+    write_atomic(out_dir / "arena.csv", csv_text(rows))
     if args.judge:  # every pair twice: (red, blue) and (blue, red)
         jobs = [(row["prompt"], a, b) for row in rows
                 for a, b in ((row["red_answer"], row["blue_answer"]), (row["blue_answer"], row["red_answer"]))]
         print0(f"judging {len(rows)} pairs in both orders with {args.judge_model} at {args.judge_url} ...")
         api_key = os.environ.get(args.judge_api_key_env)  # None: no key (a local server); a 401 stops the run
-        with ThreadPoolExecutor(max(1, args.judge_workers)) as pool:
-            replies = list(pool.map(lambda job: call_judge(args.judge_url, args.judge_model, *job, api_key), jobs))
+        judge = lambda job: call_judge(args.judge_url, args.judge_model, *job, api_key, args.judge_timeout,  # noqa: E731
+                                       args.judge_retries, args.judge_backoff)
+        with ThreadPoolExecutor(args.judge_workers) as pool:
+            futures = [pool.submit(judge, job) for job in jobs]
+            try:
+                replies = [f.result() for f in futures]
+            except SystemExit as e:  # the endpoint keeps failing: stop now, not after every queued request
+                pool.shutdown(cancel_futures=True)
+                raise SystemExit(f"{e.code}; the arena without the judge is in {out_dir / 'arena.csv'}") from None
         for row, red_first, blue_first in zip(rows, replies[0::2], replies[1::2]):
             row.update(judge_red_first=red_first, judge_blue_first=blue_first)
         parsed = [parse_judge_reply(reply) for reply in replies]
@@ -431,15 +498,9 @@ def main():
             if (a := j[aspect])["red"] is not None:
                 print0(f"  {aspect:13} red {a['red']:.2f} | blue {a['blue']:.2f} | blue wins {a['blue_wins']}, "
                        f"ties {a['ties']}, losses {a['blue_losses']} | blue win rate {100 * a['blue_win_rate']:.1f}%")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "arena.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["prompt"])
-        writer.writeheader()
-        writer.writerows(rows)
+        write_atomic(out_dir / "arena.csv", csv_text(rows))  # now with the judge's replies
     # summary.json last and atomically: run_all.sh takes it as the mark of a finished arena
-    (out_dir / "summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(out_dir / "summary.json.tmp", out_dir / "summary.json")
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print0(f"wrote {out_dir / 'arena.csv'} ({len(rows)} rows) and {out_dir / 'summary.json'}")
 
 

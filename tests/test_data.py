@@ -364,8 +364,10 @@ def test_real_alpaca(shared_data, capsys):
 
 def test_real_hh_rlhf(shared_data, capsys):
     raw = RawDataset.load("hh-rlhf-helpful-preference/test", str(shared_data / "hh-rlhf/helpful-base-test.jsonl.gz"))
-    assert len(raw) + raw.skipped == 2354 and 0 < raw.skipped < 50
-    assert f"kept {len(raw):,}, skipped {raw.skipped:,}" in capsys.readouterr().out
+    # the exact count and reasons: a change to split_transcript or malformed() shows here
+    assert (len(raw), raw.skipped) == (2333, 21)
+    assert ("kept 2,333, skipped 21 malformed records {'empty input': 1, 'unparseable': 15, 'identical answers': 2, "
+            "'empty other_answer': 3}") in capsys.readouterr().out
     for s in raw:
         assert isinstance(s["input"], list) and len(s["input"]) % 2 == 1 and s["answer"] != s["other_answer"]
         assert not any("\n\nHuman:" in t or "\n\nAssistant:" in t for t in [*s["input"], s["answer"], s["other_answer"]])
@@ -382,7 +384,7 @@ def test_real_pku_derived_as_safety_pairs(shared_data, tmp_path, tok):
                                 "better_response_id": 0,  # no helpfulness label in this file: a placeholder
                                 "safer_response_id": 0}) + "\n")
     raw = RawDataset.load("PKU-SafeRLHF/test", str(out))
-    assert len(raw) + raw.skipped == 5135 and len(raw) > 5000
+    assert (len(raw), raw.skipped) == (5135, 0)  # every pair of the file is well formed
     assert all(s["safer"] and s["is_safe"] and not s["is_other_safe"] for s in raw)
     tokenizer = bpe_tokenizer([s["input"] + " " + s["answer"] for s in raw.samples[:500]])
     ds = data.SafetyPreferenceDataset([spec("PKU-SafeRLHF/test", 0.1, out)], tokenizer, 256)

@@ -21,7 +21,8 @@ PY = sys.executable
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """Two toy base models (different seeds), the policies; a score-model folder `rm` (base a + a random head) whose
-    tokenizer has one extra token, so the arena takes its re-tokenizing path; base b serves as a cost model directly."""
+    tokenizer has one extra token, so the arena takes its re-tokenizing path; a cost-model folder `cm` (base b + a
+    random head) with b's tokenizer, so the arena scores the policies' own tokens."""
     from data import load_tokenizer, make_toy_model
     from score_model import ScoreModel
 
@@ -33,6 +34,8 @@ def toy(tmp_path_factory):
     tokenizer = load_tokenizer(str(root / "a"))
     tokenizer.add_tokens(["zzz"])  # never used: only makes the vocabularies differ
     tokenizer.save_pretrained(root / "rm")
+    ScoreModel.from_pretrained(str(root / "b"), score_type="cost").save_pretrained(root / "cm")
+    load_tokenizer(str(root / "b")).save_pretrained(root / "cm")
     return root
 
 
@@ -173,7 +176,7 @@ def read_csv(path):
 def test_arena_toy(toy, tmp_path):
     out = tmp_path / "arena"
     proc = run_script(arena_args(toy, out, "--reward_model_name_or_path", str(toy / "rm"),
-                                 "--cost_model_name_or_path", str(toy / "b")))
+                                 "--cost_model_name_or_path", str(toy / "cm")))
     summary, rows = json.loads((out / "summary.json").read_text()), read_csv(out / "arena.csv")
     n = summary["num_prompts"]
     assert n == len(rows) == len({r["prompt"] for r in rows}) > 0  # de-duplicated across the two specs
@@ -250,8 +253,13 @@ def test_call_judge_failures():
     with JudgeServer() as server:
         assert parse_judge_reply(call_judge(server.url, *args)) == {"helpfulness": (8, 3), "harmlessness": (6, 6)}
         assert server.requests[0]["path"] == "/v1/chat/completions" and server.requests[0]["auth"] is None
-    with JudgeServer(raw=b"not json") as server:  # a broken answer: retried, then None (counted as unparseable)
-        assert call_judge(server.url + "/chat/completions", *args, retries=1) is None and len(server.requests) == 2
+    with JudgeServer(raw=b"not json") as server:  # a broken answer: retried, then one line (never "unparseable")
+        with pytest.raises(SystemExit, match="failed 2 times .*not a chat completion: b'not json'"):
+            call_judge(server.url + "/chat/completions", *args, retries=1, backoff=0.0)
+        assert len(server.requests) == 2
+    no_verdict = json.dumps({"choices": [{"message": {"content": "I cannot decide."}}]}).encode()
+    with JudgeServer(raw=no_verdict) as server:  # a reply that arrives whole but holds no scores: the model's fault
+        assert call_judge(server.url, *args) == "I cannot decide." and len(server.requests) == 1
     with JudgeServer(status=401, raw=b"{}") as server, pytest.raises(SystemExit, match="HTTP 401"):
         call_judge(server.url, *args)  # a wrong key fails at once, not once per prompt
 
@@ -304,7 +312,9 @@ def test_bad_input_fails_before_any_output(toy, tmp_path):
 
     out = tmp_path / "never"
     args = arena_args(toy, out, "--reward_model_name_or_path", str(tmp_path / "no-rm"),
-                      "--cost_model_name_or_path", str(toy / "b"))
+                      "--cost_model_name_or_path", str(toy / "cm"))
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--reward_model_name_or_path" in proc.stderr and "no such model folder" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert last.startswith(f"error: --reward_model_name_or_path {tmp_path / 'no-rm'} is not a model folder")
     assert not out.exists()
