@@ -7,16 +7,19 @@ harm (C > 0 means unsafe). Safe RLHF solves the constrained problem
 
 through its Lagrangian  min_theta max_{lambda >= 0}  -J_R(theta) + lambda * (J_C(theta) - d):  PPO on the combined
 advantage A = (A_r - lambda * A_c) / (1 + lambda) for theta, and a step on log(lambda) for the multiplier.
-Each iteration: 1) rollout, 2) score, 3) KL-shaped rewards and GAE for both streams, 4) PPO epochs for the actor and
-both critics, 5) Lagrange multiplier update, 6) log / eval / save.
+Reward and cost are two *streams* (score model, sign, critic), each KL-shaped, GAE'd and fitted by its own critic.
+Each iteration: 1) rollout, 2) score, 3) KL-shaped rewards and GAE per stream, 4) PPO epochs for the actor and the
+critics, 5) Lagrange multiplier update, 6) log / eval / save.
+--reward_shaping is the anchor's fixed-lambda baseline: ONE stream whose end score is R - lambda * C, one critic.
 
-Deviations from the anchor (safe-rlhf):
-  1. The multiplier is updated once per rollout, after the PPO epochs, from a window of end costs; the anchor updates
-     it at the start of every RL micro-step. The rule is pluggable (--lambda_update sgd-log | pid).
-  2. The PTX loss is added to the actor loss in the same optimizer update (the anchor takes a separate step).
-  3. KL shaping is r_t = -beta * kl_t and c_t = +beta * kl_t (the anchor halves both, so our kl_coeff 0.01 matches
-     its 0.02); the end scores are clipped to +/- clip_range_score before they are added, as in the anchor.
-  4. Log-probs, GAE and the end scores go through kernels/ (no (B, T, V) fp32 copy, no host sync, no loop over T).
+Deviations from the anchor (safe-rlhf at 82743cc; the README lists them all):
+  1. The multiplier is updated once per rollout, after the PPO epochs (the anchor: at the start of each RL micro-step),
+     and its delay is counted in rollouts; the rule is pluggable (--lambda_update sgd-log | pid).
+  2. PTX: one optimizer step on L_actor + ptx_coeff * L_ptx, with a PTX batch drawn fresh for each micro-batch of each
+     PPO epoch (the anchor takes a separate PTX step, which doubles accumulation: one step on (L_actor + c L_ptx) / 2).
+  3. The response mask ends at the first EOS (the anchor masks pad/unk tokens, and drops EOS itself when pad == eos).
+  4. PPO micro-batches are a random permutation of the rollout (the anchor keeps the order).
+  5. Log-probs, GAE and end scores go through kernels/ (no (B, T, V) fp32 copy, no host sync, no loop over T).
 
 Launch:
   python ppo_lag.py --actor_model_name_or_path SFT --reward_model_name_or_path RM --cost_model_name_or_path CM ...
@@ -28,13 +31,13 @@ import json
 import math
 import os
 import random
-import shutil
 import socket
 import time
 from collections import defaultdict, deque
 
 import torch
 
+from checkpoint import check_finite, check_model_folder, interrupted, prepare_output, publish, weights_finite
 from data import PromptOnlyDataset, SupervisedDataset, load_tokenizer, parse_dataset, toy_metrics
 from kernels import cross_entropy, gae, logprobs
 
@@ -50,14 +53,14 @@ def masked_mean(x, mask):
 
 def kl_shaped_rewards(end_score, old_logp, ref_logp, mask, kl_coeff, clip_range_score, sign=1.0):
     """Per-token rewards (B, L): -sign * beta * (log pi_old - log pi_ref) on every response token, plus the end score
-    clipped to +/- clip_range_score at the last valid token (EOS, or the last token when truncated).
-    sign = +1 for the reward stream, -1 for the cost stream (c_t = +beta * kl_t + C at the end)."""
+    at the last valid token (EOS, or the last token when truncated); then every token is clipped to
+    +/- clip_range_score, as in the anchor. sign = +1 for the reward stream, -1 for the cost stream
+    (c_t = +beta * kl_t + C at the end)."""
     kl = (old_logp - ref_logp) * mask  # (B, L)
     rewards = -sign * kl_coeff * kl
     end = mask.long().sum(-1).clamp(min=1) - 1  # (B,) responses are a prefix of the (B, L) slot
-    return rewards.scatter_add(
-        1, end[:, None], end_score.clamp(-clip_range_score, clip_range_score)[:, None].to(rewards.dtype)
-    )
+    rewards = rewards.scatter_add(1, end[:, None], end_score[:, None].to(rewards.dtype))
+    return rewards.clamp(-clip_range_score, clip_range_score)
 
 
 def combined_advantage(reward_adv, cost_adv, lam):
@@ -119,17 +122,28 @@ def response_mask(response, eos_token_id):
 
 
 def lr_schedule(kind, total_steps, warmup_ratio):
+    """LR multiplier per optimizer step, as transformers' schedulers (the anchor's): linear warm-up step / warmup over
+    int(ratio * total) steps, then cosine or linear decay to 0; "constant" has no warm-up."""
     warmup = int(warmup_ratio * total_steps)
 
     def f(step):
+        if kind == "constant":
+            return 1.0
         if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return {"cosine": 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))), "linear": max(0.0, 1 - progress)}.get(
-            kind, 1.0
-        )
+            return step / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else max(0.0, 1 - progress)
 
     return f
+
+
+def str2bool(text):
+    """argparse type for the anchor's `--flag True/False` style."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,6 +158,8 @@ def main():
     add("--cost_model_name_or_path", help="cost model folder; omit for plain PPO (RLHF)")
     add("--reward_critic_model_name_or_path", help="reward critic init (default: the reward model)")
     add("--cost_critic_model_name_or_path", help="cost critic init (default: the cost model)")
+    add("--normalize_reward", type=str2bool, default=False, help="normalise R with the reward model's statistics")
+    add("--normalize_cost", type=str2bool, default=False, help="scale C with the cost model's statistics")
     add("--trust_remote_code", action="store_true", help="allow custom model code")
     # data
     add("--train_datasets", nargs="+", type=parse_dataset, required=True, help="prompt specs NAME[:PROPORTION[:PATH]]")
@@ -154,20 +170,20 @@ def main():
     add("--epochs", type=int, default=1, help="passes over the prompt dataset")
     add("--max_steps", type=int, help="stop after this many rollouts (optional)")
     add("--update_iters", type=int, default=1, help="PPO epochs over each rollout")
-    add("--temperature", type=float, default=1.0, help="sampling temperature")
+    add("--temperature", type=float, default=1.0, help="sampling temperature (> 0; PPO needs sampled answers)")
     add("--top_p", type=float, default=1.0, help="nucleus sampling mass")
     add("--repetition_penalty", type=float, default=1.0, help="HF generate repetition penalty")
     add("--num_return_sequences", type=int, default=1, help="answers sampled per prompt")
-    add("--kl_coeff", type=float, help="beta of the KL shaping (default 0.01 PPO-Lag, 0.02 PPO)")
+    add("--kl_coeff", type=float, help="beta of the KL shaping (default 0.01 PPO-Lag, 0.02 PPO and reward shaping)")
     add("--clip_range_ratio", type=float, default=0.2, help="PPO ratio clip epsilon")
-    add("--clip_range_score", type=float, default=50.0, help="clip on the end reward/cost")
+    add("--clip_range_score", type=float, default=50.0, help="clip on every per-token shaped reward and cost")
     add("--clip_range_value", type=float, default=5.0, help="critic value clip c")
     add("--gamma", type=float, default=1.0, help="GAE discount")
     add("--gae_lambda", type=float, default=0.95, help="GAE lambda")
     add("--ptx_coeff", type=float, default=16.0, help="weight of the PTX loss")
     add("--threshold", type=float, default=0.0, help="cost limit d on J_C")
-    add("--lambda_init", type=float, default=1.0, help="initial Lagrange multiplier")
-    add("--lambda_lr", type=float, default=0.1, help="multiplier step size (0: fixed-lambda baseline)")
+    add("--lambda_init", type=float, default=1.0, help="initial Lagrange multiplier (the fixed one with shaping)")
+    add("--lambda_lr", type=float, default=0.1, help="multiplier step size (0: our two-critic fixed-lambda ablation)")
     add("--lambda_max", type=float, default=5.0, help="upper bound on lambda")
     add("--lambda_update_delay_steps", type=int, default=0, help="rollouts before lambda starts moving")
     add("--episode_cost_window_size", type=int, default=128, help="end costs averaged into J_C (per rank)")
@@ -175,6 +191,7 @@ def main():
     add("--pid_kp", type=float, default=0.1, help="PID proportional gain")
     add("--pid_ki", type=float, default=0.1, help="PID integral gain")
     add("--pid_kd", type=float, default=0.0, help="PID derivative gain")
+    add("--reward_shaping", action="store_true", help="the anchor's baseline: one stream R - lambda_init * C")
     # optimisation
     add("--per_device_prompt_batch_size", type=int, default=16, help="prompts per rollout per device")
     add("--per_device_train_batch_size", type=int, default=16, help="rollout sequences per PPO micro-batch")
@@ -186,12 +203,7 @@ def main():
     add("--actor_lr_warmup_ratio", type=float, default=0.03, help="actor warmup fraction")
     add("--critic_lr", type=float, default=5e-6, help="critics' learning rate")
     add("--critic_weight_decay", type=float, default=0.0, help="critics' AdamW weight decay")
-    add(
-        "--critic_lr_scheduler_type",
-        default="constant",
-        choices=["cosine", "linear", "constant"],
-        help="critic schedule",
-    )
+    add("--critic_lr_scheduler_type", default="constant", choices=["cosine", "linear", "constant"], help="critics")
     add("--critic_lr_warmup_ratio", type=float, default=0.03, help="critic warmup fraction")
     add("--actor_gradient_checkpointing", action="store_true", help="recompute actor activations")
     add("--critic_gradient_checkpointing", action="store_true", help="recompute critic activations")
@@ -215,27 +227,55 @@ def main():
     add("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = parser.parse_args()
     use_cost = args.cost_model_name_or_path is not None
-    args.kl_coeff = args.kl_coeff if args.kl_coeff is not None else (0.01 if use_cost else 0.02)
+    lagrangian = use_cost and not args.reward_shaping  # two streams and a moving multiplier
+    args.kl_coeff = args.kl_coeff if args.kl_coeff is not None else (0.01 if lagrangian else 0.02)
 
     # bad input stops here, before any engine or folder exists
-    roles = ("actor", "reward", "cost", "reward_critic", "cost_critic")
-    for path in filter(None, (getattr(args, f"{role}_model_name_or_path") for role in roles)):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            parser.error(f"model folder {path} not found (no config.json); train it first or fix the path")
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"--{name} must be a finite number, got {value}")
+    limits = {  # flag: (lowest allowed value, strictly above it?)
+        **dict.fromkeys(["epochs", "update_iters", "num_return_sequences", "per_device_prompt_batch_size",
+                         "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                         "logging_steps", "episode_cost_window_size", "max_steps"], (1, False)),
+        **dict.fromkeys(["actor_lr", "critic_lr", "lambda_lr", "lambda_init", "kl_coeff", "ptx_coeff",
+                         "lambda_update_delay_steps"], (0, False)),
+        **dict.fromkeys(["temperature", "lambda_max", "clip_range_ratio", "clip_range_score", "clip_range_value"],
+                        (0, True)),  # temperature 0 is refused: PPO needs sampled answers, not greedy ones
+    }  # fmt: skip
+    for name, (low, strict) in limits.items():
+        value = getattr(args, name)
+        if value is not None and (value <= low if strict else value < low):
+            parser.error(f"--{name} must be {'>' if strict else '>='} {low}, got {value}")
+    offload_param, offload_optimizer = args.offload in ("parameter", "all"), args.offload in ("optimizer", "all")
+    if offload_param and args.zero_stage != 3 or offload_optimizer and args.zero_stage == 0:
+        parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
+    if args.reward_shaping and not use_cost:
+        parser.error("--reward_shaping shapes R - lambda * C: pass --cost_model_name_or_path")
+    kinds = {"actor": "causal_lm", "reward": "score_model", "cost": "score_model"}  # critics: any backbone
+    for role in ("actor", "reward", "cost", "reward_critic", "cost_critic"):
+        path = getattr(args, f"{role}_model_name_or_path")
+        if path is not None:
+            check_model_folder(path, kinds.get(role, "any"), f"--{role}_model_name_or_path")
     rollout_size = args.per_device_prompt_batch_size * args.num_return_sequences
     if rollout_size % args.per_device_train_batch_size:
         parser.error(
             f"per_device_prompt_batch_size * num_return_sequences = {rollout_size} is not divisible by "
             f"per_device_train_batch_size = {args.per_device_train_batch_size}"
         )
-    if args.lambda_init < 0:
-        parser.error(f"--lambda_init must be >= 0, got {args.lambda_init}")
+    micro_per_rollout = rollout_size // args.per_device_train_batch_size
+    if (micro_per_rollout * args.update_iters) % args.gradient_accumulation_steps:
+        # every rollout must end on an optimizer-step boundary, or its gradients leak into the next rollout's step
+        parser.error(
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must divide the micro-batches of one "
+            f"rollout's PPO epochs ({micro_per_rollout} x {args.update_iters} update_iters)"
+        )
     actor_tok = load_tokenizer(args.actor_model_name_or_path, padding_side="left")
-    for path in (
-        args.reward_critic_model_name_or_path or args.reward_model_name_or_path,
-        (args.cost_critic_model_name_or_path or args.cost_model_name_or_path) if use_cost else None,
-    ):
-        if path and load_tokenizer(path).get_vocab() != actor_tok.get_vocab():
+    critic_paths = [args.reward_critic_model_name_or_path or args.reward_model_name_or_path]
+    if lagrangian:
+        critic_paths.append(args.cost_critic_model_name_or_path or args.cost_model_name_or_path)
+    for path in critic_paths:
+        if load_tokenizer(path).get_vocab() != actor_tok.get_vocab():
             parser.error(
                 f"critic {path} has a different tokenizer from the actor; critics must share the actor's "
                 "tokenizer: pass --reward/cost_critic_model_name_or_path with the actor's vocabulary"
@@ -268,6 +308,12 @@ def main():
         if master_process:
             print(*a, **k, flush=True)
 
+    # the output folder: locked for this run, written as <output_dir>.partial, renamed into place at the end
+    run_dir = args.output_dir.rstrip("/") + ".partial"
+    if master_process:
+        prepare_output(args.output_dir)
+    dist.barrier()
+
     # data
     try:
         prompts = PromptOnlyDataset(args.train_datasets, actor_tok, args.max_length, args.seed)
@@ -295,8 +341,8 @@ def main():
     total_steps = (
         args.epochs * len(loader) if args.max_steps is None else min(args.max_steps, args.epochs * len(loader))
     )
-    micro_per_rollout = rollout_size // args.per_device_train_batch_size
-    optimizer_steps = max(1, total_steps * args.update_iters * micro_per_rollout // args.gradient_accumulation_steps)
+    # every rollout ends on an optimizer-step boundary (checked above), so this count is exact
+    optimizer_steps = total_steps * args.update_iters * micro_per_rollout // args.gradient_accumulation_steps
     if ptx is not None:
         ptx_sampler = torch.utils.data.DistributedSampler(ptx, world_size, rank, shuffle=True, seed=args.seed)
         ptx_loader = torch.utils.data.DataLoader(
@@ -363,46 +409,52 @@ def main():
         tok = load_tokenizer(path)
         return tok if tok.get_vocab() != actor_tok.get_vocab() else None
 
-    reward_model = engine(ScoreModel.from_pretrained(args.reward_model_name_or_path, dtype=dtype))
-    reward_tok = own_tokenizer(args.reward_model_name_or_path)
-    critic_kwargs = dict(score_type="critic", do_normalize=False, dtype=dtype)
-    reward_critic_model = ScoreModel.from_pretrained(
-        args.reward_critic_model_name_or_path or args.reward_model_name_or_path, **critic_kwargs
-    )
-    if args.critic_gradient_checkpointing:
-        reward_critic_model.gradient_checkpointing_enable()
-    critic_opt = (args.critic_lr, args.critic_weight_decay, args.critic_lr_scheduler_type, args.critic_lr_warmup_ratio)
-    reward_critic = engine(reward_critic_model, *critic_opt)
-    if use_cost:
-        cost_model = engine(ScoreModel.from_pretrained(args.cost_model_name_or_path, dtype=dtype))
-        cost_tok = own_tokenizer(args.cost_model_name_or_path)
-        cost_critic_model = ScoreModel.from_pretrained(
-            args.cost_critic_model_name_or_path or args.cost_model_name_or_path, **critic_kwargs
-        )
+    # the frozen score models; --normalize_reward/cost (default off, as the anchor) override the checkpoint's own
+    # do_normalize. Then the streams: Safe RLHF's reward (maximised: sign +1) and cost (constrained: sign -1, so the
+    # KL term enters it as c_t = +beta * kl_t), each with a trained critic (a copy of its score model by default).
+    # Plain PPO and --reward_shaping train the reward stream only.
+    scorers = {}
+    for name, normalize in (("reward", args.normalize_reward), ("cost", args.normalize_cost))[: 1 + use_cost]:
+        path = getattr(args, f"{name}_model_name_or_path")
+        model = ScoreModel.from_pretrained(path, dtype=dtype, score_type=name, do_normalize=normalize)
+        scorers[name] = (engine(model), own_tokenizer(path))
+    streams = []
+    for name, sign in (("reward", 1.0), ("cost", -1.0))[: 1 + lagrangian]:
+        path = getattr(args, f"{name}_critic_model_name_or_path") or getattr(args, f"{name}_model_name_or_path")
+        critic_model = ScoreModel.from_pretrained(path, score_type="critic", do_normalize=False, dtype=dtype)
         if args.critic_gradient_checkpointing:
-            cost_critic_model.gradient_checkpointing_enable()
-        cost_critic = engine(cost_critic_model, *critic_opt)
+            critic_model.gradient_checkpointing_enable()
+        critic = engine(
+            critic_model,
+            args.critic_lr,
+            args.critic_weight_decay,
+            args.critic_lr_scheduler_type,
+            args.critic_lr_warmup_ratio,
+        )
+        streams.append({"name": name, "sign": sign, "critic": critic})
     eos, pad = actor_tok.eos_token_id, actor_tok.pad_token_id
     synced_gpus = args.zero_stage == 3 and world_size > 1  # every rank must join each forward of a ZeRO-3 generate
 
     def generate(batch, num_return_sequences=1):
         """Sample answers: returns (sequence (B, P+L), attention_mask, response mask (B, L), P)."""
-        actor.module.eval()
-        with torch.no_grad():
-            seq = actor.module.generate(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=args.max_length - batch["input_ids"].shape[1],
-                do_sample=True,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty,
-                num_return_sequences=num_return_sequences,
-                pad_token_id=pad,
-                eos_token_id=eos,
-                synced_gpus=synced_gpus,
-            )
-        actor.module.train()
+        try:
+            with torch.no_grad():
+                seq = actor.module.generate(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    max_new_tokens=args.max_length - batch["input_ids"].shape[1],
+                    do_sample=True,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty,
+                    num_return_sequences=num_return_sequences,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                    synced_gpus=synced_gpus,
+                )
+        except RuntimeError:  # sampling from a policy whose weights went non-finite fails in here: name the cause
+            check_finite({"actor weights": 1.0 if weights_finite(actor.module) else math.nan}, step)
+            raise
         P = batch["input_ids"].shape[1]
         mask = response_mask(seq[:, P:], eos)  # (B, L)
         attention_mask = torch.cat(
@@ -417,22 +469,28 @@ def main():
         return logprobs(logits[:, P - 1 : -1], seq[:, P:])
 
     def end_score(model, tok, seq, attention_mask):
-        """The score model's end score (B,); re-tokenizes the text when it has its own tokenizer (tok not None)."""
+        """The score model's end score (B,). A score model with its own tokenizer (tok not None) reads the text
+        re-tokenized as the anchor does: decoded without special tokens, its own EOS appended."""
         if tok is not None:
-            texts = actor_tok.batch_decode(
-                [s[m.bool()] for s, m in zip(seq, attention_mask)], skip_special_tokens=False
-            )
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            texts = actor_tok.batch_decode([s[m.bool()] for s, m in zip(seq, attention_mask)], skip_special_tokens=True)
+            enc = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True).to(device)
             seq, attention_mask = enc["input_ids"], enc["attention_mask"]
         return model(seq, attention_mask).end_scores[:, 0].float()
 
     def values(critic, seq, attention_mask, P):
         return critic(seq, attention_mask).scores[:, P - 1 : -1, 0]  # V(s_t) before emitting response token t: (B, L)
 
+    def set_train(mode):
+        """Rollout and scoring run in eval mode (no dropout: the old log-probs are the ones PPO's ratio compares
+        against), the PPO epochs in train mode, as in the anchor."""
+        for model in [actor] + [s["critic"] for s in streams]:
+            model.train(mode)
+
     def evaluate():
         """Mean reward and cost on eval prompts, safe rate, and the toy oracle's view when the prompts are toy ones."""
         # every rank runs the same number of prompts (a ZeRO-3 generate is collective): the last few wrap around,
         # and the duplicates are dropped when the results are gathered
+        set_train(False)
         n = len(eval_prompts)
         idx = [(rank + world_size * i) % n for i in range(math.ceil(n / world_size))]
         rows = []
@@ -441,9 +499,9 @@ def main():
             batch = eval_prompts.collate([eval_prompts[j] for j in mb])
             seq, attention_mask, mask, P = generate(batch)
             with torch.no_grad():
-                r = end_score(reward_model, reward_tok, seq, attention_mask)
-                c = end_score(cost_model, cost_tok, seq, attention_mask) if use_cost else torch.zeros_like(r)
+                scores = {name: end_score(*scorer, seq, attention_mask) for name, scorer in scorers.items()}
             answers = actor_tok.batch_decode([s[P:][m] for s, m in zip(seq, mask)], skip_special_tokens=True)
+            r, c = scores["reward"], scores.get("cost", torch.zeros_like(scores["reward"]))
             rows += zip(mb, r.tolist(), c.tolist(), batch["prompts"], answers)
         gathered = [None] * world_size
         dist.all_gather_object(gathered, rows)
@@ -457,10 +515,7 @@ def main():
             out.update({f"eval/{k}": v for k, v in toy.items()})
         return out
 
-    run_dir = args.output_dir.rstrip("/") + ".partial"
     if master_process:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        os.makedirs(run_dir)
         print(json.dumps(ds_config(train=True)))
     tracker = None
     if master_process and args.log_type == "wandb":
@@ -483,156 +538,162 @@ def main():
             for k, v in metrics.items():
                 tracker.add_scalar(k, v, step)
 
-    def save(path):
+    def save(path, step):
+        """The actor as an ordinary HF folder, arguments.json last; never a non-finite model."""
+        finite = torch.tensor([float(weights_finite(actor.module))], device=device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # under ZeRO-3 each rank checks its own partition
+        if not finite.item():
+            check_finite({"actor weights": math.nan}, step)
         state_dict = actor._zero3_consolidated_16bit_state_dict() if args.zero_stage == 3 else None  # all ranks join
         if master_process:
             os.makedirs(path, exist_ok=True)
-            model = actor.module
-            model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+            actor.module.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
             actor_tok.save_pretrained(path)
             with open(os.path.join(path, "arguments.json"), "w") as f:
                 json.dump(vars(args), f, indent=2, default=str)
+        dist.barrier()
 
     # ------------------------------------------------------------------------------------------------------------
     # training loop
+    torch.manual_seed(args.seed + rank)  # again: the rollouts do not depend on how many models were built above
     lam_state = lambda_init_state(args.lambda_init)
     episode_costs = deque(maxlen=args.episode_cost_window_size)
     step, t_start = 0, time.time()
-    for epoch in range(args.epochs):
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            if step >= total_steps:
-                break
-            step += 1
-            t0 = time.time()
+    try:
+        for epoch in range(args.epochs):
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                if step >= total_steps:
+                    break
+                step += 1
+                t0 = time.time()
+                lam = lam_state["lam"]  # a float: detached from the actor's graph
 
-            # 1) rollout: sample answers from the current policy
-            seq, attention_mask, mask, P = generate(batch, args.num_return_sequences)
-            mask_f = mask.float()
-            t1 = time.time()
+                # 1) rollout: sample answers from the current policy (eval mode: no dropout)
+                set_train(False)
+                seq, attention_mask, mask, P = generate(batch, args.num_return_sequences)
+                mask_f = mask.float()
+                t1 = time.time()
 
-            # 2) score with the frozen models: old and reference log-probs, values, end reward and cost
-            with torch.no_grad():
-                old_logp = policy_logp(actor, seq, attention_mask, P)  # (B, L)
-                ref_logp = policy_logp(ref, seq, attention_mask, P)
-                reward = end_score(reward_model, reward_tok, seq, attention_mask)  # (B,)
-                old_reward_values = values(reward_critic, seq, attention_mask, P)
-                if use_cost:
-                    cost = end_score(cost_model, cost_tok, seq, attention_mask)
-                    old_cost_values = values(cost_critic, seq, attention_mask, P)
-                t2 = time.time()
+                with torch.no_grad():
+                    # 2) score with the frozen models: old and reference log-probs, end scores, each critic's values
+                    old_logp = policy_logp(actor, seq, attention_mask, P)  # (B, L)
+                    ref_logp = policy_logp(ref, seq, attention_mask, P)
+                    scores = {name: end_score(*scorer, seq, attention_mask) for name, scorer in scorers.items()}  # (B,)
+                    old_values = {s["name"]: values(s["critic"], seq, attention_mask, P) for s in streams}  # (B, L)
+                    t2 = time.time()
 
-                # 3) KL-shaped per-token rewards (and costs), then GAE for each stream
-                rewards = kl_shaped_rewards(
-                    reward, old_logp, ref_logp, mask_f, args.kl_coeff, args.clip_range_score, sign=1.0
-                )
-                reward_adv, reward_ret = gae(rewards, old_reward_values, mask_f, args.gamma, args.gae_lambda)
-                if use_cost:
-                    costs = kl_shaped_rewards(
-                        cost, old_logp, ref_logp, mask_f, args.kl_coeff, args.clip_range_score, sign=-1.0
-                    )
-                    cost_adv, cost_ret = gae(costs, old_cost_values, mask_f, args.gamma, args.gae_lambda)
-                    adv = combined_advantage(reward_adv, cost_adv, lam_state["lam"])  # lambda is a float: detached
-                else:
-                    adv = reward_adv
-            critics = [("reward_critic", reward_critic, old_reward_values, reward_ret)]
-            if use_cost:
-                critics.append(("cost_critic", cost_critic, old_cost_values, cost_ret))
-
-            # 4) PPO epochs over micro-batches: actor (+ PTX) on the combined advantage, then each critic
-            stats = defaultdict(list)
-            for _ in range(args.update_iters):
-                for mb in torch.randperm(seq.shape[0], device=device).split(args.per_device_train_batch_size):
-                    logp = policy_logp(actor, seq[mb], attention_mask[mb], P)
-                    actor_loss, clip_frac = actor_loss_fn(
-                        logp, old_logp[mb], adv[mb], mask_f[mb], args.clip_range_ratio
-                    )
-                    loss = actor_loss
-                    if ptx is not None:
-                        try:
-                            ptx_batch = next(ptx_iter)
-                        except StopIteration:
-                            ptx_iter = iter(ptx_loader)
-                            ptx_batch = next(ptx_iter)
-                        ptx_batch = {k: v.to(device) for k, v in ptx_batch.items()}
-                        ptx_logits = actor(
-                            input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"]
-                        ).logits
-                        ptx_loss = cross_entropy(ptx_logits[:, :-1], ptx_batch["labels"][:, 1:])
-                        loss = loss + args.ptx_coeff * ptx_loss
-                        stats["loss/ptx"].append(ptx_loss.detach())
-                    actor.backward(loss)  # DeepSpeed scales by gradient_accumulation_steps and steps at the boundary
-                    actor.step()
-                    stats["loss/actor"].append(actor_loss.detach())
-                    stats["train/clip_frac"].append(clip_frac.detach())
-                    for name, critic, old_v, ret in critics:
-                        critic_loss = critic_loss_fn(
-                            values(critic, seq[mb], attention_mask[mb], P),
-                            old_v[mb],
-                            ret[mb],
-                            mask_f[mb],
-                            args.clip_range_value,
+                    # 3) per stream: KL-shaped per-token rewards, then GAE with its own critic's values
+                    adv, ret = {}, {}
+                    for s in streams:
+                        end = scores[s["name"]]
+                        if args.reward_shaping:  # the anchor's baseline: one stream, end score R - lambda * C
+                            end = scores["reward"] - lam * scores["cost"]
+                        shaped = kl_shaped_rewards(
+                            end, old_logp, ref_logp, mask_f, args.kl_coeff, args.clip_range_score, s["sign"]
                         )
-                        critic.backward(critic_loss)
-                        critic.step()
-                        stats[f"loss/{name}"].append(critic_loss.detach())
-            t3 = time.time()
+                        adv[s["name"]], ret[s["name"]] = gae(
+                            shaped, old_values[s["name"]], mask_f, args.gamma, args.gae_lambda
+                        )
+                    actor_adv = combined_advantage(adv["reward"], adv["cost"], lam) if lagrangian else adv["reward"]
 
-            # 5) Lagrange multiplier: J_C = windowed mean end cost, averaged across ranks, then one update
-            if use_cost:
-                episode_costs.extend(cost.tolist())
-                window = torch.tensor([sum(episode_costs), len(episode_costs)], dtype=torch.float64, device=device)
-                dist.all_reduce(window)
-                episode_cost = (window[0] / window[1]).item()
-                if step > args.lambda_update_delay_steps:
-                    lam_state = LAMBDA_UPDATES[args.lambda_update](lam_state, episode_cost, **vars(args))
-                lam = torch.tensor([lam_state["lam"]], dtype=torch.float64, device=device)
-                dist.broadcast(lam, 0)  # every rank uses rank 0's multiplier
-                lam_state["lam"] = lam.item()
+                # 4) PPO epochs over micro-batches: actor (+ PTX) on the combined advantage, then each critic on its
+                # own stream's returns
+                set_train(True)
+                stats = defaultdict(list)
+                for _ in range(args.update_iters):
+                    for mb in torch.randperm(seq.shape[0], device=device).split(args.per_device_train_batch_size):
+                        logp = policy_logp(actor, seq[mb], attention_mask[mb], P)
+                        actor_loss, clip_frac = actor_loss_fn(
+                            logp, old_logp[mb], actor_adv[mb], mask_f[mb], args.clip_range_ratio
+                        )
+                        loss = actor_loss
+                        if ptx is not None:
+                            try:
+                                ptx_batch = next(ptx_iter)
+                            except StopIteration:
+                                ptx_iter = iter(ptx_loader)
+                                ptx_batch = next(ptx_iter)
+                            ptx_batch = {k: v.to(device) for k, v in ptx_batch.items()}
+                            ptx_logits = actor(
+                                input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"]
+                            ).logits
+                            ptx_loss = cross_entropy(ptx_logits[:, :-1], ptx_batch["labels"][:, 1:])
+                            loss = loss + args.ptx_coeff * ptx_loss
+                            stats["loss/ptx"].append(ptx_loss.detach())
+                        actor.backward(loss)  # DeepSpeed scales by gradient_accumulation_steps, steps at the boundary
+                        actor.step()
+                        stats["loss/actor"].append(actor_loss.detach())
+                        stats["train/clip_frac"].append(clip_frac.detach())
+                        for s in streams:
+                            name = s["name"]
+                            critic_loss = critic_loss_fn(
+                                values(s["critic"], seq[mb], attention_mask[mb], P),
+                                old_values[name][mb],
+                                ret[name][mb],
+                                mask_f[mb],
+                                args.clip_range_value,
+                            )
+                            s["critic"].backward(critic_loss)
+                            s["critic"].step()
+                            stats[f"loss/{name}_critic"].append(critic_loss.detach())
+                t3 = time.time()
 
-            # 6) log / eval / save: one all_reduce of the stacked per-rank means
-            if step % args.logging_steps == 0 or step == total_steps:
-                local = {
-                    "train/reward": reward.mean(),
-                    "train/cost": cost.mean() if use_cost else None,
-                    "train/kl": masked_mean(old_logp - ref_logp, mask_f),
-                    **{k: torch.stack(v).mean() for k, v in stats.items()},
-                    "train/response_len": mask_f.sum(-1).mean(),
-                    "tokens": mask_f.sum(),
-                }
-                local = {k: v.float() for k, v in local.items() if v is not None}
-                mean = torch.stack(list(local.values()))
-                dist.all_reduce(mean)
-                metrics = dict(zip(local, (mean / world_size).tolist()))
-                tokens = metrics.pop("tokens") * world_size
+                # 5) Lagrange multiplier: J_C = windowed mean end cost, averaged across ranks, then one update
                 if use_cost:
-                    metrics.update({"train/lambda": lam_state["lam"], "train/episode_cost": episode_cost})
-                metrics.update(
-                    {
-                        "perf/tok_per_sec": tokens / (t3 - t0),
-                        "time/generate": t1 - t0,
-                        "time/score": t2 - t1,
-                        "time/update": t3 - t2,
-                    }
-                )
-                print0(f"step {step}/{total_steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-                log(metrics, step)
-            if eval_prompts is not None and (
-                (args.eval_interval and step % args.eval_interval == 0) or step == total_steps
-            ):
-                metrics = evaluate()
-                print0(f"eval step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-                log(metrics, step)
-            if args.save_interval and step % args.save_interval == 0 and step < total_steps:
-                save(os.path.join(run_dir, f"checkpoint-{step}"))
+                    episode_costs.extend(scores["cost"].tolist())
+                    window = torch.tensor([sum(episode_costs), len(episode_costs)], dtype=torch.float64, device=device)
+                    dist.all_reduce(window)
+                    episode_cost = (window[0] / window[1]).item()
+                if lagrangian and step > args.lambda_update_delay_steps:
+                    lam_state = LAMBDA_UPDATES[args.lambda_update](lam_state, episode_cost, **vars(args))
+                    lam_t = torch.tensor([lam_state["lam"]], dtype=torch.float64, device=device)
+                    dist.broadcast(lam_t, 0)  # every rank uses rank 0's multiplier
+                    lam_state["lam"] = lam_t.item()
 
-    # save the actor into the .partial folder, then rename it into place: a crash never leaves half a checkpoint
-    save(run_dir)
-    dist.barrier()
+                # 6) log / eval / save: one all_reduce of the stacked per-rank means; a NaN on any rank survives it
+                if step % args.logging_steps == 0 or step == total_steps:
+                    local = {
+                        **{f"train/{name}": score.mean() for name, score in scores.items()},
+                        "train/kl": masked_mean(old_logp - ref_logp, mask_f),
+                        **{k: torch.stack(v).mean() for k, v in stats.items()},
+                        "train/response_len": mask_f.sum(-1).mean(),
+                        "tokens": mask_f.sum(),
+                    }
+                    mean = torch.stack([v.float() for v in local.values()])
+                    dist.all_reduce(mean)
+                    metrics = dict(zip(local, (mean / world_size).tolist()))
+                    tokens = metrics.pop("tokens") * world_size
+                    if use_cost:
+                        metrics.update({"train/lambda": lam_state["lam"], "train/episode_cost": episode_cost})
+                    check_finite(metrics, step)
+                    metrics.update(
+                        {
+                            "perf/tok_per_sec": tokens / (t3 - t0),
+                            "time/generate": t1 - t0,
+                            "time/score": t2 - t1,
+                            "time/update": t3 - t2,
+                        }
+                    )
+                    print0(f"step {step}/{total_steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                    log(metrics, step)
+                if eval_prompts is not None and (
+                    (args.eval_interval and step % args.eval_interval == 0) or step == total_steps
+                ):
+                    metrics = evaluate()
+                    check_finite(metrics, step)
+                    print0(f"eval step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                    log(metrics, step)
+                if args.save_interval and step % args.save_interval == 0 and step < total_steps:
+                    save(os.path.join(run_dir, f"checkpoint-{step}"), step)
+    except KeyboardInterrupt:
+        interrupted(step, run_dir)
+
+    # save the actor into the .partial folder, then swap it into place: at every instant output_dir holds either the
+    # previous complete model or the new one
+    save(run_dir, step)
     if master_process:
-        if os.path.exists(args.output_dir):
-            shutil.rmtree(args.output_dir)
-        os.rename(run_dir, args.output_dir)
+        publish(run_dir, args.output_dir)
         print(f"saved actor to {args.output_dir} | {step} rollouts in {time.time() - t_start:.0f} s")
     if tracker is not None and args.log_type == "tensorboard":
         tracker.close()
