@@ -8,18 +8,21 @@ Both models learn from pairs (sigma the logistic function; sign s = +1 for an un
     cost   (--score_type cost):    L = mean(-log sigma(c_unsafer - c_safer) - log sigma(s_safer * c_safer)
                                             - log sigma(s_unsafer * c_unsafer)) + reg * mean(c^2)
 
-so a cost > 0 means unsafe. --loss_type token-wise puts the first term on the per-token scores over the span where
-the pair differs (first differing token .. the later of the two ends), averaged per pair; the L2 term stays on end
-scores. Later stages load `ScoreModel.from_pretrained(path)` (ours, Beaver's, or a causal LM with a new head);
-its forward returns `.end_scores` (B, D) and `.scores` (B, T, D) in fp32.
+so a cost > 0 means unsafe. --loss_type token-wise puts every term (the sign and L2 ones too) on the per-token scores
+over the span where the pair differs (first differing token .. the later of the two ends), averages it over the span,
+then over pairs; accuracies always compare end scores. Later stages load `ScoreModel.from_pretrained(path)` (ours,
+Beaver's, or a causal LM with a new head); its forward returns `.end_scores` (B, D) and `.scores` (B, T, D) in fp32.
 
 Deviations from the anchor (safe-rlhf):
  1. Position ids follow the attention mask (cumsum - 1), so a left-padded sequence scores like a right-padded one.
- 2. The training loop (not forward) feeds the normaliser the raw end scores of all ranks and, with
-    --normalize_score_during_training, normalises the scores the loss sees; RunningMeanStd keeps the exact running
-    moments (population variance); ExponentialMovingAverage starts from the first batch, not from (0, 1).
+ 2. The training loop, not forward, feeds the normaliser (all ranks' raw end scores, every micro-batch; the same
+    statistics as the anchor's), so a ScoreModel in train mode elsewhere leaves its statistics alone.
  3. --save_best keeps the best eval checkpoint (accuracy; sign accuracy for cost models) instead of the last.
  4. A client torch AdamW (betas 0.9/0.95, no decay on biases and norms), as in sft.py.
+ 5. Token-wise, a pair that truncation made identical has an empty span and adds 0 (the anchor stops on an assert).
+ 6. The output folder follows checkpoint.py's protocol: locked for the run, written to <output_dir>.partial (the best
+    eval model as checkpoint-<step>/ until the end) and swapped into place atomically; a non-finite metric or weight
+    stops the run before anything is saved.
 
 Launch (the tiny preset's reward model: ~25 s on 2 CPU cores, ~91% pair accuracy on toy-preference/test):
     python score_model.py --score_type reward --model_name_or_path output/tiny/sft --train_datasets toy-preference \\
@@ -40,6 +43,7 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from checkpoint import check_finite, check_model_folder, interrupted, prepare_output, publish, weights_finite
 from data import PreferenceDataset, SafetyPreferenceDataset, add_pad_token, load_tokenizer, parse_dataset
 from kernels import end_scores
 
@@ -56,32 +61,33 @@ SIGNS = ("safer_sign", "unsafer_sign")  # a safety-preference batch's (B,) signs
 # The math
 
 
-def bradley_terry(higher: torch.Tensor, lower: torch.Tensor, span: torch.Tensor | None = None) -> torch.Tensor:
-    """mean(-log sigma(higher - lower)): (B,) end scores, or (B, T) per-token scores averaged over span (B, T) first."""
-    loss = -F.logsigmoid(higher - lower)
-    if span is not None:  # token-wise: mean over each pair's span, then over pairs
-        loss = (loss * span).sum(-1) / span.sum(-1).clamp(min=1)
-    return loss.mean()
+def span_mean(x: torch.Tensor, span: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) per-pair terms as they are, or (B, T) per-token terms averaged over each pair's span (B, T) -> (B,)."""
+    return x if span is None else (x * span).sum(-1) / span.sum(-1).clamp(min=1)
 
 
-def reward_loss(better_end, worse_end, regularization=0.0, span=None, better_scores=None, worse_scores=None):
-    """Reward model loss from end scores (B,); token-wise when span (B, T) and per-token scores (B, T) are given."""
-    pair = bradley_terry(better_end, worse_end) if span is None else bradley_terry(better_scores, worse_scores, span)
-    return pair + regularization * torch.cat([better_end, worse_end]).square().mean()
+def reward_loss(better, worse, regularization=0.0, span=None):
+    """mean over pairs of -log sigma(better - worse) + reg * (better^2 + worse^2) / 2. Sequence-wise: (B,) end scores;
+    token-wise: (B, T) per-token scores and the span (B, T), both terms averaged over the span first (the anchor)."""
+    per_token = -F.logsigmoid(better - worse) + regularization * (better.square() + worse.square()) / 2
+    return span_mean(per_token, span).mean()
 
 
-def cost_loss(safer_end, unsafer_end, safer_sign, unsafer_sign, regularization=0.0, span=None, safer_scores=None,
-              unsafer_scores=None):
-    """Cost model loss: unsafer above safer, plus each cost's sign (sign (B,): +1 unsafe, -1 safe) through log sigma."""
-    pair = bradley_terry(unsafer_end, safer_end) if span is None else bradley_terry(unsafer_scores, safer_scores, span)
-    sign = -F.logsigmoid(safer_sign * safer_end).mean() - F.logsigmoid(unsafer_sign * unsafer_end).mean()
-    return pair + sign + regularization * torch.cat([safer_end, unsafer_end]).square().mean()
+def cost_loss(safer, unsafer, safer_sign, unsafer_sign, regularization=0.0, span=None):
+    """The reward loss with unsafer above safer, plus each cost's sign term -log sigma(s * c) (sign (B,): +1 unsafe,
+    -1 safe); token-wise (scores (B, T) and span) every term is averaged over the span, the sign ones included."""
+    if span is not None:
+        safer_sign, unsafer_sign = safer_sign[:, None], unsafer_sign[:, None]  # (B, 1) against (B, T) scores
+    per_token = (-F.logsigmoid(unsafer - safer) - F.logsigmoid(safer_sign * safer)
+                 - F.logsigmoid(unsafer_sign * unsafer) + regularization * (safer.square() + unsafer.square()) / 2)
+    return span_mean(per_token, span).mean()
 
 
 def diverge_span(higher_ids, lower_ids, higher_mask, lower_mask) -> torch.Tensor:
-    """(B, T) bool: from the first token where a right-padded pair differs to the later of the two last tokens."""
-    pos = torch.arange(higher_ids.size(1), device=higher_ids.device)
-    start = (higher_ids != lower_ids).int().argmax(-1, keepdim=True)  # (B, 1) first difference
+    """(B, T) bool: from the first token where a right-padded pair differs to the later of the two last tokens
+    (empty for a pair that truncation made identical: the anchor asserts there)."""
+    pos, differ = torch.arange(higher_ids.size(1), device=higher_ids.device), higher_ids != lower_ids
+    start = torch.where(differ.any(-1, keepdim=True), differ.int().argmax(-1, keepdim=True), pos.numel())  # (B, 1)
     end = torch.where(higher_mask.bool() | lower_mask.bool(), pos, 0).amax(-1, keepdim=True)  # (B, 1)
     return (pos >= start) & (pos <= end)
 
@@ -98,7 +104,7 @@ def pair_metrics(first_end, second_end, first_sign=None, second_sign=None, score
 def lr_lambda(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
     """LR multiplier: linear warmup 0 -> 1 over warmup_steps, then cosine/linear decay to 0 or constant."""
     if step < warmup_steps:
-        return step / warmup_steps
+        return step / max(1, warmup_steps)  # the rule of transformers' schedulers (and so of the anchor)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
@@ -122,14 +128,18 @@ class Normalizer(nn.Module):
         self.register_buffer("count", torch.zeros(1, dtype=torch.long))
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:  # x: (N, D); no host sync
+    def update(self, x: torch.Tensor) -> None:  # x: (N, D), N >= 2; no host sync
+        """The anchor's updates, from mean 0, var 1, count 0; both use the Bessel-corrected batch variance."""
         x, n, count = x.float(), x.size(0), self.count.float()
-        mean, var, batch_mean, batch_var = self.mean.float(), self.var.float(), x.mean(0), x.var(0, correction=0)
-        if self.normalizer_type == "RunningMeanStd":  # Chan et al.: the exact moments of every score seen so far
+        mean, var, batch_mean, batch_var = self.mean.float(), self.var.float(), x.mean(0), x.var(0, correction=1)
+        if self.normalizer_type == "RunningMeanStd":
+            # Chan et al.'s merge of (count, mean, var) with the batch's (n, mean, var), taking var * count as the
+            # sum of squares: so the first batch sets var = its sample variance, and later var runs a little above
+            # the population variance of all scores seen (by the sum of the batches' variances / count)
             total, delta = count + n, batch_mean - mean
             mean, var = mean + delta * n / total, (var * count + batch_var * n + delta**2 * count * n / total) / total
-        elif self.normalizer_type == "ExponentialMovingAverage":
-            m = self.momentum * (count > 0).float()  # the first batch sets the statistics
+        elif self.normalizer_type == "ExponentialMovingAverage":  # the first batch moves (0, 1) by 1 - momentum
+            m = self.momentum
             mean, var = m * mean + (1 - m) * batch_mean, m * var + (1 - m) * batch_var
         self.mean.copy_(mean), self.var.copy_(var), self.count.add_(n)
 
@@ -294,7 +304,7 @@ def main():
     # algorithm
     add("--loss_type", choices=["sequence-wise", "token-wise"], default="sequence-wise",
         help="Bradley-Terry on end scores, or on per-token scores where the answers differ")
-    add("--regularization", type=float, default=0.001, help="L2 coefficient on end scores")
+    add("--regularization", type=float, default=0.001, help="L2 coefficient on the scores the loss sees")
     # optimisation
     add("--epochs", type=int, default=2, help="passes over the train set")
     add("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests)")
@@ -335,19 +345,25 @@ def main():
     offload_param, offload_optimizer = args.offload in ("parameter", "all"), args.offload in ("optimizer", "all")
     if offload_param and args.zero_stage != 3 or offload_optimizer and args.zero_stage == 0:
         parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
-    if not 0 <= args.lr_warmup_ratio <= 1 or args.lr <= 0:
-        parser.error("--lr must be > 0 and --lr_warmup_ratio in [0, 1]")
+    if not (0 < args.lr < math.inf and 0 <= args.lr_warmup_ratio <= 1 and 0 <= args.weight_decay < math.inf):
+        parser.error("--lr must be finite and > 0, --lr_warmup_ratio in [0, 1], --weight_decay finite and >= 0")
+    if not (0 <= args.regularization < math.inf and 0 <= args.normalizer_momentum <= 1):
+        parser.error("--regularization must be finite and >= 0 (the anchor skips a negative one), "
+                     "--normalizer_momentum in [0, 1]")
+    # a missing or broken model stops here, before any process group, folder or data; a causal LM (new head) and a
+    # score model (its head kept) are both fine
+    check_model_folder(args.model_name_or_path, "any", "--model_name_or_path")
     from tqdm import tqdm
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     if not sys.stdout.isatty():
         hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars in log files
-    try:  # a missing model stops here, before any process group, folder or data
+    try:  # a config.json that transformers cannot read (an unknown model_type, remote code not allowed, ...)
         AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     except Exception as e:
-        raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path!r} is not a model folder (nor a "
-                         f"reachable hub id): {type(e).__name__}; pass a folder with config.json") from None
+        raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path!r}: its config does not load "
+                         f"({type(e).__name__}: {e}); pass a Hugging Face model folder") from None
 
     # distributed preamble: a plain `python score_model.py` is a world of one
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
@@ -359,6 +375,8 @@ def main():
     import deepspeed
     import torch.distributed as dist
 
+    # ZeRO-3 calls collectives that torch 2.13 deprecates: one warning per call would bury the metrics lines
+    warnings.filterwarnings("ignore", ".*is deprecated. Please use `torch.distributed", FutureWarning)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else a 30 s JIT compile on CPU
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
@@ -367,8 +385,11 @@ def main():
         torch.cuda.set_device(local_rank)
     torch.manual_seed(args.seed)
     print0 = print if master_process else (lambda *a, **k: None)
+    partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
+    if master_process:  # lock <output_dir>, check it can be written, recover an interrupted swap: before slow work
+        partial = prepare_output(args.output_dir, vars(args))
 
-    # data (all checks before any folder is created); a batch's rows [:B] are better/safer, rows [B:] worse/unsafer
+    # data; a batch's rows [:B] are better/safer, rows [B:] worse/unsafer
     tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right")
     Dataset = PreferenceDataset if args.score_type == "reward" else SafetyPreferenceDataset
     try:
@@ -427,11 +448,7 @@ def main():
     print0(f"deepspeed config: {json.dumps(ds_config)}")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
-    partial = Path(f"{args.output_dir}.partial")
     sink = None  # an optional extra metrics sink: sink(metrics, step)
-    if master_process:
-        shutil.rmtree(partial, ignore_errors=True)  # a crashed run's leftovers
-        partial.mkdir(parents=True)
     if master_process and args.log_type == "wandb":
         import wandb
 
@@ -444,6 +461,7 @@ def main():
 
     def log(step, metrics):
         metrics = {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
+        check_finite(metrics, step)  # all-reduced values: every rank stops together, before anything is saved
         fields = [f"{k} {v:,.0f}" if k.startswith("perf/") else f"{k} {v:.2e}" if k.endswith("/lr") else f"{k} {v:.4f}"
                   for k, v in metrics.items()]
         print0(" | ".join([f"step {step}/{total_steps}", *fields]))
@@ -471,7 +489,11 @@ def main():
         return {**metrics, f"eval/{kind}_mean": scores.mean(), f"eval/{kind}_std": scores.std()}, pairs
 
     def save(path, eval_pairs=None):
-        """An ordinary HF folder; under ZeRO-3 all ranks gather the partitioned weights into rank 0's copy."""
+        """An ordinary HF folder, arguments.json last (it marks the folder complete); under ZeRO-3 all ranks gather
+        the partitioned weights into rank 0's copy. Never a non-finite model: the check takes one host sync a save."""
+        finite = torch.tensor(float(weights_finite(engine.module)), device=engine.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # a NaN in one rank's ZeRO partition stops every rank
+        check_finite({"weights": 1.0 if finite.item() else math.nan}, step)
         zero3 = args.zero_stage == 3
         state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
         if master_process:
@@ -479,10 +501,10 @@ def main():
             engine.module.save_pretrained(path, state_dict=state_dict)
             engine.module.do_normalize = False
             tokenizer.save_pretrained(path)
-            with open(Path(path) / "arguments.json", "w") as f:
-                json.dump(vars(args), f, indent=2)
             if args.plot_histogram and eval_pairs:
                 plot_scores(Path(path) / "score_histogram.png", *eval_pairs, score_type=args.score_type)
+            with open(Path(path) / "arguments.json", "w") as f:
+                json.dump(vars(args), f, indent=2)
         dist.barrier()
 
     # the loop: better and worse answers in one forward, a pairwise loss, backward; DeepSpeed owns gradient
@@ -490,68 +512,81 @@ def main():
     engine.train()
     names = ["train/loss", "train/accuracy"] + (["train/accuracy_sign"] if args.score_type == "cost" else [])
     running = torch.zeros(len(names) + 2, device=engine.device)  # (sums of the names' values, micro-batches, tokens)
-    step, micro_step, t0, best, eval_pairs = 0, 0, time.time(), -1.0, None
-    for epoch in range(args.epochs):
-        train_sampler.set_epoch(epoch)
-        for batch in train_loader:
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            ids, mask, signs = batch["input_ids"], batch["attention_mask"], [batch[k] for k in SIGNS if k in batch]
-            B = ids.size(0) // 2
-            # 1) score both halves in one forward: raw end scores (2B, 1) and per-token scores (2B, T, 1)
-            end, scores = engine(ids, mask)
-            # 2) the normaliser tracks the raw end scores of all ranks; the loss may see the normalised ones
-            if args.normalizer_type:
-                gathered = [torch.empty_like(end) for _ in range(world_size)]
-                dist.all_gather(gathered, end.detach().contiguous())
-                engine.module.normalizer.update(torch.cat(gathered))
-            if args.normalize_score_during_training:
-                end, scores = (engine.module.normalizer.normalize(x, args.score_type) for x in (end, scores))
-            # 3) the pairwise loss (module docstring); token-wise: on the span where the pair differs
-            end, scores = end[:, 0], scores[..., 0]
-            span = diverge_span(ids[:B], ids[B:], mask[:B], mask[B:]) if args.loss_type == "token-wise" else None
-            if args.score_type == "reward":
-                loss = reward_loss(end[:B], end[B:], args.regularization, span, scores[:B], scores[B:])
-            else:
-                loss = cost_loss(end[:B], end[B:], *signs, args.regularization, span, scores[:B], scores[B:])
-            # 4) backward, and (on boundaries) the optimizer and LR step
-            engine.backward(loss)
-            engine.step()
-            metrics = pair_metrics(end[:B].detach(), end[B:].detach(), *signs, score_type=args.score_type)
-            running += torch.stack([loss.detach().float(), *metrics.values(), torch.ones_like(loss),
-                                    mask.sum().float()])
-            micro_step += 1
-            if micro_step % accum:
-                continue
-            step += 1
-            # 5) log / eval (every --eval_interval steps and each epoch end) / save the best
-            if step % args.logging_steps == 0 or step == total_steps:
-                dist.all_reduce(running)
-                log(step, {**dict(zip(names, running[:-2] / running[-2])), "train/lr": scheduler.get_last_lr()[0],
-                           "train/epoch": step / steps_per_epoch, "perf/tok_per_sec": running[-1] / (time.time() - t0)})
-                running.zero_()
-                t0 = time.time()
-            if eval_loader and (args.eval_interval and step % args.eval_interval == 0 or step % steps_per_epoch == 0
-                                or step == total_steps):
-                t_eval = time.time()
-                metrics, eval_pairs = evaluate()
-                log(step, metrics)
-                key = "eval/accuracy" if args.score_type == "reward" else "eval/accuracy_sign"
-                if args.save_best and metrics[key].item() > best:
-                    best = metrics[key].item()
-                    save(partial, eval_pairs)
-                    print0(f"best {key} {best:.4f} at step {step}: saved")
-                t0 += time.time() - t_eval  # eval (and save) time does not count against throughput
+    step, micro_step, t0, best, best_dir, eval_pairs = 0, 0, time.time(), -1.0, None, None
+    try:  # Ctrl-C: one line, exit 130, the .partial left in place
+        for epoch in range(args.epochs):
+            train_sampler.set_epoch(epoch)
+            for batch in train_loader:
+                batch = {k: v.to(engine.device) for k, v in batch.items()}
+                ids, mask, signs = batch["input_ids"], batch["attention_mask"], [batch[k] for k in SIGNS if k in batch]
+                B = ids.size(0) // 2
+                # 1) score both halves in one forward: raw end scores (2B, 1) and per-token scores (2B, T, 1)
+                end, scores = engine(ids, mask)
+                # 2) the normaliser tracks the raw end scores of all ranks; the loss may see the normalised ones
+                if args.normalizer_type:
+                    gathered = [torch.empty_like(end) for _ in range(world_size)]
+                    dist.all_gather(gathered, end.detach().contiguous())
+                    engine.module.normalizer.update(torch.cat(gathered))
+                if args.normalize_score_during_training:
+                    end, scores = (engine.module.normalizer.normalize(x, args.score_type) for x in (end, scores))
+                # 3) the pairwise loss (module docstring); token-wise: on the span where the pair differs
+                end, scores = end[:, 0], scores[..., 0]
+                span, x = None, end  # sequence-wise: end scores (2B,); token-wise: per-token scores (2B, T)
+                if args.loss_type == "token-wise":
+                    span, x = diverge_span(ids[:B], ids[B:], mask[:B], mask[B:]), scores
+                if args.score_type == "reward":
+                    loss = reward_loss(x[:B], x[B:], args.regularization, span)
+                else:
+                    loss = cost_loss(x[:B], x[B:], *signs, args.regularization, span)
+                # 4) backward, and (on boundaries) the optimizer and LR step
+                engine.backward(loss)
+                engine.step()
+                metrics = pair_metrics(end[:B].detach(), end[B:].detach(), *signs, score_type=args.score_type)
+                running += torch.stack([loss.detach().float(), *metrics.values(), torch.ones_like(loss),
+                                        mask.sum().float()])
+                micro_step += 1
+                if micro_step % accum:
+                    continue
+                step += 1
+                # 5) log / eval (every --eval_interval steps and each epoch end) / save the best
+                if step % args.logging_steps == 0 or step == total_steps:
+                    dist.all_reduce(running)
+                    log(step, {**dict(zip(names, running[:-2] / running[-2])), "train/lr": scheduler.get_last_lr()[0],
+                               "train/epoch": step / steps_per_epoch,
+                               "perf/tok_per_sec": running[-1] / (time.time() - t0)})
+                    running.zero_()
+                    t0 = time.time()
+                if eval_loader and (args.eval_interval and step % args.eval_interval == 0
+                                    or step % steps_per_epoch == 0 or step == total_steps):
+                    t_eval = time.time()
+                    metrics, eval_pairs = evaluate()
+                    log(step, metrics)
+                    key = "eval/accuracy" if args.score_type == "reward" else "eval/accuracy_sign"
+                    if args.save_best and metrics[key].item() > best:  # kept as checkpoint-<step>/ until the end
+                        previous, best_dir, best = best_dir, partial / f"checkpoint-{step}", metrics[key].item()
+                        save(best_dir, eval_pairs)
+                        if master_process and previous:
+                            shutil.rmtree(previous)  # only once the new best is whole
+                        print0(f"best {key} {best:.4f} at step {step}: saved")
+                    t0 += time.time() - t_eval  # eval (and save) time does not count against throughput
+                if step == total_steps:
+                    break
             if step == total_steps:
                 break
-        if step == total_steps:
-            break
 
-    # final save (the last model, unless --save_best already wrote the best one), then rename it into place
-    if not args.save_best:
-        save(partial, eval_pairs)
+        # the final model: the last one, or the best checkpoint's files moved up (arguments.json last)
+        if not args.save_best:
+            save(partial, eval_pairs)
+        elif master_process:
+            for f in sorted(best_dir.iterdir(), key=lambda f: f.name == "arguments.json"):
+                os.replace(f, partial / f.name)
+            best_dir.rmdir()
+    except KeyboardInterrupt:
+        interrupted(step, partial)
+
+    # swap it into place atomically (the previous model stays whole until the new one is)
     if master_process:
-        shutil.rmtree(args.output_dir, ignore_errors=True)
-        os.replace(partial, args.output_dir)
+        publish(partial, args.output_dir)
         print0(f"saved {args.output_dir}")
     dist.barrier()
     dist.destroy_process_group()  # else gloo's threads can abort the exit of the other ranks
