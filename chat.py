@@ -18,6 +18,7 @@ import functools
 import math
 import sys
 
+import lora
 from checkpoint import check_model_folder
 
 HELP = (
@@ -89,7 +90,9 @@ def main():
 
     bots = []
     for name, path in paths.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+        model = lora.from_pretrained(  # an adapter folder: its base with the adapter folded in
+            AutoModelForCausalLM.from_pretrained, path, dtype=torch.bfloat16 if args.bf16 else torch.float32
+        )
         model = model.to(device).eval()
         context = getattr(model.config, "max_position_embeddings", None) or 2048
         max_new = min(args.max_new_tokens, context // 2)

@@ -260,6 +260,27 @@ def _weight_names(root: Path, fail) -> set[str]:
     )
 
 
+def _check_adapter(root: Path, kind: str, name: str, fail) -> None:
+    """A LoRA adapter folder (lora.py, --save_adapter_only): its adapter file and tokenizer, its kind, then its base."""
+    try:
+        base = json.loads((root / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"has an unreadable adapter_config.json ({type(e).__name__}: {e})", "save the adapter again")
+    found = _tensor_names(root / "adapter_model.safetensors")
+    if isinstance(found, str):
+        fail(f"is a LoRA adapter folder whose adapter_model.safetensors {found}", "save the adapter again")
+    if not any(next(root.glob(p), None) for p in ("tokenizer.json", "*.model", "vocab.*", "*.tiktoken")):
+        fail("is a LoRA adapter folder with no tokenizer files", "copy them from the model it was trained from")
+    is_score = (root / "config.json").is_file()  # a score model's adapter keeps its score fields there
+    if kind == "causal_lm" and is_score:
+        fail("is a score model's LoRA adapter, not a causal LM's", "pass a policy (an adapter of sft.py/ppo_lag.py)")
+    if kind == "score_model" and not is_score:
+        fail("is a causal LM's LoRA adapter, with no score head", "it needs a model trained by score_model.py")
+    if not base:
+        fail("is a LoRA adapter folder that names no base model", "set base_model_name_or_path in adapter_config.json")
+    check_model_folder(base, "any" if is_score else "causal_lm", f"{name} is a LoRA adapter; its base model")
+
+
 def check_model_folder(path: str, kind: str, flag: str | None = None) -> None:
     """kind: "causal_lm" (a policy), "score_model" (a reward/cost model) or "any" (a backbone). One line and exit 1
     when the folder is missing, lacks config/weights/tokenizer, has a cut weights file or is the wrong kind."""
@@ -270,6 +291,8 @@ def check_model_folder(path: str, kind: str, flag: str | None = None) -> None:
         raise SystemExit(f"error: {name} {problem}; {fix}")
 
     root, keys = Path(path), set()
+    if (root / "adapter_config.json").is_file():
+        return _check_adapter(root, kind, name, fail)
     if not root.is_dir():
         if root.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
             fail("is not a model folder", "pass a folder written by save_pretrained or by one of our stages")

@@ -336,6 +336,7 @@ def main():
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
+    import lora
     from data import PromptOnlyDataset, add_pad_token, format_prompt, load_tokenizer, toy_metrics
 
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
@@ -369,7 +370,7 @@ def main():
 
     def load_policy(path):
         tokenizer = load_tokenizer(path, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = lora.from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=dtype)  # adapter folders too
         add_pad_token(tokenizer, model)
         return engine(model), tokenizer
 

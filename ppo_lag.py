@@ -37,6 +37,7 @@ from collections import defaultdict, deque
 
 import torch
 
+import lora
 from checkpoint import check_finite, check_model_folder, interrupted, prepare_output, publish, weights_finite
 from data import PromptOnlyDataset, SupervisedDataset, load_tokenizer, parse_dataset, toy_metrics
 from kernels import cross_entropy, gae, logprobs
@@ -137,6 +138,23 @@ def lr_schedule(kind, total_steps, warmup_ratio):
     return f
 
 
+def adapter_off(model, peft_model, normalize=False):
+    """`model` (an engine or module around `peft_model`) with the LoRA adapters and trained head copies switched off:
+    the model it was loaded as. With LoRA this is PPO's frozen reference (the actor) and its frozen reward and cost
+    models (each inside its critic), so none is loaded twice. normalize: apply the score model's normaliser, as its
+    do_normalize would (the critic's values, with the adapter on, stay raw)."""
+
+    def forward(*args, **kwargs):
+        with peft_model.disable_adapter():
+            out = model(*args, **kwargs)
+        if normalize:
+            score_model = peft_model.get_base_model()
+            out = type(out)(*(score_model.normalizer.normalize(x, score_model.score_type) for x in out))
+        return out
+
+    return forward
+
+
 def str2bool(text):
     """argparse type for the anchor's `--flag True/False` style."""
     if text.lower() in ("true", "1", "yes"):
@@ -161,6 +179,9 @@ def main():
     add("--normalize_reward", type=str2bool, default=False, help="normalise R with the reward model's statistics")
     add("--normalize_cost", type=str2bool, default=False, help="scale C with the cost model's statistics")
     add("--trust_remote_code", action="store_true", help="allow custom model code")
+    lora.add_arguments(parser, "actor_")  # LoRA actor: the reference is the actor with its adapter off
+    lora.add_arguments(parser, "critic_")  # LoRA critics: each is its score model with an adapter and a trained head
+    add("--save_adapter_only", action="store_true", help="save the actor's LoRA adapter folder, not merged")
     # data
     add("--train_datasets", nargs="+", type=parse_dataset, required=True, help="prompt specs NAME[:PROPORTION[:PATH]]")
     add("--eval_datasets", nargs="+", type=parse_dataset, help="eval prompt specs")
@@ -252,6 +273,15 @@ def main():
         parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
     if args.reward_shaping and not use_cost:
         parser.error("--reward_shaping shapes R - lambda * C: pass --cost_model_name_or_path")
+    lora.check_arguments(parser, args, "actor_")
+    lora.check_arguments(parser, args, "critic_")
+    if args.save_adapter_only and not args.actor_lora_rank:
+        parser.error("--save_adapter_only saves the actor's LoRA adapter: pass --actor_lora_rank > 0")
+    for name in ("reward", "cost"):
+        critic_path = getattr(args, f"{name}_critic_model_name_or_path")
+        if args.critic_lora_rank and critic_path not in (None, getattr(args, f"{name}_model_name_or_path")):
+            parser.error(f"--critic_lora_rank builds the {name} critic on the {name} model's own backbone: drop "
+                         f"--{name}_critic_model_name_or_path, or train the critics whole (--critic_lora_rank 0)")
     kinds = {"actor": "causal_lm", "reward": "score_model", "cost": "score_model"}  # critics: any backbone
     for role in ("actor", "reward", "cost", "reward_critic", "cost_critic"):
         path = getattr(args, f"{role}_model_name_or_path")
@@ -381,10 +411,11 @@ def main():
             frozen = deepspeed.initialize(model=model, config=ds_config(train=False))[0]
             frozen.eval()  # (DeepSpeedEngine.eval returns None)
             return frozen
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]  # LoRA: adapters (+ head)
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [g for g in groups if g["params"]],  # an empty group (a LoRA actor has no 1-d one) trips the scheduler
             lr=lr,
             betas=(0.9, 0.95),
         )
@@ -392,17 +423,24 @@ def main():
         return deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config(train=True))[0]
 
     def load_lm():
-        return AutoModelForCausalLM.from_pretrained(
-            args.actor_model_name_or_path, dtype=dtype, trust_remote_code=args.trust_remote_code
+        return lora.from_pretrained(  # an adapter folder: its base with the adapter folded in
+            AutoModelForCausalLM.from_pretrained,
+            args.actor_model_name_or_path,
+            dtype=dtype,
+            trust_remote_code=args.trust_remote_code,
         )
 
     actor_model = load_lm()
     if args.actor_gradient_checkpointing:
         actor_model.gradient_checkpointing_enable()
+    if args.actor_lora_rank:
+        actor_model = lora.add_lora(actor_model, args, "actor_", args.actor_model_name_or_path)
     actor = engine(
         actor_model, args.actor_lr, args.actor_weight_decay, args.actor_lr_scheduler_type, args.actor_lr_warmup_ratio
     )
-    ref = engine(load_lm())
+    # LoRA: the reference is the actor with its adapter off (at the start B = 0: the same model), not a second copy
+    ref = adapter_off(actor, actor.module) if args.actor_lora_rank else engine(load_lm())
+    backbones = ["actor + ref"] if args.actor_lora_rank else ["actor", "ref"]  # full models in memory, by role
 
     def own_tokenizer(path):
         """The score model's tokenizer if it differs from the actor's (inputs are then re-tokenized), else None."""
@@ -413,17 +451,27 @@ def main():
     # do_normalize. Then the streams: Safe RLHF's reward (maximised: sign +1) and cost (constrained: sign -1, so the
     # KL term enters it as c_t = +beta * kl_t), each with a trained critic (a copy of its score model by default).
     # Plain PPO and --reward_shaping train the reward stream only.
+    # LoRA critics: each stream's score model is loaded once, as its critic (adapter and a trained copy of the head
+    # on) that is also its frozen score model (both off)
+    shared = ("reward", "cost")[: 1 + lagrangian] if args.critic_lora_rank else ()
     scorers = {}
     for name, normalize in (("reward", args.normalize_reward), ("cost", args.normalize_cost))[: 1 + use_cost]:
         path = getattr(args, f"{name}_model_name_or_path")
+        if name in shared:
+            scorers[name] = None  # below, from its critic (the entry keeps the reward, cost order)
+            continue
         model = ScoreModel.from_pretrained(path, dtype=dtype, score_type=name, do_normalize=normalize)
         scorers[name] = (engine(model), own_tokenizer(path))
+        backbones.append(f"{name}_model")
     streams = []
     for name, sign in (("reward", 1.0), ("cost", -1.0))[: 1 + lagrangian]:
         path = getattr(args, f"{name}_critic_model_name_or_path") or getattr(args, f"{name}_model_name_or_path")
-        critic_model = ScoreModel.from_pretrained(path, score_type="critic", do_normalize=False, dtype=dtype)
+        score_type = name if name in shared else "critic"  # shared: the normaliser's rule for the frozen scores
+        critic_model = ScoreModel.from_pretrained(path, score_type=score_type, do_normalize=False, dtype=dtype)
         if args.critic_gradient_checkpointing:
             critic_model.gradient_checkpointing_enable()
+        if name in shared:
+            critic_model = lora.add_lora(critic_model, args, "critic_", path, modules_to_save=["score_head"])
         critic = engine(
             critic_model,
             args.critic_lr,
@@ -432,6 +480,10 @@ def main():
             args.critic_lr_warmup_ratio,
         )
         streams.append({"name": name, "sign": sign, "critic": critic})
+        if name in shared:
+            scorers[name] = (adapter_off(critic, critic.module, getattr(args, f"normalize_{name}")), None)
+        backbones.append(f"{name}_model + {name}_critic" if name in shared else f"{name}_critic")
+    print0(f"{len(backbones)} backbones: {', '.join(backbones)}")
     eos, pad = actor_tok.eos_token_id, actor_tok.pad_token_id
     synced_gpus = args.zero_stage == 3 and world_size > 1  # every rank must join each forward of a ZeRO-3 generate
 
@@ -547,7 +599,7 @@ def main():
         state_dict = actor._zero3_consolidated_16bit_state_dict() if args.zero_stage == 3 else None  # all ranks join
         if master_process:
             os.makedirs(path, exist_ok=True)
-            actor.module.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+            lora.save_pretrained(actor.module, path, state_dict, args.save_adapter_only)  # LoRA: merged by default
             actor_tok.save_pretrained(path)
             with open(os.path.join(path, "arguments.json"), "w") as f:
                 json.dump(vars(args), f, indent=2, default=str)

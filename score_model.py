@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lora
 from checkpoint import check_finite, check_model_folder, interrupted, prepare_output, publish, weights_finite
 from data import PreferenceDataset, SafetyPreferenceDataset, add_pad_token, load_tokenizer, parse_dataset
 from kernels import end_scores
@@ -210,10 +211,8 @@ class ScoreModel(nn.Module):
             end, scores = (self.normalizer.normalize(x, self.score_type) for x in (end, scores))
         return ScoreOutput(end_scores=end, scores=scores)
 
-    def save_pretrained(self, path, state_dict=None, max_shard_size="5GB"):
-        """config.json (the backbone's + score fields) and safetensors; pass the gathered state_dict under ZeRO-3."""
-        from huggingface_hub import save_torch_state_dict
-
+    def save_config(self, path):
+        """config.json: the backbone's config + the score fields (alone in a LoRA adapter folder, see lora.py)."""
         n = self.normalizer
         self.config.update({"score_dim": self.score_head.out_features, "score_bias": self.score_head.bias is not None,
                             "score_type": self.score_type, "do_normalize": self.do_normalize,
@@ -221,6 +220,12 @@ class ScoreModel(nn.Module):
                             "mean": n.mean.tolist(), "var": n.var.tolist()})
         self.config.architectures = [type(self.model).__name__.removesuffix("Model") + "ForScore"]
         self.config.save_pretrained(path)
+
+    def save_pretrained(self, path, state_dict=None, max_shard_size="5GB"):
+        """config.json (the backbone's + score fields) and safetensors; pass the gathered state_dict under ZeRO-3."""
+        from huggingface_hub import save_torch_state_dict
+
+        self.save_config(path)
         state_dict = {k: v.contiguous() for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
         # safetensors wants each tensor to own its storage; ZeRO-3's gathered ones can be views of a shared buffer
         state_dict = {k: v if v.untyped_storage().nbytes() == v.nbytes else v.clone() for k, v in state_dict.items()}
@@ -233,6 +238,8 @@ class ScoreModel(nn.Module):
         from transformers import AutoConfig, AutoModel
         from transformers.utils import logging as hf_logging
 
+        if lora.adapter_base(path) is not None:  # a LoRA adapter folder (lora.py): its base with the adapter folded in
+            return cls._from_adapter(path, dtype, **overrides)
         config = AutoConfig.from_pretrained(path, trust_remote_code=overrides.get("trust_remote_code", False))
         extra = head_tensors(path)
         is_score = "score_head.weight" in extra
@@ -262,6 +269,30 @@ class ScoreModel(nn.Module):
             for k, v in (state | extra).items():
                 if k in own:  # Beaver's count is 0-d, ours (1,)
                     own[k].copy_(v.reshape(own[k].shape))
+        return model
+
+    @classmethod
+    def _from_adapter(cls, path, dtype=None, **overrides) -> "ScoreModel":
+        """A score model's adapter folder: its base (ours, Beaver's, a causal LM, another adapter folder) with the
+        adapter and the trained head folded in, and the saved score fields. A causal LM's: its backbone, a new head."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        names = ("score_dim", "score_bias", "score_type", "do_normalize", "normalizer_type", "momentum")
+        if not (Path(path) / "config.json").is_file():  # sft.py --save_adapter_only: no score fields, no head
+            fields = {k: overrides.pop(k) for k in names if k in overrides}
+            lm = lora.from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=dtype, **overrides)
+            model = cls(lm.base_model, **fields)
+            print(f"{path} has no score head: a new {model.score_head.out_features} x {lm.config.hidden_size} one")
+            return model
+        saved = json.loads((Path(path) / "config.json").read_text())  # ScoreModel.save_config's fields
+        fields = {k: saved[k] for k in names if saved.get(k) is not None}
+        model = cls.from_pretrained(lora.adapter_base(path), dtype, **{**fields, **overrides})
+        model = PeftModel.from_pretrained(model, path).merge_and_unload().requires_grad_(True)
+        with torch.no_grad():  # the statistics the normaliser had when the adapter was saved
+            for k in ("mean", "var"):
+                if saved.get(k) is not None:
+                    getattr(model.normalizer, k).copy_(torch.tensor(saved[k]))
         return model
 
 
@@ -297,6 +328,8 @@ def main():
     # model
     add("--model_name_or_path", required=True, help="init: an SFT model folder (new head) or a score model")
     add("--trust_remote_code", action="store_true", help="allow custom model code from the folder/hub")
+    lora.add_arguments(parser)
+    add("--save_adapter_only", action="store_true", help="save the LoRA adapter folder (+ head), not merged")
     add("--score_type", choices=["reward", "cost"], required=True, help="train a reward or a cost model")
     add("--normalizer_type", choices=["RunningMeanStd", "ExponentialMovingAverage"], help="track end-score statistics")
     add("--normalizer_momentum", type=float, default=0.9, help="ExponentialMovingAverage momentum")
@@ -350,6 +383,9 @@ def main():
     if not (0 <= args.regularization < math.inf and 0 <= args.normalizer_momentum <= 1):
         parser.error("--regularization must be finite and >= 0 (the anchor skips a negative one), "
                      "--normalizer_momentum in [0, 1]")
+    lora.check_arguments(parser, args)
+    if args.save_adapter_only and not args.lora_rank:
+        parser.error("--save_adapter_only saves a LoRA adapter: pass --lora_rank > 0")
     # a missing or broken model stops here, before any process group, folder or data; a causal LM (new head) and a
     # score model (its head kept) are both fine
     check_model_folder(args.model_name_or_path, "any", "--model_name_or_path")
@@ -360,7 +396,7 @@ def main():
     if not sys.stdout.isatty():
         hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars in log files
     try:  # a config.json that transformers cannot read (an unknown model_type, remote code not allowed, ...)
-        AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        AutoConfig.from_pretrained(lora.root_model(args.model_name_or_path), trust_remote_code=args.trust_remote_code)
     except Exception as e:
         raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path!r}: its config does not load "
                          f"({type(e).__name__}: {e}); pass a Hugging Face model folder") from None
@@ -426,14 +462,19 @@ def main():
                                        score_type=args.score_type, do_normalize=False,  # the loop normalises
                                        normalizer_type=args.normalizer_type, momentum=args.normalizer_momentum,
                                        trust_remote_code=args.trust_remote_code)
+    if args.save_adapter_only and tokenizer.pad_token is None:  # the new pad row would live outside the adapter
+        raise SystemExit("error: --save_adapter_only: the tokenizer has no pad token, so the embeddings grow by one "
+                         "row that an adapter folder cannot carry; save merged (drop the flag) or add a pad token")
     add_pad_token(tokenizer, model.model)
     model.config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; biases and norm gains do not
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    if args.lora_rank:  # the backbone frozen with adapters; the head trained whole (a copy: see lora.py)
+        model = lora.add_lora(model, args, "", args.model_name_or_path, modules_to_save=["score_head"])
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]  # matrices decay; biases, norms not
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95))  # none empty
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_lambda(step, total_steps, warmup_steps, args.lr_scheduler_type))
     with open(args.ds_config) as f:
@@ -497,9 +538,10 @@ def main():
         zero3 = args.zero_stage == 3
         state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
         if master_process:
-            engine.module.do_normalize = args.normalize_score_during_training  # saved for inference (see the loop)
-            engine.module.save_pretrained(path, state_dict=state_dict)
-            engine.module.do_normalize = False
+            module = engine.module.get_base_model() if args.lora_rank else engine.module  # the ScoreModel
+            module.do_normalize = args.normalize_score_during_training  # saved for inference (see the loop)
+            lora.save_pretrained(engine.module, path, state_dict, args.save_adapter_only)  # LoRA: merged by default
+            module.do_normalize = False
             tokenizer.save_pretrained(path)
             if args.plot_histogram and eval_pairs:
                 plot_scores(Path(path) / "score_histogram.png", *eval_pairs, score_type=args.score_type)

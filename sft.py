@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+import lora
 from checkpoint import check_finite, check_model_folder, interrupted, prepare_output, publish, weights_finite
 from data import IGNORE_INDEX, SupervisedDataset, add_pad_token, load_tokenizer, parse_dataset
 from kernels import cross_entropy
@@ -73,6 +74,8 @@ def main():
     # model
     parser.add_argument("--model_name_or_path", required=True, help="HF model folder or hub id")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the folder/hub")
+    lora.add_arguments(parser)
+    parser.add_argument("--save_adapter_only", action="store_true", help="save the LoRA adapter folder, not merged")
     # optimisation
     parser.add_argument("--epochs", type=int, default=3, help="passes over the train set")
     parser.add_argument(
@@ -119,6 +122,9 @@ def main():
         parser.error("--lr must be finite and > 0, --lr_warmup_ratio in [0, 1], --weight_decay finite and >= 0")
     if args.max_steps is not None and args.max_steps < 1 or args.eval_interval < 0 or args.save_interval < 0:
         parser.error("--max_steps must be >= 1, --eval_interval and --save_interval >= 0")
+    lora.check_arguments(parser, args)
+    if args.save_adapter_only and not args.lora_rank:
+        parser.error("--save_adapter_only saves a LoRA adapter: pass --lora_rank > 0")
     check_model_folder(args.model_name_or_path, "causal_lm", "--model_name_or_path")  # before any process group
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -195,19 +201,28 @@ def main():
 
     # model, optimizer, engine
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path, dtype=dtype, trust_remote_code=args.trust_remote_code
+    model = lora.from_pretrained(  # an adapter folder: its base with the adapter folded in
+        AutoModelForCausalLM.from_pretrained,
+        args.model_name_or_path,
+        dtype=dtype,
+        trust_remote_code=args.trust_remote_code,
     )
+    if args.save_adapter_only and tokenizer.pad_token is None:  # the new pad row would live outside the adapter
+        raise SystemExit("error: --save_adapter_only: the tokenizer has no pad token, so the embeddings grow by one "
+                         "row that an adapter folder cannot carry; save merged (drop the flag) or add a pad token")
     add_pad_token(tokenizer, model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; biases and norm gains do not
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    if args.lora_rank:  # the base frozen; the optimizer sees the adapters only
+        model = lora.add_lora(model, args, "", args.model_name_or_path)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]  # matrices decay; biases, norms not
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [g for g in groups if g["params"]],  # adapters alone have no 1-d group: an empty one trips the scheduler
         lr=args.lr,
         betas=(0.9, 0.95),
     )
@@ -280,7 +295,7 @@ def main():
             engine._zero3_consolidated_16bit_state_dict() if args.zero_stage == 3 else engine.module.state_dict()
         )
         if master_process:
-            engine.module.save_pretrained(path, state_dict=state_dict)
+            lora.save_pretrained(engine.module, path, state_dict, args.save_adapter_only)  # LoRA: merged by default
             tokenizer.save_pretrained(path)
             with open(Path(path) / "arguments.json", "w") as f:
                 json.dump(vars(args), f, indent=2)
