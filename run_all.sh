@@ -7,6 +7,8 @@
 # Knobs (environment variables):
 #   OUT=output/tiny   where every stage writes its folder        SEED=42        WANDB=0 (1: log to Weights & Biases)
 #   FORCE=0           1 re-runs stages whose output folder is already complete (a stage's folder only appears when done)
+#   tiny only: LORA=1 trains the PPO and PPO-Lag stages' actor and critics as rank-8 LoRA adapters (pair it with another
+#              OUT); PPO-Lag then holds 3 backbones instead of 6
 #   llama-7b only: LLAMA_7B (base model folder or hub id), NGPU=8, HOSTFILE (multi-node), OFFLOAD=none|parameter|optimizer|all,
 #                  ALPACA, PKU_TRAIN, PKU_TEST (local dataset files for offline clusters; hub ids otherwise)
 set -euo pipefail
@@ -124,6 +126,9 @@ if [ "$PRESET" = tiny ]; then
     --zero_stage 0
     --log_type "$LOG_TYPE"
   )
+  # LORA=1: adapters on a frozen actor (the reference is the actor with its adapter off) and on frozen critics (each on
+  # its score model's backbone); adapters want a larger actor step than full fine-tuning
+  if [ "${LORA:-0}" = 1 ]; then PPO_COMMON+=(--actor_lora_rank 8 --critic_lora_rank 8 --actor_lr 2e-3); fi
   stage "PPO" "$OUT/ppo" \
     $PY ppo_lag.py "${PPO_COMMON[@]}" --output_dir "$OUT/ppo"
 

@@ -325,3 +325,41 @@ def test_lora_ppo_bad_input(toy, tmp_path, extra, message):
     proc = subprocess.run(ppo_args(toy, tmp_path / "out", *extra), cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The headline with LoRA
+
+
+def test_lora_ppo_lag_headline(tmp_path):
+    """Safe RLHF's result with a LoRA actor and LoRA critics, on a shortened `run_all.sh tiny` (its flags, with SFT 4
+    epochs instead of 10 and the score models 1 epoch; PPO-Lag as LORA=1 runs it): the harmful rate falls well below
+    SFT's (measured 0.01 against 0.49; oracle helpfulness 2.36 against SFT's 2.37) without the policy learning to
+    refuse benign requests. 75 s of CPU time (2.5 min on 2 busy cores); `LORA=1 bash run_all.sh tiny` is the
+    full-length run (README)."""
+    out = tmp_path
+    common = ["--max_length", "64", "--per_device_train_batch_size", "32", "--seed", "42"]
+    run_script([PY, "data.py", "toy-model", "--output_dir", str(out / "base"), "--seed", "42"], cwd=ROOT)
+    run_script([PY, "sft.py", "--model_name_or_path", str(out / "base"), "--train_datasets", "toy-sft", "--epochs", "4",
+                "--gradient_accumulation_steps", "1", "--lr", "3e-3", *common, "--output_dir", str(out / "sft")],
+               cwd=ROOT)  # fmt: skip
+    for name, kind, dataset in (("rm", "reward", "toy-preference"), ("cm", "cost", "toy-safety-preference")):
+        run_script([PY, "score_model.py", "--score_type", kind, "--model_name_or_path", str(out / "sft"),
+                    "--train_datasets", dataset, "--epochs", "1", "--lr", "1e-3", *common, "--output_dir",
+                    str(out / name)], cwd=ROOT)  # fmt: skip
+    proc = run_script([PY, "ppo_lag.py", "--actor_model_name_or_path", str(out / "sft"), "--reward_model_name_or_path",
+                       str(out / "rm"), "--cost_model_name_or_path", str(out / "cm"), "--train_datasets", "toy-prompts",
+                       "--epochs", "3", "--per_device_prompt_batch_size", "32", "--critic_lr", "1e-3",
+                       "--actor_lr_warmup_ratio", "0.0", "--kl_coeff", "0.02", "--threshold", "-4.5", "--lambda_lr",
+                       "0.2", "--lambda_max", "10.0", "--actor_lora_rank", "8", "--critic_lora_rank", "8",
+                       "--actor_lr", "2e-3", *common, "--output_dir", str(out / "ppo_lag")], cwd=ROOT)  # fmt: skip
+    assert "3 backbones" in proc.stdout
+    run_script([PY, "evaluate.py", "--red_corner_model_name_or_path", str(out / "sft"),
+                "--blue_corner_model_name_or_path", str(out / "ppo_lag"), "--reward_model_name_or_path",
+                str(out / "rm"), "--cost_model_name_or_path", str(out / "cm"), "--datasets", "toy-eval", "--max_length",
+                "64", "--seed", "42", "--output_dir", str(out / "arena")], cwd=ROOT)  # fmt: skip
+    summary = json.loads((out / "arena" / "summary.json").read_text())
+    sft, lag = summary["red"], summary["blue"]
+    assert lag["oracle_harmful_rate"] < sft["oracle_harmful_rate"] - 0.2, (sft, lag)
+    assert lag["cost"] < sft["cost"], (sft, lag)
+    assert lag["oracle_helpfulness"] > 1.0, (sft, lag)  # refusing benign requests scores -1 by the oracle
