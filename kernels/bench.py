@@ -176,6 +176,177 @@ def peak_memory_in_subprocess(job, threads):
     return int(out.stdout.strip().splitlines()[-1])
 
 
+# ----------------------------------------------------------------------------------------------------------
+# --ppo_memory: the peak memory of one PPO-Lag step of ppo_lag.py, full fine-tuning against LoRA.
+
+
+def ppo_step_memory(spec: dict) -> dict:
+    """Build ppo_lag.py's models at a Llama shape with random weights, as it does (DeepSpeed engines at ZeRO-0,
+    torch AdamW, gradient checkpointing): six backbones (actor, ref, reward and cost models, two critics), or with
+    LoRA three (actor + ref; each score model + its critic); then run one PPO-Lag step: 1) rollout of a prompt batch,
+    2) old and reference log-probs, reward, cost and both critics' values, 3) GAE, 4) one PPO micro-batch for the
+    actor and each critic (forward, backward, optimizer step: Adam's states appear here). Returns bytes: the memory
+    the models hold once built, and the peak of each phase, all above what the process held before building them."""
+    import argparse as ap
+
+    import deepspeed
+    from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+
+    import lora
+    from ppo_lag import actor_loss_fn, adapter_off, critic_loss_fn, kl_shaped_rewards
+    from score_model import ScoreModel
+
+    device, rank = torch.device(spec["device"]), spec["lora_rank"]
+    gpu, dtype = device.type == "cuda", DTYPES[spec["dtype"]]
+    H, layers, V = spec["hidden"], spec["layers"], spec["vocab"]
+    config = LlamaConfig(hidden_size=H, num_hidden_layers=layers, vocab_size=V, intermediate_size=spec["intermediate"],
+                         num_attention_heads=max(1, H // 128), num_key_value_heads=max(1, H // 128),
+                         max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config.use_cache = True  # generation uses the KV cache; training forwards pass use_cache=False
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+    with open(Path(__file__).resolve().parent.parent / "ds_config.json") as f:
+        base_config = json.load(f)
+    B, P, L, mb = spec["prompts"], spec["prompt_len"], spec["new_tokens"], spec["micro_batch"]
+    base_config.update(train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=1, train_batch_size=mb,
+                       bf16={"enabled": dtype == torch.bfloat16}, zero_force_ds_cpu_optimizer=False)
+    lora_args = ap.Namespace(**{f"{who}_lora_{k}": v for who in ("actor", "critic")
+                                for k, v in (("rank", rank), ("alpha", 16.0), ("dropout", 0.0),
+                                             ("target_modules", ["all-linear"]))})  # fmt: skip
+
+    def now():
+        return torch.cuda.memory_allocated(device) if gpu else _proc_status("VmRSS")
+
+    def reset_peak():
+        if gpu:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak():
+        return torch.cuda.max_memory_allocated(device) if gpu else _proc_status("VmHWM")
+
+    def engine(model, train):
+        if not train:
+            model.requires_grad_(False)
+            return deepspeed.initialize(model=model, config=base_config)[0]
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        return deepspeed.initialize(model=model, optimizer=opt, config=base_config)[0]
+
+    def lm():
+        with device:
+            return LlamaForCausalLM._from_config(config, dtype=dtype)
+
+    def score_model(score_type):
+        with device:
+            return ScoreModel(AutoModel.from_config(config, dtype=dtype), score_type=score_type)
+
+    torch.manual_seed(0)
+    reset_peak()
+    before = now()
+    actor_model = lm()
+    actor_model.gradient_checkpointing_enable()
+    if rank:
+        actor_model = lora.add_lora(actor_model, lora_args, "actor_", "random")
+    actor = engine(actor_model, train=True)
+    ref = adapter_off(actor, actor.module) if rank else engine(lm(), train=False)
+    critics, scorers = {}, {}
+    for name in ("reward", "cost"):
+        critic_model = score_model(name if rank else "critic")
+        critic_model.gradient_checkpointing_enable()
+        if rank:
+            critic_model = lora.add_lora(critic_model, lora_args, "critic_", "random", modules_to_save=["score_head"])
+        critics[name] = engine(critic_model, train=True)
+        scorers[name] = adapter_off(critics[name], critics[name].module) if rank else engine(score_model(name), False)
+    models = [actor, *critics.values()] + ([] if rank else [ref, *scorers.values()])
+    out = {"params": sum(p.numel() for m in models for p in m.module.parameters()),
+           "trained": sum(p.numel() for m in models for p in m.module.parameters() if p.requires_grad),
+           "backbones": len(models), "built": now() - before, "optimizer": type(actor.optimizer).__name__}
+
+    def logp(model, seq, mask):
+        logits = model(input_ids=seq, attention_mask=mask, use_cache=False).logits
+        return logprobs(logits[:, P - 1 : -1], seq[:, P:])
+
+    prompts = torch.randint(3, V, (B, P), device=device)
+    for phase in ("rollout", "score", "actor", "critics"):
+        reset_peak()
+        if phase == "rollout":
+            actor.eval()
+            with torch.no_grad():
+                seq = actor.module.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                                            max_new_tokens=L, min_new_tokens=L, pad_token_id=0)
+            mask, response = torch.ones_like(seq), torch.ones(B, L, device=device)
+        elif phase == "score":
+            with torch.no_grad():
+                old_logp, ref_logp = logp(actor, seq, mask), logp(ref, seq, mask)
+                ret, adv = {}, {}
+                for name, sign in (("reward", 1.0), ("cost", -1.0)):
+                    end = scorers[name](seq, mask).end_scores[:, 0].float()
+                    values = critics[name](seq, mask).scores[:, P - 1 : -1, 0]
+                    rewards = kl_shaped_rewards(end, old_logp, ref_logp, response, 0.01, 50.0, sign)
+                    adv[name], ret[name] = gae(rewards, values, response, 1.0, 0.95)
+                    ret[name] = (ret[name], values)
+        elif phase == "actor":
+            actor.train()
+            loss, _ = actor_loss_fn(logp(actor, seq[:mb], mask[:mb]), old_logp[:mb], adv["reward"][:mb],
+                                    response[:mb], 0.2)
+            actor.backward(loss)
+            actor.step()
+        else:
+            for name, critic in critics.items():
+                critic.train()
+                values = critic(seq[:mb], mask[:mb]).scores[:, P - 1 : -1, 0]
+                returns, old_values = ret[name]
+                critic.backward(critic_loss_fn(values, old_values[:mb], returns[:mb], response[:mb], 5.0))
+                critic.step()
+        out[phase] = peak() - before
+    out["after"] = now() - before
+    return out
+
+
+def ppo_memory(args) -> None:
+    """Print the PPO-Lag step memory table: full fine-tuning and LoRA, each in a fresh process."""
+    gpu = args.device == "cuda"
+    shape = dict(hidden=4096, layers=32, intermediate=11008, vocab=32000, prompts=16, prompt_len=256, new_tokens=256,
+                 micro_batch=16, dtype="bf16") if args.ppo_shape == "7b" else dict(
+        hidden=512, layers=4, intermediate=1376, vocab=8000, prompts=8, prompt_len=64, new_tokens=64, micro_batch=8,
+        dtype="bf16")  # fmt: skip
+    how = ("torch.cuda.max_memory_allocated, tensors only" if gpu else
+           "process RSS high-water mark (VmHWM) above the RSS before building, glibc mmap threshold 1 MiB")
+    print(f"# one PPO-Lag step of ppo_lag.py (DeepSpeed ZeRO-0, {shape['dtype']}, torch AdamW, gradient checkpointing) "
+          f"on {torch.cuda.get_device_name() if gpu else 'CPU'}; Llama shape hidden {shape['hidden']}, "
+          f"{shape['layers']} layers, intermediate {shape['intermediate']}, vocab {shape['vocab']}; rollout "
+          f"{shape['prompts']} prompts x ({shape['prompt_len']} + {shape['new_tokens']} new) tokens, PPO micro-batch "
+          f"{shape['micro_batch']}; LoRA: rank {args.ppo_lora_rank} on every linear layer of actor and critics; "
+          f"memory: {how}; GB = 1e9 bytes")  # fmt: skip
+    cols = ("built", "rollout", "score", "actor", "critics")
+    print("# built: the models once built; arithmetic: 2 bytes a weight (bf16) + 12 a trained one (DeepSpeed's fp32 "
+          "master copy and Adam's two moments); each phase: its peak")
+    print(f"{'run':<10} {'backbones':>9} {'params':>14} {'trained':>14} {'arithmetic GB':>13} "
+          + " ".join(f"{c + ' GB':>11}" for c in cols) + f" {'peak GB':>9}  optimizer")
+    for rank in (0, args.ppo_lora_rank):
+        spec = {**shape, "device": args.device, "lora_rank": rank}
+        cmd = [sys.executable, __file__, "--ppo_worker", json.dumps(spec)]
+        env = {**os.environ, "TRITON_INTERPRET": "0", "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        name = "full" if rank == 0 else f"LoRA r={rank}"
+        if proc.returncode != 0:
+            oom = "OutOfMemoryError" in proc.stderr or "out of memory" in proc.stderr
+            print(f"{name:<10} {'out of memory' if oom else 'failed: ' + proc.stderr.strip().splitlines()[-1]}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        phases = " ".join(f"{r[c] / 1e9:11.2f}" for c in cols)
+        top, arithmetic = max(r[c] for c in cols), 2 * r["params"] + 12 * r["trained"]
+        print(f"{name:<10} {r['backbones']:>9} {r['params']:>14,} {r['trained']:>14,} {arithmetic / 1e9:13.2f} "
+              f"{phases} {top / 1e9:9.2f}  {r['optimizer']}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="shrunken shapes (a minute on a 2-core CPU)")
@@ -183,7 +354,17 @@ def main():
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 20 GPU, 3+ CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 is steadier when busy)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one CPU measurement
+    p.add_argument("--ppo_memory", action="store_true", help="instead: peak memory of one PPO-Lag step, full vs LoRA")
+    p.add_argument("--ppo_shape", choices=["small", "7b"], default=None, help="--ppo_memory: default 7b GPU, small CPU")
+    p.add_argument("--ppo_lora_rank", type=int, default=8, help="--ppo_memory: LoRA rank of actor and critics")
+    p.add_argument("--ppo_worker", default=None, help=argparse.SUPPRESS)  # internal: one PPO-Lag step
     args = p.parse_args()
+    if args.ppo_worker:
+        print(json.dumps(ppo_step_memory(json.loads(args.ppo_worker))))
+        return
+    if args.ppo_memory:
+        args.ppo_shape = args.ppo_shape or ("7b" if args.device == "cuda" else "small")
+        return ppo_memory(args)
     gpu = args.device == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
