@@ -27,7 +27,7 @@ PEFT_PREFIX = "base_model.model."  # peft's name for the wrapped model inside a 
 
 
 def add_arguments(parser, prefix: str = "") -> None:
-    who = f" of the {prefix.rstrip('_')}" if prefix else ""
+    who = {"actor_": " of the actor", "critic_": " of both critics"}.get(prefix, "")
     add = parser.add_argument
     add(f"--{prefix}lora_rank", type=int, default=0, help=f"LoRA rank r{who} (0: full fine-tuning)")
     add(f"--{prefix}lora_alpha", type=float, default=16.0, help="LoRA scale alpha: the update is (alpha / r) * B A")
@@ -47,7 +47,7 @@ def check_arguments(parser, args, prefix: str = "") -> None:
 # Wrapping a model
 
 
-def target_modules(model, names: list[str], exclude: list[str]) -> list[str]:
+def target_modules(model, names: list[str], exclude: list[str], flag: str = "--lora_target_modules") -> list[str]:
     """all-linear -> the leaf names of every linear layer (nn.Linear, or GPT-2's Conv1D) but the output head and
     `exclude` (a score head); other names are checked to exist, so a typo stops the run before training."""
     import torch
@@ -59,7 +59,7 @@ def target_modules(model, names: list[str], exclude: list[str]) -> list[str]:
     if names == ["all-linear"]:
         return sorted(linear)
     if unknown := set(names) - linear:
-        raise SystemExit(f"error: --lora_target_modules {' '.join(sorted(unknown))}: no such linear layer in "
+        raise SystemExit(f"error: {flag} {' '.join(sorted(unknown))}: no such linear layer in "
                          f"{type(model).__name__}; it has {' '.join(sorted(linear))} (or pass all-linear)")
     return names
 
@@ -72,7 +72,8 @@ def add_lora(model, args, prefix: str, base_path: str, modules_to_save: list[str
     get = lambda k: getattr(args, f"{prefix}lora_{k}")  # noqa: E731
     causal = hasattr(model, "generate")  # PeftModelForCausalLM keeps generate(); a ScoreModel needs no task type
     config = LoraConfig(r=get("rank"), lora_alpha=get("alpha"), lora_dropout=get("dropout"),
-                        target_modules=target_modules(model, get("target_modules"), modules_to_save or []),
+                        target_modules=target_modules(model, get("target_modules"), modules_to_save or [],
+                                                      f"--{prefix}lora_target_modules"),
                         modules_to_save=modules_to_save, task_type="CAUSAL_LM" if causal else None)
     model = get_peft_model(model, config)
     # the adapter folder names the folder it was trained from: absolute, so it loads from any working directory
