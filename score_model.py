@@ -384,7 +384,9 @@ def main():
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     torch.manual_seed(args.seed)
-    print0 = print if master_process else (lambda *a, **k: None)
+    def print0(*a, **k):
+        if master_process:
+            print(*a, **k, flush=True)
     partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
     if master_process:  # lock <output_dir>, check it can be written, recover an interrupted swap: before slow work
         partial = prepare_output(args.output_dir, vars(args))
@@ -417,7 +419,8 @@ def main():
     steps_per_epoch = len(train_loader) // accum
     total_steps = args.epochs * steps_per_epoch
     total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    warmup_steps = math.ceil(args.lr_warmup_ratio * total_steps)
+    # as transformers' schedulers (the anchor's): int(ratio * steps) warm-up steps, none for "constant"
+    warmup_steps = 0 if args.lr_scheduler_type == "constant" else int(args.lr_warmup_ratio * total_steps)
     print0(f"train {len(train_dataset):,} pairs, eval {len(eval_dataset or []):,} | global batch {global_batch} = "
            f"{micro} x {accum} accum x {world_size} ranks | {total_steps} steps, {warmup_steps} warmup")
 
