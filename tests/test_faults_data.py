@@ -230,7 +230,8 @@ def test_failing_judge_keeps_the_arena_and_writes_no_summary(toy, tmp_path):
     assert line.endswith(f"; the arena without the judge is in {out / 'arena.csv'}")
     assert server.requests <= 4  # stopped at the first request that kept failing, not after all 2 x 2 x 7 of them
     rows = (out / "arena.csv").read_text().splitlines()
-    assert rows[0] == "prompt,red_answer,blue_answer" and len(rows) == 1 + 7  # toy-eval:0.02: 7 distinct prompts
+    header = "prompt,red_answer,red_truncated,blue_answer,blue_truncated"
+    assert rows[0] == header and len(rows) == 1 + 7  # toy-eval:0.02: 7 distinct prompts
     assert not (out / "summary.json").exists() and not list(out.glob("*.tmp"))
 
 
