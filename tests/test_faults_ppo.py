@@ -76,21 +76,25 @@ def test_non_finite_stops_without_saving(ppo_models, tmp_path, extra, quantity):
     (["--lambda_lr", "-0.1"], "--lambda_lr"),
     (["--offload", "optimizer"], "--offload"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
-    (["--actor_lr", "-1e-5"], "--actor_lr"),
+    (["--actor_lr", "-0.001"], "--actor_lr must be >= 0"),  # (argparse reads "-1e-5" as a flag)
     (["--critic_lr", "inf"], "--critic_lr"),
     (["--lambda_max", "0"], "--lambda_max"),
     (["--temperature", "0"], "--temperature"),
     (["--num_return_sequences", "0"], "--num_return_sequences"),
     (["--gradient_accumulation_steps", "3"], "--gradient_accumulation_steps"),  # case 2: 2 micro-batches a rollout
 ])  # fmt: skip
-def test_bad_flags_stop_at_parsing(ppo_models, tmp_path, extra, message):
-    """Cases 2 and 10: each used to be accepted (a NaN lambda, an actor that never stepped) or crash late."""
+def test_bad_flags_stop_at_parsing(ppo_models, tmp_path, capsys, monkeypatch, extra, message):
+    """Cases 2 and 10: each used to be accepted (a NaN lambda, an actor that never stepped) or crash late. The checks
+    run before any engine, model or folder exists, so main() runs in-process here (fast): exit 2, one line."""
+    import ppo_lag
+
     out = tmp_path / "out"
-    proc = run(ppo(ppo_models, out, *extra), timeout=120)
-    line = error_line(proc)
-    assert message in line, line
-    assert "Loading weights" not in proc.stderr + proc.stdout and not out.exists()
-    assert not (tmp_path / "out.partial").exists()
+    monkeypatch.setattr(sys, "argv", [str(a) for a in ppo(ppo_models, out, *extra)[1:]])
+    with pytest.raises(SystemExit) as stop:
+        ppo_lag.main()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ppo_lag.py: error:")]
+    assert stop.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not out.exists() and not (tmp_path / "out.partial").exists() and not (tmp_path / "out.lock").exists()
 
 
 def test_accumulation_ends_each_rollout_on_a_boundary(ppo_models, tmp_path):
@@ -110,8 +114,14 @@ def test_accumulation_ends_each_rollout_on_a_boundary(ppo_models, tmp_path):
     ("--cost_model_name_or_path", "base", "causal LM"),
     ("--actor_model_name_or_path", "rm", "score model"),
 ])  # fmt: skip
-def test_wrong_kind_of_model_is_refused(ppo_models, tmp_path, role, path, expected):
+def test_wrong_kind_of_model_is_refused(ppo_models, tmp_path, monkeypatch, role, path, expected):
     """Case 3: a causal LM as the reward/cost model used to be scored through a random head; a score model as the
-    actor got a random lm_head."""
-    line = error_line(run(ppo(ppo_models, tmp_path / "out", role, ppo_models / path), timeout=120))
-    assert expected in line and role in line, line
+    actor got a random lm_head. The check runs before any engine exists: in-process here."""
+    import ppo_lag
+
+    monkeypatch.setattr(sys, "argv", [str(a) for a in ppo(ppo_models, tmp_path / "out", role, ppo_models / path)[1:]])
+    with pytest.raises(SystemExit) as stop:
+        ppo_lag.main()
+    line = str(stop.value.code)
+    assert line.startswith("error:") and "\n" not in line and expected in line and role in line, line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.lock").exists()
