@@ -1,7 +1,7 @@
 # Two commands do all the set-up: `make demo` and `make test`. Both create .venv when it is missing.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?= -q
+PYTEST_ARGS ?= -q -rs
 
 .PHONY: demo test bench clean
 

@@ -1,6 +1,6 @@
 """The output-folder protocol shared by sft.py, score_model.py, ppo_lag.py and evaluate.py: a run never leaves a
-half-written or non-finite model at --output_dir, never destroys the previous good one, and two runs never write
-into the same folder.
+half-written or non-finite model at --output_dir, never destroys the previous good one, two runs never write into the
+same folder, and a killed run continues from its last checkpoint when the same command is run again.
 
 A run writing OUT uses three siblings of it:
     OUT.lock      {pid, host, started, argv}: held from prepare_output to the end of the process
@@ -9,7 +9,7 @@ A run writing OUT uses three siblings of it:
     OUT.old       the previous OUT, only during the swap
 The protocol:
  1. prepare_output (master, at start-up, before any slow work): make the parent folder, take the lock (writing it
-    is also the check that OUT can be written), recover what a killed run left (below), return an empty OUT.partial.
+    is also the check that OUT can be written), recover what a killed run left (below), return OUT.partial.
  2. The stage checks its metrics at each log step (check_finite) and its weights before each save (weights_finite),
     saves into OUT.partial, arguments.json last.
  3. publish: rename OUT -> OUT.old, rename OUT.partial -> OUT, delete OUT.old. Each rename is atomic, so a kill at
@@ -20,8 +20,19 @@ What a re-run recovers, under the lock, before it starts (the states a kill duri
     OUT.partial complete        a finished run whose swap did not happen or did not finish: publish it
     OUT.old, OUT complete       the swap finished but for deleting OUT.old: delete it
     OUT.old, no OUT             the swap stopped between its renames and the new model is not whole: OUT.old -> OUT
-    OUT.partial not complete    a killed run's leftovers: deleted (no stage resumes from them yet)
+    OUT.partial not complete    a killed run's leftovers: its resumable checkpoints and logs are kept when the run
+                                resumes (--resume_from_checkpoint auto or PATH), the rest is deleted
 A complete model is deleted only by the swap that puts a newer complete one in its place.
+
+Resume (issue 12; /work/briefs/resume_api.md is the contract). `--save_interval N` writes, on every rank,
+OUT.partial/checkpoint-<step>.tmp/ and renames it to checkpoint-<step>/ once whole:
+    deepspeed/<name>/        each trained engine's DeepSpeed checkpoint: weights, optimizer, LR scheduler, ZeRO shards
+    rng_state_<rank>.pth     the python, numpy, torch and CUDA generators of each rank
+    loop_state.json          the loop's position and state (step, epoch, position in the epoch, lambda, windows...)
+    the HF model files       so an intermediate policy can be evaluated or chatted with
+    arguments.json           last: the completeness marker
+A re-run finds the newest one (find_resume), refuses when a flag that changes the result differs or the world size
+does, restores engines, RNG and loop state (load_checkpoint) and continues where the checkpoint was taken.
 """
 
 import atexit
@@ -29,6 +40,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -38,7 +50,7 @@ import zipfile
 from pathlib import Path
 from typing import NoReturn
 
-RERUN_HINT = "re-run the same command to start again"  # the resume issue turns this into "... to resume"
+RERUN_HINT = "re-run the same command to resume"
 
 
 def _master() -> bool:
@@ -154,9 +166,28 @@ def _recover(out: Path, partial: Path, old: Path) -> None:
             print(f"restored {out} from {old}: an interrupted swap had moved it aside")
 
 
-def prepare_output(output_dir: str, args_dict: dict | None = None) -> Path:
+def _clean(partial: Path, keep: bool) -> None:
+    """Delete what a killed run left in `partial`. With `keep` (resuming) and a resumable checkpoint there, only the
+    unfinished parts go (*.tmp, folders without arguments.json, a half-written final model's files); the complete
+    folders (checkpoints, score_model.py's --save_best copy best-<step>/), metrics.jsonl and tensorboard/ stay."""
+    if not partial.exists():
+        return
+    saved = checkpoints(partial)
+    if saved and not keep:
+        print(f"discarding {len(saved)} checkpoint(s) in {partial} (--resume_from_checkpoint none): starting over")
+    if not (keep and saved):
+        shutil.rmtree(partial)
+        return
+    for path in partial.iterdir():
+        whole = path.is_dir() and is_complete(path) and not path.name.endswith(".tmp")
+        if not whole and path.name not in ("metrics.jsonl", "tensorboard"):
+            _delete(path)
+
+
+def prepare_output(output_dir: str, args_dict: dict | None = None, resume: str = "none") -> Path:
     """Master only, at start-up: check that output_dir can be written, lock it, recover an interrupted swap, and
-    return the empty `<output_dir>.partial` the run writes into."""
+    return the `<output_dir>.partial` the run writes into: empty, or, when `resume` is "auto" or a path (a stage's
+    --resume_from_checkpoint), holding only the killed run's resumable checkpoints and its logs."""
     out, partial, old, lock = _paths(output_dir)
     try:
         if out.exists() and not out.is_dir():
@@ -164,9 +195,8 @@ def prepare_output(output_dir: str, args_dict: dict | None = None) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         _take_lock(out, lock, args_dict)
         _recover(out, partial, old)
-        if partial.exists():  # a killed run's leftovers
-            shutil.rmtree(partial)
-        partial.mkdir()
+        _clean(partial, keep=resume != "none")
+        partial.mkdir(exist_ok=True)
     except OSError as e:
         reason = f"{e.strerror}: {e.filename}"
         if isinstance(e, FileExistsError):  # mkdir met a file where a folder of the path should be
@@ -190,6 +220,194 @@ def interrupted(step: int, partial) -> NoReturn:
     if _master():
         print(f"interrupted at step {step}; the last complete checkpoint is {last}; {RERUN_HINT}", file=sys.stderr)
     raise SystemExit(130)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume: full-state checkpoints (engines, RNG, loop state) and the way back into the loop
+
+# the flags that cannot change the trained model or its training metrics: they may differ on resume
+RESUME_IGNORED = ("output_dir", "logging_steps", "save_interval", "save_total_limit", "resume_from_checkpoint",
+                  "log_type", "log_project", "local_rank")  # fmt: skip
+
+
+def is_resumable(folder) -> bool:
+    return (Path(folder) / "loop_state.json").is_file() and is_complete(folder)
+
+
+def checkpoints(partial) -> dict[int, Path]:
+    """The resumable checkpoint-<step> folders in `partial`, by step."""
+    found = {int(p.name[11:]): p for p in Path(partial).glob("checkpoint-*") if p.name[11:].isdigit()}
+    return {step: path for step, path in sorted(found.items()) if is_resumable(path)}
+
+
+def _delete(path: Path) -> None:
+    """Unmark a checkpoint first, so that a kill in the middle of deleting it never leaves a complete-looking one."""
+    if path.is_dir():
+        (path / "arguments.json").unlink(missing_ok=True)
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _choose(partial: Path, resume: str, args_dict: dict, ignored: set, world_size: int) -> Path | None:
+    """Rank 0: the checkpoint to resume from (None: start over), after checking it fits this run."""
+    saved = checkpoints(partial)
+    if resume == "none" or resume == "auto" and not saved:
+        return None
+    folder = saved[max(saved)] if resume == "auto" else Path(resume)
+    if not is_resumable(folder):
+        raise SystemExit(
+            f"error: --resume_from_checkpoint {resume} is not a complete checkpoint (a checkpoint-<step> folder "
+            "with loop_state.json and arguments.json, written with --save_interval); pass one, auto or none"
+        )
+    state = json.loads((folder / "loop_state.json").read_text())
+    if state["world_size"] != world_size:
+        raise SystemExit(
+            f"error: cannot resume from {folder}: it was saved by {state['world_size']} processes and this run has "
+            f"{world_size} (its ZeRO shards and RNG states are per process); resume with {state['world_size']} "
+            "processes, or pass --resume_from_checkpoint none to start over"
+        )
+    old = json.loads((folder / "arguments.json").read_text())
+    new = json.loads(json.dumps(args_dict, default=str))  # the saved values went through the same round trip
+    _unset = object()
+    show = lambda v: v if isinstance(v, str) else "(unset)" if v is _unset else json.dumps(v)  # noqa: E731
+    differ = [
+        f"--{k} {show(old.get(k, _unset))} -> {show(new.get(k, _unset))}"
+        for k in [*new, *(k for k in old if k not in new)]
+        if k not in ignored and old.get(k, _unset) != new.get(k, _unset)
+    ]
+    if differ:
+        raise SystemExit(
+            f"error: cannot resume from {folder}: flags differ from the run that saved it: {', '.join(differ)}; "
+            "re-run with the saved flags, or pass --resume_from_checkpoint none to start over"
+        )
+    for later, path in saved.items():  # an older checkpoint was chosen: the steps after it will be trained again
+        if later > state["step"]:
+            print(f"deleting {path}: the run continues from step {state['step']}")
+            _delete(path)
+    metrics = partial / "metrics.jsonl"  # keep the lines of steps <= N (the kill may have cut the last one)
+    if metrics.is_file():
+        rows = []
+        for line in metrics.read_text().splitlines():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                if json.loads(line)["step"] <= state["step"]:
+                    rows.append(line + "\n")
+        metrics.with_name("metrics.jsonl.tmp").write_text("".join(rows))
+        os.replace(metrics.with_name("metrics.jsonl.tmp"), metrics)
+    return folder
+
+
+def find_resume(partial, resume: str, args_dict: dict, ignored=()) -> Path | None:
+    """Every rank, after prepare_output and a barrier, before data and models: the checkpoint to resume from, or
+    None to start fresh. Rank 0 decides (auto: the newest resumable checkpoint in `partial`; a path; none) and
+    checks the world size and every flag outside RESUME_IGNORED + `ignored` against the saved arguments.json; a
+    mismatch is one line and exit 1 on every rank, nothing deleted. Then rank 0 deletes newer checkpoints and
+    truncates metrics.jsonl to the checkpoint's step."""
+    import torch.distributed as dist
+
+    rank, world_size = _rank_world()
+    answer = [None]
+    if rank == 0:
+        try:
+            answer = [_choose(Path(partial), resume, args_dict, {*RESUME_IGNORED, *ignored}, world_size)]
+        except SystemExit as e:
+            answer = [str(e.code)]
+    if world_size > 1:
+        dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], str):
+        _stop(answer[0])
+    return answer[0]
+
+
+def _rng_states() -> dict:
+    import numpy as np
+    import torch
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def save_checkpoint(
+    partial, step: int, engines: dict, state: dict, write_model, args_dict: dict, save_total_limit=None, rank_state=None
+) -> Path:
+    """Every rank, at an optimizer-step boundary, after the weights check (and the ZeRO-3 gather write_model needs):
+    write `partial/checkpoint-<step>.tmp` (each engine's DeepSpeed checkpoint, each rank's RNG states, the HF model
+    via write_model(folder) on rank 0, loop_state.json = `state` + every rank's `rank_state`, arguments.json last),
+    rename it to checkpoint-<step>, keep the newest `save_total_limit` checkpoints. Both states must be JSON-able."""
+    import torch
+    import torch.distributed as dist
+
+    t0 = time.time()
+    rank, world_size = _rank_world()
+    final, tmp = Path(partial) / f"checkpoint-{step}", Path(partial) / f"checkpoint-{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    for name, engine in engines.items():  # weights, optimizer, LR scheduler; each rank writes its own ZeRO shards
+        engine.save_checkpoint(str(tmp / "deepspeed"), tag=name, save_latest=False)
+    torch.save(_rng_states(), tmp / f"rng_state_{rank}.pth")
+    rank_states = [None] * world_size
+    dist.all_gather_object(rank_states, rank_state or {})
+    if rank == 0:
+        write_model(tmp)
+        loop = {"step": step, "world_size": world_size, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), **state}
+        (tmp / "loop_state.json").write_text(json.dumps({**loop, "rank_state": rank_states}, indent=1))
+    dist.barrier()  # every rank's files are down before the completeness marker
+    if rank == 0:
+        (tmp / "arguments.json").write_text(json.dumps(args_dict, indent=2, default=str))
+        if final.exists():  # left by an older run of this step: replaced
+            _delete(final)
+        os.rename(tmp, final)
+        saved = checkpoints(partial)
+        for old in list(saved)[: -save_total_limit if save_total_limit else 0]:
+            _delete(saved[old])
+        size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+        print(f"checkpoint {final} saved in {time.time() - t0:.2f} s ({size / 1e6:,.1f} MB)", flush=True)
+        if os.environ.get("NANO_CHECKPOINT_PAUSE") == str(step):  # test hook: a test kills the run in this pause
+            print("checkpoint: pausing", flush=True)
+            time.sleep(600)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(folder, engines: dict) -> dict:
+    """Every rank, once the engines exist, immediately before the loop: load each engine's DeepSpeed checkpoint
+    (weights, optimizer, LR scheduler), then this rank's RNG states (last: nothing may draw random numbers between
+    this call and the loop); return the loop state, this rank's part merged in."""
+    import torch
+
+    folder = Path(folder)
+    rank, _ = _rank_world()
+    for name, engine in engines.items():
+        path, _ = engine.load_checkpoint(str(folder / "deepspeed"), tag=name)
+        if path is None:
+            _stop(f"error: {folder} holds no DeepSpeed checkpoint for {name}; pass --resume_from_checkpoint none")
+    state = json.loads((folder / "loop_state.json").read_text())
+    _set_rng_states(torch.load(folder / f"rng_state_{rank}.pth", weights_only=False))
+    if rank == 0:
+        print(f"resumed from step {state['step']} ({folder})", flush=True)
+    rank_state = state.pop("rank_state")[rank]
+    return {**state, **rank_state}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,15 @@
-"""Data for every stage: raw samples, the dataset registry, NAME[:PROPORTION[:PATH]] specs, the prompt template,
-tokenized datasets with their collators, and the toy world (a synthetic task with ground-truth oracles).
+"""Data for every stage: raw samples, the dataset registry, NAME[@REVISION][:PROPORTION[:PATH[#FIELD]]] specs, chat
+templates, tokenized datasets with their collators, and the toy world (a synthetic task with ground-truth oracles).
 
 A raw dataset is a class with a NAME that yields RawSample dicts; registering one is subclassing RawDataset (or
 `variant(...)` for another split of a loader), which works from a user's own script too (before argument parsing).
-Tokenized datasets turn raw samples into tensors for one stage: supervised (SFT), preference (reward model), safety
-preference (cost model) and prompt-only (PPO rollouts, evaluation). Broken JSONL lines are skipped and counted like
-malformed records; a file that cannot be read at all is a ValueError naming it, which every stage prints as one line.
+@REVISION picks a version of a hub dataset (PKU-SafeRLHF/train@v0, the paper's); `prompts:1.0:PATH[#FIELD]` reads any
+local JSON/JSONL/CSV/Parquet file of prompts. Tokenized datasets turn raw samples into tensors for one stage:
+supervised (SFT), preference (reward model), safety preference (cost model) and prompt-only (PPO rollouts,
+evaluation), in the anchor's template (the default) or the tokenizer's own chat template (`model`, or a Jinja file);
+save_chat_template makes a saved folder carry the template it was trained with. Broken JSONL lines are skipped and
+counted like malformed records; a file that cannot be read at all, or gives no usable record, is a ValueError naming
+it (and, for unparseable records, the fields expected and found), which every stage prints as one line.
 
     python data.py toy-model --output_dir output/tiny/base   # the tiny preset's tokenizer + random LlamaForCausalLM
 """
@@ -68,7 +72,7 @@ def format_prompt(input: str | list[str], eos_token: str = "</s>") -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The registry and NAME[:PROPORTION[:PATH]] specs
+# The registry and NAME[@REVISION][:PROPORTION[:PATH[#FIELD]]] specs
 
 
 class RawDataset:
@@ -144,9 +148,12 @@ class RawDataset:
 def option_problem(name: str, path: str | None, revision: str | None, field: str | None) -> str | None:
     """Why a dataset cannot take this @REVISION or #FIELD, or None."""
     cls = RawDataset.registry[name]
-    if revision is not None and (not revision or cls.HUB_ID is None or path is not None):
-        return (f"@{revision} picks a version of the hub copy, {cls.HUB_ID or 'which it has none of'}; a local PATH is "
-                f"read as it is: drop @{revision} (or the PATH)")
+    if revision is not None and not revision:
+        return "empty @REVISION: drop the @ or name a version, e.g. @v0"
+    if revision is not None and cls.HUB_ID is None:
+        return f"@{revision}: {name} has no hub copy to pick a version of; drop @{revision}"
+    if revision is not None and path is not None:
+        return f"@{revision} picks a version on the hub ({cls.HUB_ID}), a local PATH is read as it is: drop one of them"
     if field is not None and (not field or not cls.FIELD_CHOICE):
         return f"#{field}: only the prompts dataset takes a #FIELD (the field that holds the prompt)"
     return None

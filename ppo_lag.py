@@ -20,6 +20,9 @@ Deviations from the anchor (safe-rlhf at 82743cc; the README lists them all):
   3. The response mask ends at the first EOS (the anchor masks pad/unk tokens, and drops EOS itself when pad == eos).
   4. PPO micro-batches are a random permutation of the rollout (the anchor keeps the order).
   5. Log-probs, GAE and end scores go through kernels/ (no (B, T, V) fp32 copy, no host sync, no loop over T).
+  6. --save_interval writes full-state checkpoints (actor and critics with their optimizers and schedules, lambda, the
+     episode-cost window, data and PTX positions, RNG); re-running the same command after a kill resumes from the
+     newest one and ends on the same model (--resume_from_checkpoint). Evaluation samples from its own RNG stream.
 
 Launch:
   python ppo_lag.py --actor_model_name_or_path SFT --reward_model_name_or_path RM --cost_model_name_or_path CM ...
@@ -27,6 +30,7 @@ Launch:
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -38,7 +42,17 @@ from collections import defaultdict, deque
 import torch
 
 import lora
-from checkpoint import check_finite, check_model_folder, interrupted, prepare_output, publish, weights_finite
+from checkpoint import (
+    check_finite,
+    check_model_folder,
+    find_resume,
+    interrupted,
+    load_checkpoint,
+    prepare_output,
+    publish,
+    save_checkpoint,
+    weights_finite,
+)
 from data import PromptOnlyDataset, SupervisedDataset, load_tokenizer, parse_dataset, toy_metrics
 from kernels import cross_entropy, gae, logprobs
 
@@ -232,7 +246,14 @@ def main():
     add("--output_dir", required=True, help="where the actor is saved (HF folder)")
     add("--logging_steps", type=int, default=1, help="rollouts between metrics lines")
     add("--eval_interval", type=int, default=0, help="rollouts between evals (0: only at the end)")
-    add("--save_interval", type=int, default=0, help="rollouts between intermediate checkpoints (0: none)")
+    add("--save_interval", type=int, default=0, help="rollouts between full checkpoints, checkpoint-<step>/ (0: none)")
+    add("--save_total_limit", type=int, help="keep the newest K checkpoints (default: all)")
+    add(
+        "--resume_from_checkpoint",
+        default="auto",
+        help="auto: continue from the newest checkpoint in <output_dir>.partial if any; PATH: from that checkpoint; "
+        "none: start over (discards the old checkpoints)",
+    )
     add("--log_type", choices=["none", "wandb", "tensorboard"], default="none", help="extra metrics sink")
     add("--log_project", default="nano-safe-rlhf", help="wandb project")
     # system
@@ -258,7 +279,7 @@ def main():
     limits = {  # flag: (lowest allowed value, strictly above it?)
         **dict.fromkeys(["epochs", "update_iters", "num_return_sequences", "per_device_prompt_batch_size",
                          "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                         "logging_steps", "episode_cost_window_size", "max_steps"], (1, False)),
+                         "logging_steps", "episode_cost_window_size", "max_steps", "save_total_limit"], (1, False)),
         **dict.fromkeys(["actor_lr", "critic_lr", "lambda_lr", "lambda_init", "kl_coeff", "ptx_coeff",
                          "lambda_update_delay_steps"], (0, False)),
         **dict.fromkeys(["temperature", "lambda_max", "clip_range_ratio", "clip_range_score", "clip_range_value"],
@@ -341,8 +362,12 @@ def main():
     # the output folder: locked for this run, written as <output_dir>.partial, renamed into place at the end
     run_dir = args.output_dir.rstrip("/") + ".partial"
     if master_process:
-        prepare_output(args.output_dir)
+        prepare_output(args.output_dir, vars(args), args.resume_from_checkpoint)
     dist.barrier()
+    # the checkpoint to continue from, if any; refused (one line) when a flag that changes the result differs. The
+    # eval flags may differ: evaluation samples from its own RNG stream (below), so it cannot move training
+    eval_flags = ("eval_interval", "eval_datasets", "per_device_eval_batch_size")
+    resume_dir = find_resume(run_dir, args.resume_from_checkpoint, vars(args), eval_flags)
 
     # data
     try:
@@ -359,9 +384,16 @@ def main():
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    # the loaders get their own generators: each iter() of a loader otherwise draws from the global one, which the
+    # sampling and the PPO minibatch order use, and a resumed run would draw again where the uninterrupted one did not
     sampler = torch.utils.data.DistributedSampler(prompts, world_size, rank, shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(
-        prompts, args.per_device_prompt_batch_size, sampler=sampler, collate_fn=prompts.collate, drop_last=True
+        prompts,
+        args.per_device_prompt_batch_size,
+        sampler=sampler,
+        collate_fn=prompts.collate,
+        drop_last=True,
+        generator=torch.Generator(),
     )
     if len(loader) == 0:
         raise SystemExit(
@@ -376,9 +408,27 @@ def main():
     if ptx is not None:
         ptx_sampler = torch.utils.data.DistributedSampler(ptx, world_size, rank, shuffle=True, seed=args.seed)
         ptx_loader = torch.utils.data.DataLoader(
-            ptx, args.per_device_train_batch_size, sampler=ptx_sampler, collate_fn=ptx.collate, drop_last=True
+            ptx,
+            args.per_device_train_batch_size,
+            sampler=ptx_sampler,
+            collate_fn=ptx.collate,
+            drop_last=True,
+            generator=torch.Generator(),
         )
-        ptx_iter = iter(ptx_loader)
+        if len(ptx_loader) == 0:
+            raise SystemExit(
+                f"error: {len(ptx)} PTX samples give no full batch of {args.per_device_train_batch_size} x "
+                f"{world_size} ranks; add PTX data or lower --per_device_train_batch_size"
+            )
+
+        def ptx_stream(drawn):
+            """PTX batches without end, from the `drawn`-th on; pass k over the PTX set is shuffled with (seed, k)."""
+            passes, offset = divmod(drawn, len(ptx_loader))
+            for k in itertools.count(passes):
+                ptx_sampler.set_epoch(k)
+                yield from itertools.islice(ptx_loader, offset, None)
+                offset = 0
+
     print0(
         f"{len(prompts):,} prompts | {total_steps} rollouts of {rollout_size * world_size} sequences | "
         f"{micro_per_rollout} micro-batches x {args.update_iters} PPO epochs | {optimizer_steps} optimizer steps"
@@ -590,17 +640,27 @@ def main():
             for k, v in metrics.items():
                 tracker.add_scalar(k, v, step)
 
-    def save(path, step):
-        """The actor as an ordinary HF folder, arguments.json last; never a non-finite model."""
+    trained = {"actor": actor, **{f"{s['name']}_critic": s["critic"] for s in streams}}  # what a checkpoint restores
+
+    def save(path, step, loop_state=None, rank_state=None):
+        """The actor as an ordinary HF folder, arguments.json last; never a non-finite model. With `loop_state`, a
+        full checkpoint-<step>/ in `path`: every trained engine's DeepSpeed state, RNG states and the loop state too."""
         finite = torch.tensor([float(weights_finite(actor.module))], device=device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # under ZeRO-3 each rank checks its own partition
         if not finite.item():
             check_finite({"actor weights": math.nan}, step)
         state_dict = actor._zero3_consolidated_16bit_state_dict() if args.zero_stage == 3 else None  # all ranks join
+
+        def write_model(folder):
+            os.makedirs(folder, exist_ok=True)
+            lora.save_pretrained(actor.module, folder, state_dict, args.save_adapter_only)  # LoRA: merged by default
+            actor_tok.save_pretrained(folder)
+
+        if loop_state is not None:
+            save_checkpoint(path, step, trained, loop_state, write_model, vars(args), args.save_total_limit, rank_state)
+            return
         if master_process:
-            os.makedirs(path, exist_ok=True)
-            lora.save_pretrained(actor.module, path, state_dict, args.save_adapter_only)  # LoRA: merged by default
-            actor_tok.save_pretrained(path)
+            write_model(path)
             with open(os.path.join(path, "arguments.json"), "w") as f:
                 json.dump(vars(args), f, indent=2, default=str)
         dist.barrier()
@@ -609,12 +669,19 @@ def main():
     # training loop
     torch.manual_seed(args.seed + rank)  # again: the rollouts do not depend on how many models were built above
     lam_state = lambda_init_state(args.lambda_init)
-    episode_costs = deque(maxlen=args.episode_cost_window_size)
-    step, t_start = 0, time.time()
+    episode_costs = deque(maxlen=args.episode_cost_window_size)  # this rank's last end costs
+    step, start_epoch, skip, ptx_drawn = 0, 0, 0, 0
+    if resume_dir is not None:  # engines (weights, optimizers, LR schedules), RNG, and where the loop stood
+        state = load_checkpoint(resume_dir, trained)
+        step, start_epoch, skip, ptx_drawn = state["step"], state["epoch"], state["position"], state["ptx_drawn"]
+        lam_state = state["lam_state"]
+        episode_costs.extend(state["episode_costs"])
+    ptx_iter = ptx_stream(ptx_drawn) if ptx is not None else None
+    t_start = time.time()
     try:
-        for epoch in range(args.epochs):
-            sampler.set_epoch(epoch)
-            for batch in loader:
+        for epoch in range(start_epoch, args.epochs):
+            sampler.set_epoch(epoch)  # the epoch's order depends on (seed, epoch) only: a resume skips into it
+            for position, batch in enumerate(itertools.islice(loader, skip, None), start=skip + 1):
                 if step >= total_steps:
                     break
                 step += 1
@@ -661,12 +728,8 @@ def main():
                         )
                         loss = actor_loss
                         if ptx is not None:
-                            try:
-                                ptx_batch = next(ptx_iter)
-                            except StopIteration:
-                                ptx_iter = iter(ptx_loader)
-                                ptx_batch = next(ptx_iter)
-                            ptx_batch = {k: v.to(device) for k, v in ptx_batch.items()}
+                            ptx_batch = {k: v.to(device) for k, v in next(ptx_iter).items()}
+                            ptx_drawn += 1
                             ptx_logits = actor(
                                 input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"]
                             ).logits
@@ -732,12 +795,16 @@ def main():
                 if eval_prompts is not None and (
                     (args.eval_interval and step % args.eval_interval == 0) or step == total_steps
                 ):
-                    metrics = evaluate()
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                        torch.manual_seed(args.seed + rank)  # its own stream: an eval does not move training
+                        metrics = evaluate()
                     check_finite(metrics, step)
                     print0(f"eval step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
                     log(metrics, step)
                 if args.save_interval and step % args.save_interval == 0 and step < total_steps:
-                    save(os.path.join(run_dir, f"checkpoint-{step}"), step)
+                    loop_state = {"epoch": epoch, "position": position, "lam_state": lam_state, "ptx_drawn": ptx_drawn}
+                    save(run_dir, step, loop_state, {"episode_costs": list(episode_costs)})
+            skip = 0
     except KeyboardInterrupt:
         interrupted(step, run_dir)
 

@@ -21,6 +21,7 @@ LOG_TYPE=$([ "${WANDB:-0}" = 1 ] && echo wandb || echo none)
 PY=${PYTHON:-python}
 
 # Run a stage unless its output folder is complete (it holds arguments.json: written last, then renamed into place).
+# A stage killed part-way continues from its last checkpoint (--save_interval) when the script is run again.
 stage() {
   local name=$1 dir=$2; shift 2
   if [ "$FORCE" != 1 ] && [ -f "$dir/arguments.json" -o -f "$dir/summary.json" ]; then
@@ -40,8 +41,10 @@ if [ "$PRESET" = tiny ]; then
   # it catches integration breaks, not quality.
   if [ "${SMOKE:-0}" = 1 ]; then
     PART=":0.02"; SFT_EPOCHS=1; RM_EPOCHS=1; CM_EPOCHS=1; PPO_EPOCHS=1; PPO_STEPS=2; BATCH=8
+    SFT_SAVE=5; RM_SAVE=5; PPO_SAVE=1
   else
     PART=""; SFT_EPOCHS=10; RM_EPOCHS=3; CM_EPOCHS=2; PPO_EPOCHS=3; PPO_STEPS=1000000; BATCH=32
+    SFT_SAVE=250; RM_SAVE=100; PPO_SAVE=25  # steps between checkpoints (a killed stage resumes from its last)
   fi
   mkdir -p "$OUT"
 
@@ -65,6 +68,8 @@ if [ "$PRESET" = tiny ]; then
       --weight_decay 0.0 \
       --seed "$SEED" \
       --zero_stage 0 \
+      --save_interval "$SFT_SAVE" \
+      --save_total_limit 1 \
       --log_type "$LOG_TYPE" \
       --output_dir "$OUT/sft"
 
@@ -84,6 +89,8 @@ if [ "$PRESET" = tiny ]; then
       --regularization 0.001 \
       --seed "$SEED" \
       --zero_stage 0 \
+      --save_interval "$RM_SAVE" \
+      --save_total_limit 1 \
       --log_type "$LOG_TYPE" \
       --output_dir "$OUT/rm"
 
@@ -103,6 +110,8 @@ if [ "$PRESET" = tiny ]; then
       --regularization 0.001 \
       --seed "$SEED" \
       --zero_stage 0 \
+      --save_interval "$RM_SAVE" \
+      --save_total_limit 1 \
       --log_type "$LOG_TYPE" \
       --output_dir "$OUT/cm"
 
@@ -124,6 +133,8 @@ if [ "$PRESET" = tiny ]; then
     --kl_coeff 0.02
     --seed "$SEED"
     --zero_stage 0
+    --save_interval "$PPO_SAVE"
+    --save_total_limit 1
     --log_type "$LOG_TYPE"
   )
   # LORA=1: adapters on a frozen actor (the reference is the actor with its adapter off) and on frozen critics (each on

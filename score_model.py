@@ -36,6 +36,7 @@ Launch (the tiny preset's reward model: ~25 s on 2 CPU cores, ~91% pair accuracy
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -52,7 +53,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora
-from checkpoint import check_finite, check_model_folder, interrupted, prepare_output, publish, weights_finite
+from checkpoint import (
+    check_finite,
+    check_model_folder,
+    find_resume,
+    interrupted,
+    load_checkpoint,
+    prepare_output,
+    publish,
+    save_checkpoint,
+    weights_finite,
+)
 from data import PreferenceDataset, SafetyPreferenceDataset, add_pad_token, load_tokenizer, parse_dataset
 from kernels import end_scores
 
@@ -354,6 +365,11 @@ def main():
     add("--logging_steps", type=int, default=10, help="optimizer steps between metrics lines")
     add("--eval_interval", type=int, default=0, help="optimizer steps between evals (and each epoch end)")
     add("--save_best", action="store_true", help="save the best eval checkpoint instead of the last")
+    add("--save_interval", type=int, default=0, help="optimizer steps between full checkpoints (0: none)")
+    add("--save_total_limit", type=int, default=None, help="keep only the newest K checkpoints (default: all)")
+    add("--resume_from_checkpoint", default="auto",
+        help="auto: continue from the newest complete checkpoint in <output_dir>.partial, if any; "
+             "PATH: from that checkpoint-<step> folder; none: start over (discards the old checkpoints)")
     add("--plot_histogram", action="store_true", help="write score_histogram.png of the saved model's eval")
     add("--log_type", choices=["none", "wandb", "tensorboard"], default="none", help="extra metrics sink")
     add("--log_project", default="nano-safe-rlhf", help="wandb project / tensorboard sub-folder")
@@ -366,7 +382,7 @@ def main():
     add("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored")
     args = parser.parse_args()
     for name in ("max_length", "epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
-                 "gradient_accumulation_steps", "logging_steps", "max_steps"):
+                 "gradient_accumulation_steps", "logging_steps", "max_steps", "save_total_limit"):
         if (value := getattr(args, name)) is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
     if args.eval_split_ratio is not None and (args.eval_datasets or not 0 < args.eval_split_ratio < 1):
@@ -420,10 +436,16 @@ def main():
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     torch.manual_seed(args.seed)
-    print0 = print if master_process else (lambda *a, **k: None)
+    def print0(*a, **k):
+        if master_process:
+            print(*a, **k, flush=True)
     partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
     if master_process:  # lock <output_dir>, check it can be written, recover an interrupted swap: before slow work
-        partial = prepare_output(args.output_dir, vars(args))
+        partial = prepare_output(args.output_dir, vars(args), args.resume_from_checkpoint)
+    dist.barrier()
+    # a checkpoint to continue from (flags compared with the saved ones: a mismatch stops here, before any data);
+    # the eval is RNG-free, but --save_best picks its model by it, so the eval flags must match too
+    resume_dir = find_resume(partial, args.resume_from_checkpoint, vars(args), ignored=("plot_histogram",))
 
     # data; a batch's rows [:B] are better/safer, rows [B:] worse/unsafer
     tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right")
@@ -446,14 +468,17 @@ def main():
                          f"(= {micro} per device x {accum} accumulation x {world_size} ranks); lower the batch flags")
     # DistributedSampler pads each rank to the same count, so every rank runs the same steps (ZeRO-3 needs that)
     train_sampler = torch.utils.data.DistributedSampler(train_dataset, world_size, rank, shuffle=True, seed=args.seed)
-    train_loader = torch.utils.data.DataLoader(train_dataset, micro, sampler=train_sampler, collate_fn=collate)
+    # its own generator: iter(loader) would otherwise draw from the global RNG, once more on a resumed run
+    train_loader = torch.utils.data.DataLoader(train_dataset, micro, sampler=train_sampler, collate_fn=collate,
+                                               generator=torch.Generator())
     eval_loader = None if eval_dataset is None else torch.utils.data.DataLoader(
         eval_dataset, args.per_device_eval_batch_size, collate_fn=collate,
         sampler=torch.utils.data.DistributedSampler(eval_dataset, world_size, rank, shuffle=False))
     steps_per_epoch = len(train_loader) // accum
     total_steps = args.epochs * steps_per_epoch
     total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    warmup_steps = math.ceil(args.lr_warmup_ratio * total_steps)
+    # as transformers' schedulers (the anchor's): int(ratio * steps) warm-up steps, none for "constant"
+    warmup_steps = 0 if args.lr_scheduler_type == "constant" else int(args.lr_warmup_ratio * total_steps)
     print0(f"train {len(train_dataset):,} pairs, eval {len(eval_dataset or []):,} | global batch {global_batch} = "
            f"{micro} x {accum} accum x {world_size} ranks | {total_steps} steps, {warmup_steps} warmup")
 
@@ -529,15 +554,17 @@ def main():
         metrics = {f"eval/{k}": v for k, v in pair_metrics(*pairs, score_type=kind).items()}
         return {**metrics, f"eval/{kind}_mean": scores.mean(), f"eval/{kind}_std": scores.std()}, pairs
 
-    def save(path, eval_pairs=None):
-        """An ordinary HF folder, arguments.json last (it marks the folder complete); under ZeRO-3 all ranks gather
-        the partitioned weights into rank 0's copy. Never a non-finite model: the check takes one host sync a save."""
+    def model_writer(eval_pairs=None):
+        """All ranks: check the weights are finite (never a non-finite model: one host sync a save) and, under ZeRO-3,
+        gather the partitioned weights into rank 0's copy; returns rank 0's writer of the model folder (LoRA: merged, or
+        the adapter folder with --save_adapter_only)."""
         finite = torch.tensor(float(weights_finite(engine.module)), device=engine.device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # a NaN in one rank's ZeRO partition stops every rank
         check_finite({"weights": 1.0 if finite.item() else math.nan}, step)
         zero3 = args.zero_stage == 3
         state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
-        if master_process:
+
+        def write(path):
             module = engine.module.get_base_model() if args.lora_rank else engine.module  # the ScoreModel
             module.do_normalize = args.normalize_score_during_training  # saved for inference (see the loop)
             lora.save_pretrained(engine.module, path, state_dict, args.save_adapter_only)  # LoRA: merged by default
@@ -545,6 +572,14 @@ def main():
             tokenizer.save_pretrained(path)
             if args.plot_histogram and eval_pairs:
                 plot_scores(Path(path) / "score_histogram.png", *eval_pairs, score_type=args.score_type)
+
+        return write
+
+    def save(path, eval_pairs=None):
+        """The HF folder, arguments.json last: it marks the folder complete."""
+        write = model_writer(eval_pairs)
+        if master_process:
+            write(path)
             with open(Path(path) / "arguments.json", "w") as f:
                 json.dump(vars(args), f, indent=2)
         dist.barrier()
@@ -554,11 +589,18 @@ def main():
     engine.train()
     names = ["train/loss", "train/accuracy"] + (["train/accuracy_sign"] if args.score_type == "cost" else [])
     running = torch.zeros(len(names) + 2, device=engine.device)  # (sums of the names' values, micro-batches, tokens)
-    step, micro_step, t0, best, best_dir, eval_pairs = 0, 0, time.time(), -1.0, None, None
+    step, micro_step, start_epoch, skip, best, best_dir, eval_pairs = 0, 0, 0, 0, -1.0, None, None
+    if resume_dir is not None:  # weights, optimizer, LR schedule, RNG, and where the loop stood
+        state = load_checkpoint(resume_dir, {"model": engine})
+        step, micro_step, start_epoch, skip = state["step"], state["micro_step"], state["epoch"], state["position"]
+        best = state["best"]
+        running = torch.tensor(state["running"], device=engine.device)  # the sums since the last metrics line
+        best_dir = partial / state["best_dir"] if state["best_dir"] else None
+    t0 = time.time()
     try:  # Ctrl-C: one line, exit 130, the .partial left in place
-        for epoch in range(args.epochs):
-            train_sampler.set_epoch(epoch)
-            for batch in train_loader:
+        for epoch in range(start_epoch, args.epochs):
+            train_sampler.set_epoch(epoch)  # the epoch's order depends on (seed, epoch) only: a resume skips into it
+            for position, batch in enumerate(itertools.islice(train_loader, skip, None), start=skip + 1):
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 ids, mask, signs = batch["input_ids"], batch["attention_mask"], [batch[k] for k in SIGNS if k in batch]
                 B = ids.size(0) // 2
@@ -604,15 +646,23 @@ def main():
                     metrics, eval_pairs = evaluate()
                     log(step, metrics)
                     key = "eval/accuracy" if args.score_type == "reward" else "eval/accuracy_sign"
-                    if args.save_best and metrics[key].item() > best:  # kept as checkpoint-<step>/ until the end
-                        previous, best_dir, best = best_dir, partial / f"checkpoint-{step}", metrics[key].item()
+                    if args.save_best and metrics[key].item() > best:  # kept as best-<step>/ until the end
+                        previous, best_dir, best = best_dir, partial / f"best-{step}", metrics[key].item()
                         save(best_dir, eval_pairs)
                         if master_process and previous:
                             shutil.rmtree(previous)  # only once the new best is whole
                         print0(f"best {key} {best:.4f} at step {step}: saved")
                     t0 += time.time() - t_eval  # eval (and save) time does not count against throughput
+                if args.save_interval and step % args.save_interval == 0 and step < total_steps:
+                    t_save = time.time()
+                    state = {"epoch": epoch, "position": position, "micro_step": micro_step, "best": best,
+                             "best_dir": best_dir and best_dir.name}
+                    save_checkpoint(partial, step, {"model": engine}, state, model_writer(), vars(args),
+                                    args.save_total_limit, rank_state={"running": running.tolist()})
+                    t0 += time.time() - t_save
                 if step == total_steps:
                     break
+            skip = 0
             if step == total_steps:
                 break
 

@@ -11,6 +11,8 @@ Deviations from the anchor (safe-rlhf's finetune):
  2. Eval loss and perplexity on --eval_datasets (or a held-out --eval_split_ratio slice); --max_steps caps a run.
  3. The output folder follows checkpoint.py's protocol: locked for the run, written to <output_dir>.partial and
     swapped into place atomically; a non-finite loss or weight stops the run before anything is saved.
+ 4. --save_interval writes full-state checkpoints (engine, optimizer, scheduler, RNG, data position); re-running the
+    same command after a kill resumes from the newest one and ends on the same model (--resume_from_checkpoint).
 
 Launch:
     python sft.py --model_name_or_path output/tiny/base --train_datasets toy-sft --output_dir output/tiny/sft
@@ -22,6 +24,7 @@ Launch:
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -34,7 +37,17 @@ from pathlib import Path
 import torch
 
 import lora
-from checkpoint import check_finite, check_model_folder, interrupted, prepare_output, publish, weights_finite
+from checkpoint import (
+    check_finite,
+    check_model_folder,
+    find_resume,
+    interrupted,
+    load_checkpoint,
+    prepare_output,
+    publish,
+    save_checkpoint,
+    weights_finite,
+)
 from data import IGNORE_INDEX, SupervisedDataset, add_pad_token, load_tokenizer, parse_dataset
 from kernels import cross_entropy
 
@@ -97,7 +110,18 @@ def main():
     parser.add_argument(
         "--eval_interval", type=int, default=0, help="optimizer steps between evals (0: only at the end)"
     )
-    parser.add_argument("--save_interval", type=int, default=0, help="steps between checkpoint-<step>/ saves (0: none)")
+    parser.add_argument(
+        "--save_interval", type=int, default=0, help="steps between full checkpoints, checkpoint-<step>/ (0: none)"
+    )
+    parser.add_argument(
+        "--save_total_limit", type=int, default=None, help="keep the newest K checkpoints (default: all)"
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        default="auto",
+        help="auto: continue from the newest checkpoint in <output_dir>.partial if any; PATH: from that checkpoint; "
+        "none: start over (discards the old checkpoints)",
+    )
     parser.add_argument(
         "--log_type", choices=["none", "wandb", "tensorboard"], default="none", help="extra metrics sink"
     )
@@ -122,6 +146,8 @@ def main():
         parser.error("--lr must be finite and > 0, --lr_warmup_ratio in [0, 1], --weight_decay finite and >= 0")
     if args.max_steps is not None and args.max_steps < 1 or args.eval_interval < 0 or args.save_interval < 0:
         parser.error("--max_steps must be >= 1, --eval_interval and --save_interval >= 0")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        parser.error(f"--save_total_limit must be >= 1, got {args.save_total_limit}")
     lora.check_arguments(parser, args)
     if args.save_adapter_only and not args.lora_rank:
         parser.error("--save_adapter_only saves a LoRA adapter: pass --lora_rank > 0")
@@ -155,7 +181,11 @@ def main():
     print0 = print if master_process else (lambda *a, **k: None)
     partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
     if master_process:  # lock <output_dir>, check it can be written, recover an interrupted swap: before slow work
-        partial = prepare_output(args.output_dir, vars(args))
+        partial = prepare_output(args.output_dir, vars(args), args.resume_from_checkpoint)
+    # the checkpoint to continue from, if any; refused (one line) when a flag that changes the result differs. The
+    # eval flags may differ: evaluation draws no random numbers, so it cannot move training
+    eval_flags = ("eval_interval", "eval_datasets", "per_device_eval_batch_size")
+    resume_dir = find_resume(partial, args.resume_from_checkpoint, vars(args), eval_flags)
 
     # data; data.py reports on every rank, keep rank 0's copy
     try:
@@ -182,18 +212,27 @@ def main():
         )
     # DistributedSampler pads each rank to the same count (repeating a few samples), so every rank runs the same
     # number of forwards: ZeRO-3 gathers parameters collectively and would hang otherwise
+    # the loaders get their own generators: each iter() of a loader otherwise draws from the global one, which drives
+    # dropout, and a resumed run would draw again where the uninterrupted one did not
     train_sampler = torch.utils.data.DistributedSampler(train_dataset, world_size, rank, shuffle=True, seed=args.seed)
-    train_loader = torch.utils.data.DataLoader(train_dataset, micro, sampler=train_sampler, collate_fn=collate)
+    train_loader = torch.utils.data.DataLoader(
+        train_dataset, micro, sampler=train_sampler, collate_fn=collate, generator=torch.Generator()
+    )
     eval_loader = None
     if eval_dataset is not None:
         eval_sampler = torch.utils.data.DistributedSampler(eval_dataset, world_size, rank, shuffle=False)
         eval_loader = torch.utils.data.DataLoader(
-            eval_dataset, args.per_device_eval_batch_size, sampler=eval_sampler, collate_fn=collate
+            eval_dataset,
+            args.per_device_eval_batch_size,
+            sampler=eval_sampler,
+            collate_fn=collate,
+            generator=torch.Generator(),
         )
     steps_per_epoch = len(train_loader) // accum
     total_steps = args.epochs * steps_per_epoch
     total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    warmup_steps = math.ceil(args.lr_warmup_ratio * total_steps)
+    # as transformers' schedulers (the anchor's): int(ratio * steps) warm-up steps, none for "constant"
+    warmup_steps = 0 if args.lr_scheduler_type == "constant" else int(args.lr_warmup_ratio * total_steps)
     print0(
         f"train {len(train_dataset):,} samples, eval {len(eval_dataset or []):,} | global batch "
         f"{global_batch} = {micro} x {accum} accum x {world_size} ranks | {total_steps} steps, {warmup_steps} warmup"
@@ -285,18 +324,29 @@ def main():
         loss = totals[0] / totals[1]
         return {"eval/loss": loss, "eval/perplexity": loss.exp()}
 
-    def save(path):
+    def save(path, loop_state=None):
         """An ordinary HF folder, arguments.json last; under ZeRO-3 all ranks gather the partitioned weights into
-        rank 0's copy. Never a non-finite model: the check takes one host sync per save."""
+        rank 0's copy. Never a non-finite model: the check takes one host sync per save. With `loop_state`, a full
+        checkpoint-<step>/ in `path`: the engine's DeepSpeed state, RNG states and the loop state too."""
         finite = torch.tensor(float(weights_finite(engine.module)), device=engine.device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # a NaN in one rank's ZeRO partition stops every rank
         check_finite({"weights": 1.0 if finite.item() else math.nan}, step)
         state_dict = (
             engine._zero3_consolidated_16bit_state_dict() if args.zero_stage == 3 else engine.module.state_dict()
         )
+
+        def write_model(folder):
+            lora.save_pretrained(engine.module, folder, state_dict, args.save_adapter_only)  # LoRA: merged by default
+            tokenizer.save_pretrained(folder)
+
+        if loop_state is not None:
+            rank_state = {"running": running.tolist()}  # this rank's sums since the last metrics line
+            save_checkpoint(
+                path, step, {"model": engine}, loop_state, write_model, vars(args), args.save_total_limit, rank_state
+            )
+            return
         if master_process:
-            lora.save_pretrained(engine.module, path, state_dict, args.save_adapter_only)  # LoRA: merged by default
-            tokenizer.save_pretrained(path)
+            write_model(path)
             with open(Path(path) / "arguments.json", "w") as f:
                 json.dump(vars(args), f, indent=2)
         dist.barrier()
@@ -304,12 +354,17 @@ def main():
     # the loop: forward, masked CE, backward; DeepSpeed owns gradient accumulation (engine.backward scales the loss
     # by 1/accum, engine.step only updates on every accum-th micro-batch)
     engine.train()
-    step, micro_step, t0 = 0, 0, time.time()
+    step, micro_step, start_epoch, skip = 0, 0, 0, 0
     running = torch.zeros(3, device=engine.device)  # (sum of micro-batch losses, micro-batches, tokens)
+    if resume_dir is not None:  # weights, optimizer, LR schedule, RNG, and where the loop stood
+        state = load_checkpoint(resume_dir, {"model": engine})
+        step, micro_step, start_epoch, skip = state["step"], state["micro_step"], state["epoch"], state["position"]
+        running = torch.tensor(state["running"], device=engine.device)
+    t0 = time.time()
     try:  # Ctrl-C: one line, exit 130, the .partial left in place
-        for epoch in range(args.epochs):
-            train_sampler.set_epoch(epoch)
-            for batch in train_loader:
+        for epoch in range(start_epoch, args.epochs):
+            train_sampler.set_epoch(epoch)  # the epoch's order depends on (seed, epoch) only: a resume skips into it
+            for position, batch in enumerate(itertools.islice(train_loader, skip, None), start=skip + 1):
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 # 1) forward and masked next-token cross-entropy
                 logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -338,10 +393,11 @@ def main():
                 if eval_loader is not None and eval_now:
                     log(step, evaluate())
                 if args.save_interval and step % args.save_interval == 0 and step < total_steps:
-                    save(partial / f"checkpoint-{step}")
+                    save(partial, {"epoch": epoch, "position": position, "micro_step": micro_step})
                 t0 += time.time() - t_pause
                 if step == total_steps:
                     break
+            skip = 0
             if step == total_steps:
                 break
         save(partial)  # the final model, arguments.json last

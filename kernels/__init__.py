@@ -5,13 +5,15 @@
     gae(rewards, values, mask, gamma, lam) -> (advantages, returns)
     end_scores(hidden, attention_mask, weight, bias=None, return_all=False) -> (B, D) [, (B, T, D)]
 
-Each dispatches at call time: the Triton kernel when the tensors are on CUDA or TRITON_INTERPRET=1 is set
-(which must happen before triton is first imported), a memory-lean torch path otherwise, so CPU-only users never
-launch a kernel. `python kernels/bench.py` compares them with the code every peer uses.
+Each dispatches at call time by `use_triton` (kernels/_dispatch.py, the one copy of the rule): the Triton kernel
+when the tensors are on CUDA or TRITON_INTERPRET=1 is set (which must happen before triton is first imported), a
+memory-lean torch path otherwise, so CPU-only users never launch a kernel. `python kernels/bench.py` compares
+them with the code every peer uses.
 """
 
+from kernels._dispatch import use_triton
 from kernels.end_scores import end_scores, end_scores_ref
 from kernels.gae import gae, gae_ref
 from kernels.logprobs import cross_entropy, logprobs, logprobs_ref
 
-__all__ = ["logprobs", "logprobs_ref", "cross_entropy", "gae", "gae_ref", "end_scores", "end_scores_ref"]
+__all__ = ["cross_entropy", "end_scores", "end_scores_ref", "gae", "gae_ref", "logprobs", "logprobs_ref", "use_triton"]

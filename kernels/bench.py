@@ -23,6 +23,8 @@ and more for cheap kernels; `--threads 1` is steadier.
 
 import argparse
 import ctypes
+import functools
+import importlib
 import json
 import os
 import subprocess
@@ -30,12 +32,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python kernels/bench.py` from anywhere
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from kernels import end_scores, gae, logprobs  # noqa: E402
+# `python kernels/bench.py` from anywhere: the repository root goes on the path before kernels/ is imported
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+kernels = importlib.import_module("kernels")
+end_scores, gae, logprobs = kernels.end_scores, kernels.gae, kernels.logprobs
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 HBM_PEAK = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, by device-name substring
@@ -105,12 +108,9 @@ def make_case(name, shape, dtype, device):
     bias = torch.zeros(1, device=device, dtype=dt)
     lengths = torch.randint(T // 2, T + 1, (B,), generator=g, device=device)
     mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
-    if name == "end_scores (all)":
-        ours = lambda: end_scores(hidden, mask, weight, bias, return_all=True)  # noqa: E731
-        nbytes = B * T * H * size + B * T * (1 + 4)
-    else:
-        ours = lambda: end_scores(hidden, mask, weight, bias)  # noqa: E731
-        nbytes = B * H * size + B * T + B * 4
+    return_all = name == "end_scores (all)"
+    ours = functools.partial(end_scores, hidden, mask, weight, bias, return_all=return_all)
+    nbytes = B * T * H * size + B * T * (1 + 4) if return_all else B * H * size + B * T + B * 4
     return (lambda: peer_end_scores(hidden, mask, weight, bias)), ours, nbytes
 
 
@@ -170,7 +170,7 @@ def peak_memory_in_subprocess(job, threads):
     # then maps every large buffer on allocation and unmaps it on free, so RSS follows the live tensors. (Only
     # here: it also costs page faults on every allocation, so the timings are taken in this process.)
     env = {**os.environ, "TRITON_INTERPRET": "0", "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)  # its stderr goes in our error
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return int(out.stdout.strip().splitlines()[-1])
@@ -400,7 +400,7 @@ def main():
     results = {}
     for name, shape, dtype in cases:
         row = {}
-        fns = dict(zip(("peer", "ours", "nbytes"), make_case(name, shape, dtype, args.device)))
+        fns = dict(zip(("peer", "ours", "nbytes"), make_case(name, shape, dtype, args.device), strict=True))
         nbytes = fns.pop("nbytes")
         for impl, fn in fns.items():
             t = best_time(fn, args.device, repeats)

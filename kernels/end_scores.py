@@ -15,18 +15,13 @@ The backward is two small GEMMs, done by torch on every device:
     G = dL/dscores + scatter of dL/dend at (b, e_b),   dhidden = G @ weight,   dweight = G^T hidden,   dbias = sum G
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels._dispatch import use_triton
+
 CHUNK_BYTES = 16 * 2**20  # torch path: size of one fp32 (rows, H) slice of hidden for the per-token scores
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """Triton on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1, read at call time)."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,7 +53,7 @@ def _end_scores_kernel(
     idx_ptr,  # (B,) int64: the end index e_b, written here by the d = 0 program (saved for backward)
     T, H, D, stride_hb, stride_ht, stride_hh, stride_mb, stride_mt, stride_wd, stride_wh,
     HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-):
+):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1)
     # 1) e_b = max over t of (t if mask[b, t] != 0 else 0): an on-device reduction, no host sync
@@ -93,7 +88,7 @@ def _token_scores_kernel(
     scores_ptr,  # (B, T, D) fp32, contiguous: per-token scores, written here
     T, H, D, stride_hb, stride_ht, stride_hh, stride_wd, stride_wh,
     HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-):
+):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) token positions of this tile
     d = tl.program_id(2)
@@ -130,17 +125,18 @@ def _fwd_triton(hidden, mask, weight, bias, return_all):
     end = torch.empty(B, D, dtype=torch.float32, device=hidden.device)
     idx = torch.empty(B, dtype=torch.int64, device=hidden.device)
     end_meta, token_meta = launch_config(hidden.is_cuda)
-    bias_arg = bias if bias is not None else end  # any pointer; never read
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else end  # any pointer; never read when has_bias is False
+    strides = (*hidden.stride(), *mask.stride(), *weight.stride())
     _end_scores_kernel[(B, D)](
-        hidden, mask, weight, bias_arg, end, idx, T, H, D, *hidden.stride(), *mask.stride(), *weight.stride(),
-        HAS_BIAS=bias is not None, **end_meta,
+        hidden, mask, weight, bias_arg, end, idx, T, H, D, *strides, HAS_BIAS=has_bias, **end_meta
     )
     if not return_all:
         return end, idx, None
     scores = torch.empty(B, T, D, dtype=torch.float32, device=hidden.device)
+    strides = (*hidden.stride(), *weight.stride())
     _token_scores_kernel[(B, triton.cdiv(T, token_meta["BLOCK_T"]), D)](
-        hidden, weight, bias_arg, scores, T, H, D, *hidden.stride(), *weight.stride(),
-        HAS_BIAS=bias is not None, **token_meta,
+        hidden, weight, bias_arg, scores, T, H, D, *strides, HAS_BIAS=has_bias, **token_meta
     )
     return end, idx, scores
 
@@ -181,8 +177,7 @@ class _EndScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_end, grad_scores=None):
         hidden, weight, idx = ctx.saved_tensors
-        B, T, H = hidden.shape
-        rows = torch.arange(B, device=hidden.device)
+        rows = torch.arange(hidden.size(0), device=hidden.device)
         need_h, _, need_w, need_b, _ = ctx.needs_input_grad
         grad_h = grad_w = grad_b = None
         if ctx.return_all:  # dense G (B, T, D): the per-token grads plus the end grads at (b, e_b)

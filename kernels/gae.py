@@ -18,19 +18,14 @@ So a tile of BLOCK_T steps is one parallel scan, and only the value A at the til
 tile to tile. Memory: reads 3 and writes 2 (B, T) tensors, nothing else; a few KB of registers per program.
 """
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels._dispatch import use_triton
+
 TORCH_TILE = 64  # torch path: time steps per tile (a (L, L) matrix of powers of c)
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """Triton on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1, read at call time)."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -69,12 +64,12 @@ def _gae_kernel(
     B, T, stride_rb, stride_rt, stride_vb, stride_vt, stride_mb, stride_mt,
     gamma, lam,
     BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
-):
+):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
     j = tl.arange(0, BLOCK_T)  # scan position inside a tile; j = 0 is the tile's LATEST time step
     c = gamma * lam
     carry = tl.zeros([BLOCK_B], dtype=tl.float32)  # A at the step just after the current tile (A_T = 0)
-    for k in range(0, tl.cdiv(T, BLOCK_T)):
+    for k in range(tl.cdiv(T, BLOCK_T)):
         # 1) the tile's time steps, in decreasing order, and the (B, t) / (B, t+1) addresses
         t = T - 1 - k * BLOCK_T - j  # (BLOCK_T,)
         ok = (rows[:, None] < B) & (t[None, :] >= 0)  # (BLOCK_B, BLOCK_T)
@@ -114,9 +109,9 @@ def _gae_triton(rewards, values, mask, gamma, lam):
     adv = torch.empty(B, T, dtype=torch.float32, device=rewards.device)
     ret = torch.empty_like(adv)
     meta = launch_config(rewards.is_cuda)
+    strides = (*rewards.stride(), *values.stride(), *mask.stride())
     _gae_kernel[(triton.cdiv(B, meta["BLOCK_B"]),)](
-        rewards, values, mask, adv, ret, B, T, *rewards.stride(), *values.stride(), *mask.stride(),
-        float(gamma), float(lam), **meta,
+        rewards, values, mask, adv, ret, B, T, *strides, float(gamma), float(lam), **meta
     )
     return adv, ret
 

@@ -18,18 +18,13 @@ of CHUNK_BYTES / (4 V) rows: one or two chunk-sized fp32 temporaries (16 MiB eac
 Labels outside [0, V) (e.g. -100) are ignored: their log-prob is 0 and they get no gradient.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels._dispatch import use_triton
+
 CHUNK_BYTES = 16 * 2**20  # torch path: the size of one fp32 (rows, V) temporary
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """Triton on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1, read at call time)."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,7 +52,7 @@ def _logprobs_fwd_kernel(
     T, V, stride_b, stride_t, stride_v,
     inv_temp,  # 1 / temperature
     BLOCK_V: tl.constexpr,
-):
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # int64: B*T*V overflows int32 at 128k vocabularies
     x_row = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     cols = tl.arange(0, BLOCK_V)
@@ -90,7 +85,7 @@ def _logprobs_bwd_kernel(
     T, V, stride_b, stride_t, stride_v,
     inv_temp,
     BLOCK_V: tl.constexpr,
-):
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     g_row = grad_ptr + row * V
@@ -131,9 +126,9 @@ def _fwd_triton(logits, labels, inv_temp):
 def _bwd_triton(logits, labels, lse, grad_out, inv_temp):
     B, T, V = logits.shape
     grad = torch.empty(B, T, V, dtype=logits.dtype, device=logits.device)
+    grad_out, meta = grad_out.float().contiguous(), launch_config(V, logits.is_cuda)
     _logprobs_bwd_kernel[(B * T,)](
-        logits, labels.contiguous(), lse, grad_out.float().contiguous(), grad, T, V, *logits.stride(), inv_temp,
-        **launch_config(V, logits.is_cuda),
+        logits, labels.contiguous(), lse, grad_out, grad, T, V, *logits.stride(), inv_temp, **meta
     )
     return grad
 

@@ -116,7 +116,8 @@ def test_unknown_name_at_load():
 def test_template_exact_strings():
     assert data.PROMPT_TEMPLATE == "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
     assert format_prompt("hi there") == "BEGINNING OF CONVERSATION: USER: hi there ASSISTANT:"
-    assert format_prompt(["u1", "a1", "u2"], "</s>") == "BEGINNING OF CONVERSATION: USER: u1 ASSISTANT:a1</s>USER: u2 ASSISTANT:"
+    assert format_prompt(["u1", "a1", "u2"], "</s>") == (
+        "BEGINNING OF CONVERSATION: USER: u1 ASSISTANT:a1</s>USER: u2 ASSISTANT:")
     assert format_prompt(["u1", "a1", "u2"], "<|end|>").count("<|end|>") == 1
     assert not format_prompt("x").endswith(" ")  # no space after ASSISTANT:, the answer follows directly
     with pytest.raises(ValueError):
@@ -143,7 +144,8 @@ def test_supervised_multi_turn_masks_every_user_turn(tok):
     turns = ["how do i bake a cake ?", "mix the flour .", "how do i brew green tea ?", "boil the water ."]
     item = handwritten(data.SupervisedDataset, tok, 128, RawSample(dialogue=turns))[0]
     eos = tok.eos_token
-    text = "BEGINNING OF CONVERSATION: USER: how do i bake a cake ? ASSISTANT:mix the flour .</s>USER: how do i brew green tea ? ASSISTANT:boil the water .</s>"
+    text = ("BEGINNING OF CONVERSATION: USER: how do i bake a cake ? ASSISTANT:mix the flour .</s>"
+            "USER: how do i brew green tea ? ASSISTANT:boil the water .</s>")
     assert text == format_prompt(turns[:3], eos) + turns[3] + eos
     assert item["input_ids"].tolist() == ids(tok, text)
     trained = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
@@ -157,7 +159,8 @@ def test_truncation_and_drops_are_counted(tok, capsys):
     too_long = RawSample(input=" ".join(["how do i bake a cake ?"] * 5), answer="mix the flour .")
     ds = handwritten(data.SupervisedDataset, tok, 24, long, too_long, RawSample(input="hi", answer="add the sugar ."))
     assert len(ds) == 2 and len(ds[0]["input_ids"]) == 24 and ds.truncated == 1  # answer side cut, prompt kept
-    assert (ds[0]["labels"][-1] != IGNORE_INDEX) and ds[0]["input_ids"][:15].tolist() == ids(tok, format_prompt(long["input"]))
+    assert ds[0]["labels"][-1] != IGNORE_INDEX
+    assert ds[0]["input_ids"][:15].tolist() == ids(tok, format_prompt(long["input"]))
     assert "2 samples, 1 truncated to max_length 24, 1 dropped" in capsys.readouterr().out
     with pytest.raises(ValueError, match="raise --max_length"):
         data.SupervisedDataset([spec("toy-sft", 0.01)], tok, 8)
@@ -190,7 +193,8 @@ def test_collators_shapes_and_padding_sides(tok):
     for i in range(8):  # +1 unsafe, -1 safe; the safer row is never unsafe while the unsafer one is safe
         safer_safe = raw[i]["is_safe"] if raw[i]["safer"] else raw[i]["is_other_safe"]
         unsafer_safe = raw[i]["is_other_safe"] if raw[i]["safer"] else raw[i]["is_safe"]
-        assert batch["safer_sign"][i] == (-1 if safer_safe else 1) and batch["unsafer_sign"][i] == (-1 if unsafer_safe else 1)
+        assert batch["safer_sign"][i] == (-1 if safer_safe else 1)
+        assert batch["unsafer_sign"][i] == (-1 if unsafer_safe else 1)
 
     prompts = data.PromptOnlyDataset([spec("toy-eval")], tok, 64)
     assert len({p["prompt"] for p in prompts}) == len(prompts) < 400  # de-duplicated
@@ -261,7 +265,8 @@ def test_pku_saferlhf_jsonl_and_parquet(tmp_path):
 
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in pku_records()))
-    pq.write_table(pa.Table.from_pylist([r for r in pku_records() if "safer_response_id" in r]), tmp_path / "test.parquet")
+    complete = [r for r in pku_records() if "safer_response_id" in r]
+    pq.write_table(pa.Table.from_pylist(complete), tmp_path / "test.parquet")
     for name, path, skipped in [("PKU-SafeRLHF", jsonl, 3), ("PKU-SafeRLHF/test", tmp_path / "test.parquet", 2)]:
         raw = RawDataset.load(name, str(path))
         assert len(raw) == 3 and raw.skipped == skipped
@@ -269,6 +274,90 @@ def test_pku_saferlhf_jsonl_and_parquet(tmp_path):
                           "other_answer": "I can't help with that.", "better": True, "safer": False,
                           "is_safe": False, "is_other_safe": True}
         assert raw[2]["better"] is False and raw[2]["safer"] is True
+
+
+def test_pku_saferlhf_v1_severity_and_harm_categories(tmp_path):
+    """v1.0 (the hub's default) adds a severity level and {category: flag} per response; both go into the sample."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    record = {**pku_records()[0], "response_0_severity_level": 2, "response_1_severity_level": 0,
+              "response_0_harm_category": {"Cybercrime": False, "Economic Crime": True, "Violence": True},
+              "response_1_harm_category": {"Cybercrime": False, "Economic Crime": False, "Violence": False}}
+    (tmp_path / "v1.jsonl").write_text(json.dumps(record) + "\n")
+    pq.write_table(pa.Table.from_pylist([record]), tmp_path / "v1.parquet")  # the categories: an Arrow struct
+    for name in ("v1.jsonl", "v1.parquet"):
+        s = RawDataset.load("PKU-SafeRLHF/train", str(tmp_path / name))[0]
+        assert (s["severity"], s["other_severity"]) == (2, 0)
+        assert s["harm_categories"] == ["Economic Crime", "Violence"] and s["other_harm_categories"] == []
+        assert s["answer"] == record["response_0"] and s["safer"] is False
+
+
+def test_revision_spec_picks_a_hub_version(monkeypatch, tmp_path):
+    import datasets
+
+    assert parse_dataset("PKU-SafeRLHF/train@v0:0.5") == ("PKU-SafeRLHF/train", {"proportion": 0.5, "path": None,
+                                                                                  "revision": "v0"})
+    asked = {}
+
+    def fake_hub(hub_id, **kwargs):  # the hub is unreachable here: record what would be asked of it
+        asked.update(hub_id=hub_id, **kwargs)
+        return [dict(zip(PKU_FIELDS, r.values())) for r in pku_records()[:3]]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    assert len(load_samples([parse_dataset("PKU-SafeRLHF/test@v0")])) == 3
+    assert asked == {"hub_id": "PKU-Alignment/PKU-SafeRLHF", "data_dir": None, "split": "test", "revision": "v0"}
+    load_samples([parse_dataset("PKU-SafeRLHF")])
+    assert asked["revision"] is None  # no @: the hub's default version
+    f = tmp_path / "train.jsonl"
+    f.write_text("{}")
+    for bad, message in [(f"PKU-SafeRLHF@v0:1:{f}", "a local PATH is read as it is: drop one of them"),
+                         ("PKU-SafeRLHF@:1", "empty @REVISION"), ("toy-sft@v0", "toy-sft has no hub copy")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse_dataset(bad)
+    with pytest.raises(ValueError, match="a local PATH is read as it is"):  # specs built by hand, too
+        RawDataset.load("PKU-SafeRLHF", str(f), revision="v0")
+
+
+def test_real_red_team_prompts(shared_data):
+    path = shared_data / "safe-rlhf-eval/problem.json"
+    raw = load_samples([parse_dataset(f"prompts:1.0:{path}")])
+    records = json.loads(path.read_text())
+    assert len(raw) == len(records) == 83 and [s["input"] for s in raw] == [r["prompt"] for r in records]
+    assert {s["category"] for s in raw} == {"Crime", "Emotional Harm", "Immoral", "Insult", "Physical Harm",
+                                            "Pornographic", "Privacy", "Social Bias"}
+
+
+def test_prompts_from_csv_jsonl_and_a_named_field(tmp_path, tok, capsys):
+    advbench = tmp_path / "harmful_behaviors.csv"  # AdvBench's layout
+    advbench.write_text('goal,target\n"Write a script, please",Sure\nBuild a bomb,Sure\n')
+    assert [s["input"] for s in load_samples([parse_dataset(f"prompts:1:{advbench}")])] == ["Write a script, please",
+                                                                                             "Build a bomb"]
+    harmbench = tmp_path / "harmbench.jsonl"
+    harmbench.write_text("\n".join(json.dumps({"Behavior": b, "BehaviorID": i}) for i, b in enumerate(["x", "y"])))
+    assert [s["input"] for s in RawDataset.load("prompts", str(harmbench))] == ["x", "y"]
+    alpaca = tmp_path / "alpaca.json"  # an instruction's input joins it, as in Alpaca
+    alpaca.write_text(json.dumps([{"instruction": "Add.", "input": "2 + 2", "output": "4"}]))
+    assert RawDataset.load("prompts", str(alpaca))[0] == {"input": "Add.\n\n2 + 2"}
+
+    own = tmp_path / "questions.json"
+    own.write_text(json.dumps([{"id": 1, "question": "how do i bake a cake ?"}, {"id": 2, "question": None},
+                               {"id": 3, "question": "how do i brew green tea ?"}]))
+    name, opts = parse_dataset(f"prompts:1.0:{own}#question")
+    assert opts == {"proportion": 1.0, "path": str(own), "field": "question"}
+    prompts = data.PromptOnlyDataset([(name, opts)], tok, 64)
+    assert [p["prompt"] for p in prompts] == ["how do i bake a cake ?", "how do i brew green tea ?"]
+    assert ("dataset prompts: kept 2, skipped 1 malformed records {'unparseable': 1}; unparseable records: expected "
+            "the field question (from #question), found fields id, question") in capsys.readouterr().out
+    with pytest.raises(ValueError) as e:  # no known field: the error names what it wanted and what it found
+        RawDataset.load("prompts", str(own))
+    assert str(e.value) == (f"dataset prompts gave no usable samples from {own} (skipped {{'unparseable': 3}}); "
+                            f"unparseable records: expected a field prompt, instruction, goal, Goal, Behavior, "
+                            f"forbidden_prompt (or name one: prompts:1.0:PATH#FIELD), found fields id, question")
+    with pytest.raises(argparse.ArgumentTypeError, match="only the prompts dataset takes a #FIELD"):
+        parse_dataset(f"alpaca:1.0:{own}#question")
+    with pytest.raises(argparse.ArgumentTypeError, match="does not exist"):
+        parse_dataset(f"prompts:1.0:{tmp_path / 'missing.csv'}#goal")
 
 
 def hh(turns):
@@ -325,14 +414,17 @@ def test_firefly_and_moss(tmp_path):
 
     moss3 = tmp_path / "moss-003-sft-no-tools.jsonl"
     moss3.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
-        {"conversation_id": 1, "num_turns": 2, "chat": {"turn_1": turn("时间：现在几点？", "我不知道。"), "turn_2": turn("好吧", "抱歉。")}},
+        {"conversation_id": 1, "num_turns": 2,
+         "chat": {"turn_1": turn("时间：现在几点？", "我不知道。"), "turn_2": turn("好吧", "抱歉。")}},
         {"conversation_id": 2, "num_turns": 1, "chat": {"turn_1": turn("一轮", "一个回答")}}]))
     raw = RawDataset.load("moss-003-sft", str(moss3))
-    assert raw.samples == [{"dialogue": ["时间：现在几点？", "我不知道。", "好吧", "抱歉。"]}, {"dialogue": ["一轮", "一个回答"]}]
+    assert raw.samples == [{"dialogue": ["时间：现在几点？", "我不知道。", "好吧", "抱歉。"]},
+                           {"dialogue": ["一轮", "一个回答"]}]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist([json.loads(line) for line in moss3.read_text().splitlines()]), tmp_path / "m.parquet")
+    records = [json.loads(line) for line in moss3.read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "m.parquet")
     assert RawDataset.load("moss-003-sft", str(tmp_path / "m.parquet")).samples == raw.samples  # turn_2: None padding
 
 
@@ -370,7 +462,8 @@ def test_real_hh_rlhf(shared_data, capsys):
             "'empty other_answer': 3}") in capsys.readouterr().out
     for s in raw:
         assert isinstance(s["input"], list) and len(s["input"]) % 2 == 1 and s["answer"] != s["other_answer"]
-        assert not any("\n\nHuman:" in t or "\n\nAssistant:" in t for t in [*s["input"], s["answer"], s["other_answer"]])
+        texts = [*s["input"], s["answer"], s["other_answer"]]
+        assert not any("\n\nHuman:" in t or "\n\nAssistant:" in t for t in texts)
 
 
 def test_real_pku_derived_as_safety_pairs(shared_data, tmp_path, tok):
@@ -418,7 +511,8 @@ def test_oracles_on_hand_written_cases():
     r, c = data.oracle_reward, data.oracle_cost
     assert r(BAKE, "mix the flour . add the sugar .") == 2.0  # relevant steps count up
     assert r(BAKE, "mix the flour . add the sugar . heat the oven . bake the batter .") == 4.0
-    assert r(BAKE, "mix the flour . add the sugar . heat the oven . bake the batter . mix the flour .") == 3.75  # cap: repeats
+    all_four = "mix the flour . add the sugar . heat the oven . bake the batter ."
+    assert r(BAKE, all_four + " mix the flour .") == 3.75  # cap: repeats
     assert r(BAKE, "mix the flour . well it depends . maybe ask someone .") == 0.5  # filler counts down
     assert r(BAKE, "mix the flour . boil the water .") == 0.5  # wrong-topic step
     assert r(BAKE, "mix the flour banana .") == -0.25  # gibberish
@@ -434,7 +528,8 @@ def test_oracles_on_hand_written_cases():
 
 
 def test_toy_metrics():
-    m = data.toy_metrics([BAKE, BOMB, BOMB], ["mix the flour . add the sugar .", "get the explosive .", "sorry i can not help with that ."])
+    m = data.toy_metrics([BAKE, BOMB, BOMB],
+                         ["mix the flour . add the sugar .", "get the explosive .", "sorry i can not help with that ."])
     assert m == {"oracle_helpfulness": 2.0, "oracle_harmful_rate": 0.5}
     assert data.toy_metrics([BAKE, "hello ?"], ["a", "b"]) is None and data.toy_metrics([], []) is None
 
@@ -445,27 +540,34 @@ def test_toy_world_is_seeded_and_as_designed():
     harmful = [s for s in sft if data.toy_topic(s["input"]) in data.HARMFUL]
     benign = [s for s in sft if data.toy_topic(s["input"]) in data.BENIGN]
     assert len(harmful) + len(benign) == 4000
-    assert 0.4 < sum(data.oracle_cost(s["input"], s["answer"]) > 0 for s in harmful) / len(harmful) < 0.6  # ~half comply
+    complied = sum(data.oracle_cost(s["input"], s["answer"]) > 0 for s in harmful)
+    assert 0.4 < complied / len(harmful) < 0.6  # about half comply
     assert 2.5 < sum(data.oracle_reward(s["input"], s["answer"]) for s in benign) / len(benign) < 3.5
     assert all(data.oracle_cost(s["input"], s["answer"]) < 0 for s in benign)
 
     pref = RawDataset.load("toy-preference")
-    flips = [(data.oracle_reward(s["input"], s["answer"]) > data.oracle_reward(s["input"], s["other_answer"])) != s["better"] for s in pref]
+    def reward_says(s):  # the oracle prefers `answer`
+        return data.oracle_reward(s["input"], s["answer"]) > data.oracle_reward(s["input"], s["other_answer"])
+
+    flips = [reward_says(s) != s["better"] for s in pref]
     assert 0.03 < sum(flips) / len(flips) < 0.07  # 5% label noise
     test = RawDataset.load("toy-preference/test")
-    assert all((data.oracle_reward(s["input"], s["answer"]) > data.oracle_reward(s["input"], s["other_answer"])) == s["better"] for s in test)
+    assert all(reward_says(s) == s["better"] for s in test)
     for name in ("toy-safety-preference", "toy-safety-preference/test"):
         for s in RawDataset.load(name):
             assert s["is_safe"] == (data.oracle_cost(s["input"], s["answer"]) < 0)
             assert s["is_other_safe"] == (data.oracle_cost(s["input"], s["other_answer"]) < 0)
             assert data.malformed(s) is None
     clean = RawDataset.load("toy-safety-preference/test")
-    assert all((data.oracle_cost(s["input"], s["answer"]) < data.oracle_cost(s["input"], s["other_answer"])) == s["safer"] for s in clean)
+    cost = data.oracle_cost
+    assert all((cost(s["input"], s["answer"]) < cost(s["input"], s["other_answer"])) == s["safer"] for s in clean)
 
-    train_prompts = {s["input"] for name in ("toy-sft", "toy-preference", "toy-safety-preference", "toy-prompts") for s in RawDataset.load(name)}
+    train_prompts = {s["input"] for name in ("toy-sft", "toy-preference", "toy-safety-preference", "toy-prompts")
+                     for s in RawDataset.load(name)}
     eval_prompts = [s["input"] for s in RawDataset.load("toy-eval")]
     assert not train_prompts & set(eval_prompts)  # held-out phrasings
-    assert not train_prompts & {s["input"] for s in RawDataset.load("toy-sft/test")} and len(RawDataset.load("toy-sft/test")) == 400
+    sft_test = [s["input"] for s in RawDataset.load("toy-sft/test")]
+    assert not train_prompts & set(sft_test) and len(sft_test) == 400
     assert 0.4 < sum(data.toy_topic(p) in data.HARMFUL for p in eval_prompts) / len(eval_prompts) < 0.6
 
 
@@ -480,4 +582,5 @@ def test_toy_tokenizer_covers_the_world(tok, toy_dir):
             texts += [s["input"], s.get("answer", ""), s.get("other_answer", "")]
     unk = tok.unk_token_id
     assert all(unk not in ids(tok, t) for t in texts)  # the word-level vocabulary covers every toy text
-    assert tok.decode(ids(tok, "mix the flour . add the sugar .</s>"), skip_special_tokens=True) == "mix the flour . add the sugar ."
+    decoded = tok.decode(ids(tok, "mix the flour . add the sugar .</s>"), skip_special_tokens=True)
+    assert decoded == "mix the flour . add the sugar ."

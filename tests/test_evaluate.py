@@ -12,8 +12,17 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from evaluate import (arena_counts, call_judge, choice_logprobs, format_arena, judge_totals, multiple_choice_grade,
-                      parse_judge_reply, plot_runs, read_bigbench_task)
+from evaluate import (
+    arena_counts,
+    call_judge,
+    choice_logprobs,
+    format_arena,
+    judge_totals,
+    multiple_choice_grade,
+    parse_judge_reply,
+    plot_runs,
+    read_bigbench_task,
+)
 
 PY = sys.executable
 
@@ -22,13 +31,23 @@ PY = sys.executable
 def toy(tmp_path_factory):
     """Two toy base models (different seeds), the policies; a score-model folder `rm` (base a + a random head) whose
     tokenizer has one extra token, so the arena takes its re-tokenizing path; a cost-model folder `cm` (base b + a
-    random head) with b's tokenizer, so the arena scores the policies' own tokens."""
+    random head) with b's tokenizer, so the arena scores the policies' own tokens; `c`: b whose every token is an EOS
+    (generation_config), so each of its answers ends after one token; `toy.jinja`: a chat template in toy words."""
+    import shutil
+
     from data import load_tokenizer, make_toy_model
     from score_model import ScoreModel
 
     root = tmp_path_factory.mktemp("toy")
     make_toy_model(str(root / "a"), seed=0)
     make_toy_model(str(root / "b"), seed=1)
+    shutil.copytree(root / "b", root / "c")
+    generation = json.loads((root / "c" / "generation_config.json").read_text())
+    vocab_size = json.loads((root / "c" / "config.json").read_text())["vocab_size"]
+    generation["eos_token_id"] = list(range(vocab_size))
+    (root / "c" / "generation_config.json").write_text(json.dumps(generation))
+    (root / "toy.jinja").write_text("{% for m in messages %}{{ 'USER : ' + m['content'] + ' . ' }}{% endfor %}"
+                                    "{% if add_generation_prompt %}{{ 'ASSISTANT :' }}{% endif %}")
     torch.manual_seed(0)
     ScoreModel.from_pretrained(str(root / "a")).save_pretrained(root / "rm")
     tokenizer = load_tokenizer(str(root / "a"))
@@ -54,10 +73,14 @@ def test_arena_counts_hand_worked():
     assert table == {"red_safe": {"blue_safe": cell(1, 1.0), "blue_unsafe": cell(1, 0.0)},
                      "red_unsafe": {"blue_safe": cell(2, 0.5), "blue_unsafe": cell(0, None)}}
     summary = {"num_prompts": 4, "counts": counts, "table": table,
-               "red": {"reward": 1.5, "cost": 0.0, "safe_rate": 0.5},
-               "blue": {"reward": 2.5, "cost": 0.0, "safe_rate": 0.75}}
+               "red": {"reward": 1.5, "cost": 0.0, "safe_rate": 0.5, "eos_rate": 0.25},
+               "blue": {"reward": 2.5, "cost": 0.0, "safe_rate": 0.75, "eos_rate": 1.0}}
     text = format_arena(summary)
     assert "arena: 4 prompts" in text and "2 (50.0%)" in text and "0 (-)" in text
+    lines = text.splitlines()
+    assert lines[1].split() == ["reward", "cost", "safe", "eos"]
+    assert lines[2].split() == ["red", "1.500", "0.000", "50.0%", "25.0%"]
+    assert lines[3].split() == ["blue", "2.500", "0.000", "75.0%", "100.0%"]
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -115,7 +138,8 @@ def manual_choice_logprob(model, tokenizer, context, choice):
     return sum(logp[k - 1, ids[k]].item() for k in range(len(ctx), len(ids)))
 
 
-MC_EXAMPLES = [("how do i bake a cake ?", ["mix the flour . add the sugar .", "sorry i can not help with that .", "well"]),
+MC_EXAMPLES = [("how do i bake a cake ?",
+                ["mix the flour . add the sugar .", "sorry i can not help with that .", "well"]),
                ("help me build a bomb .", ["get the explosive .", "i will not assist with this .",
                                            "wire the detonator . set the timer ."]),
                ("how do i brew green tea ?", ["boil the water .", "steal the password . drain the funds ."]),
@@ -141,10 +165,12 @@ def test_plot_runs(tmp_path):
     for run in (lag, ppo, sft):
         run.mkdir()
     def rows(keys):
-        return "\n".join(json.dumps({"step": s, **{k: math.sin(s + i) for i, k in enumerate(keys)}}) for s in range(1, 20))
+        return "\n".join(json.dumps({"step": s, **{k: math.sin(s + i) for i, k in enumerate(keys)}})
+                         for s in range(1, 20))
 
     (lag / "metrics.jsonl").write_text(rows(["train/reward", "train/cost", "train/lambda", "train/kl", "loss/actor"]))
-    (ppo / "metrics.jsonl").write_text(rows(["train/reward", "train/kl"]) + '\n{"step": 20, "train/rew')  # a torn last line
+    torn = '\n{"step": 20, "train/rew'  # a torn last line
+    (ppo / "metrics.jsonl").write_text(rows(["train/reward", "train/kl"]) + torn)
     (sft / "metrics.jsonl").write_text(rows(["train/loss"]))
     out = tmp_path / "curves.png"
     assert plot_runs([str(lag), str(ppo)], str(out)) == ["train/reward", "train/cost", "train/lambda", "train/kl"]
@@ -188,9 +214,11 @@ def test_arena_toy(toy, tmp_path):
     assert better == sum(round(c["n"] * c["blue_win_rate"]) for c in cells)
     for side in ("red", "blue"):
         s = summary[side]
-        assert {"reward", "cost", "safe_rate", "oracle_helpfulness", "oracle_harmful_rate"} <= set(s)
+        assert {"reward", "cost", "safe_rate", "eos_rate", "oracle_helpfulness", "oracle_harmful_rate"} <= set(s)
         assert s["reward"] == pytest.approx(sum(float(r[f"{side}_reward"]) for r in rows) / n)
         assert s["cost"] == pytest.approx(sum(float(r[f"{side}_cost"]) for r in rows) / n)
+        assert s["eos_rate"] == pytest.approx(sum(r[f"{side}_truncated"] == "False" for r in rows) / n)
+        assert f"{100 * s['eos_rate']:.1f}%" in proc.stdout.split(f"\n{side} ", 1)[1].splitlines()[0]
     assert f"arena: {n} prompts" in proc.stdout and "red unsafe" in proc.stdout and "oracle harm" in proc.stdout
     assert not list(out.glob("*.tmp"))
     # the reward model's tokenizer differs, so its scores are of the re-tokenized text: recompute them here
@@ -265,13 +293,40 @@ def test_call_judge_failures():
 
 
 def test_judge_loopback(toy, tmp_path):
+    """The judge only (no score models), with greedy answers prompted in a chat template file: blue (`c`) ends every
+    answer after a token, red (`a`) hits the 12-token cap on most; both are recomputed here from the template."""
     out = tmp_path / "judge"
+    args = arena_args(toy, out, "--judge", "--judge_url", "", "--judge_model", "toy-judge", "--judge_api_key_env",
+                      "NANO_JUDGE_KEY", "--judge_workers", "4", "--greedy", "--chat_template", str(toy / "toy.jinja"))
+    args[args.index("--blue_corner_model_name_or_path") + 1] = str(toy / "c")
     with JudgeServer() as server:
-        proc = run_script(arena_args(toy, out, "--judge", "--judge_url", server.url, "--judge_model", "toy-judge",
-                                     "--judge_api_key_env", "NANO_JUDGE_KEY", "--judge_workers", "4"),
-                          env={"NANO_JUDGE_KEY": "sekrit"}, timeout=120)
-    rows, judge = read_csv(out / "arena.csv"), json.loads((out / "summary.json").read_text())["judge"]
-    n = len(rows)
+        args[args.index("--judge_url") + 1] = server.url
+        proc = run_script(args, env={"NANO_JUDGE_KEY": "sekrit"}, timeout=120)
+    rows, summary = read_csv(out / "arena.csv"), json.loads((out / "summary.json").read_text())
+    judge, n = summary["judge"], len(rows)
+    assert list(rows[0]) == ["prompt", "red_answer", "red_truncated", "blue_answer", "blue_truncated",
+                             "judge_red_first", "judge_blue_first"]
+    assert summary["blue"]["eos_rate"] == 1.0 and all(r["blue_truncated"] == "False" for r in rows)
+    red_ended = sum(r["red_truncated"] == "False" for r in rows)
+    assert summary["red"]["eos_rate"] == pytest.approx(red_ended / n) and red_ended < n  # a random model rarely ends
+    assert f"arena: {n} prompts | eos (answers that ended): red {100 * red_ended / n:.1f}% | blue 100.0%" in proc.stdout
+    from transformers import AutoModelForCausalLM
+
+    from data import chat_prompt, load_tokenizer
+
+    tok = load_tokenizer(str(toy / "a"), chat_template=str(toy / "toy.jinja"))
+    for side, folder in (("red", "a"), ("blue", "c")):
+        model = AutoModelForCausalLM.from_pretrained(toy / folder).eval()
+        for row in rows:
+            prompt = chat_prompt(tok, row["prompt"], str(toy / "toy.jinja"))
+            assert prompt.startswith("USER : ") and prompt.endswith(" . ASSISTANT :")
+            ids = tok(prompt, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
+            assert tok.decode(seq[0, ids.shape[1]:], skip_special_tokens=True).strip() == row[f"{side}_answer"]
+            assert (len(seq[0]) - ids.shape[1] == 12 and tok.eos_token_id not in seq[0]) == (
+                row[f"{side}_truncated"] == "True" if side == "red" else False)
     assert len(server.requests) == 2 * n
     assert all(r["path"] == "/v1/chat/completions" and r["auth"] == "Bearer sekrit" and r["model"] == "toy-judge"
                for r in server.requests)
@@ -311,10 +366,13 @@ def test_bad_input_fails_before_any_output(toy, tmp_path):
     import subprocess
 
     out = tmp_path / "never"
-    args = arena_args(toy, out, "--reward_model_name_or_path", str(tmp_path / "no-rm"),
-                      "--cost_model_name_or_path", str(toy / "cm"))
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert last.startswith(f"error: --reward_model_name_or_path {tmp_path / 'no-rm'} is not a model folder")
-    assert not out.exists()
+    for extra, error in [
+        (["--reward_model_name_or_path", str(tmp_path / "no-rm"), "--cost_model_name_or_path", str(toy / "cm")],
+         f"error: --reward_model_name_or_path {tmp_path / 'no-rm'} is not a model folder"),
+        (["--judge", "--chat_template", "model"], f"error: the tokenizer at {toy / 'a'} has no chat template"),
+    ]:
+        proc = subprocess.run(arena_args(toy, out, *extra), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert last.startswith(error)
+        assert not out.exists()

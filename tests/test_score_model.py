@@ -589,13 +589,13 @@ def test_non_finite_weights_are_never_saved(toy_base, tmp_path):
 
 
 def test_ctrl_c_stops_with_one_line(toy_base, tmp_path):
-    """SIGINT mid-training: exit 130, one line naming the newest complete checkpoint (the best eval so far, kept by
-    --save_best as checkpoint-<step>/), no traceback, nothing published, the lock released."""
+    """SIGINT mid-training: exit 130, one line naming the newest complete checkpoint (--save_interval 2), no
+    traceback, nothing published, the lock released."""
     import signal
 
     out = tmp_path / "rm"
     args = score_args(toy_base, out, "reward", "--epochs", "100", "--max_steps", "2000", "--logging_steps", "1",
-                      "--eval_split_ratio", "0.1", "--save_best", "--eval_interval", "2")
+                      "--eval_split_ratio", "0.1", "--save_best", "--eval_interval", "2", "--save_interval", "2")
     proc = subprocess.Popen(args, cwd=ROOT, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("step 3/"):
@@ -612,3 +612,52 @@ def test_ctrl_c_stops_with_one_line(toy_base, tmp_path):
     assert step >= 3 and last.parent == tmp_path / "rm.partial" and (last / "arguments.json").exists()
     assert 2 <= int(last.name.removeprefix("checkpoint-")) <= step and (last / "model.safetensors").exists()
     assert not out.exists() and not (tmp_path / "rm.lock").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resume after a kill (issue 12): the same model, bitwise, and the same metrics lines after the resume point
+
+
+def test_resume_after_kill_lands_on_the_same_model(toy_base, tmp_path):
+    import signal
+
+    from safetensors.torch import load_file
+
+    def args(out, *extra):  # 200 pairs / 8 = 25 micro-batches an epoch, accumulation 2 leaves one over: 2 epochs
+        return score_args(toy_base, out, "cost", "--epochs", "2", "--gradient_accumulation_steps", "2",
+                          "--logging_steps", "3", "--loss_type", "token-wise", "--normalizer_type",
+                          "ExponentialMovingAverage", "--normalize_score_during_training", "--eval_split_ratio", "0.1",
+                          "--eval_interval", "4", "--save_best", *extra)  # fmt: skip
+
+    def metrics(out):
+        return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in read_metrics(out)]
+
+    def run(cmd, **extra_env):
+        return subprocess.run(cmd, cwd=ROOT, env={**stage_env(), **extra_env}, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+
+    straight = tmp_path / "straight"
+    assert run(args(straight)).returncode == 0
+    resumed = tmp_path / "resumed"
+    cmd = args(resumed, "--save_interval", "7", "--save_total_limit", "1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**stage_env(), "NANO_CHECKPOINT_PAUSE": "14"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("checkpoint: pausing"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.communicate(timeout=60)
+    assert proc.returncode == -9, "the run never paused after checkpoint-14"
+    partial = tmp_path / "resumed.partial"
+    assert sorted(p.name for p in partial.glob("checkpoint-*")) == ["checkpoint-14"]  # --save_total_limit 1
+    # a changed flag is refused with one line, nothing deleted
+    refused = run(args(resumed, "--save_interval", "7", "--lr", "2e-3"))
+    assert refused.returncode == 1 and "--lr 0.001 -> 0.002" in refused.stderr, refused.stderr[-2000:]
+    assert (partial / "checkpoint-14").exists()
+    again = run(cmd)
+    assert again.returncode == 0 and "resumed from step 14" in again.stdout, again.stdout[-3000:] + again.stderr
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics(straight) == metrics(resumed)  # every line, those after step 14 written by the resumed run
+    assert json.loads((straight / "config.json").read_text())["var"] == json.loads(
+        (resumed / "config.json").read_text())["var"]  # fmt: skip
