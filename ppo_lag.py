@@ -41,6 +41,7 @@ from collections import defaultdict, deque
 
 import torch
 
+import rollout
 from checkpoint import (
     check_finite,
     check_model_folder,
@@ -188,6 +189,12 @@ def main():
     add("--top_p", type=float, default=1.0, help="nucleus sampling mass")
     add("--repetition_penalty", type=float, default=1.0, help="HF generate repetition penalty")
     add("--num_return_sequences", type=int, default=1, help="answers sampled per prompt")
+    add("--generation_cache", choices=["static", "dynamic"],
+        help="KV cache of rollout and eval generation: static = compiled decoding, sized to --max_length (default on "
+        "CUDA); dynamic = Hugging Face's default (default on CPU)")  # fmt: skip
+    add("--gather_for_generation", choices=["auto", "always", "never"], default="auto",
+        help="ZeRO-3: gather the actor's parameters once per generate call instead of per layer per token (auto: "
+        "when they fit in free device memory)")  # fmt: skip
     add("--kl_coeff", type=float, help="beta of the KL shaping (default 0.01 PPO-Lag, 0.02 PPO and reward shaping)")
     add("--clip_range_ratio", type=float, default=0.2, help="PPO ratio clip epsilon")
     add("--clip_range_score", type=float, default=50.0, help="clip on every per-token shaped reward and cost")
@@ -483,16 +490,21 @@ def main():
         )
         streams.append({"name": name, "sign": sign, "critic": critic})
     eos, pad = actor_tok.eos_token_id, actor_tok.pad_token_id
-    synced_gpus = args.zero_stage == 3 and world_size > 1  # every rank must join each forward of a ZeRO-3 generate
+    synced_gpus = args.zero_stage == 3 and world_size > 1  # ZeRO-3 per-token fetch: every rank joins each forward
+    generation_cache = args.generation_cache or rollout.default_cache(device)
 
     def generate(batch, num_return_sequences=1):
         """Sample answers: returns (sequence (B, P+L), attention_mask, response mask (B, L), P)."""
         try:
             with torch.no_grad():
-                seq = actor.module.generate(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
+                seq = rollout.generate(
+                    actor,  # the engine: under ZeRO-3 its parameters are gathered once per call (rollout.py)
+                    batch["input_ids"].to(device),
+                    batch["attention_mask"].to(device),
                     max_new_tokens=args.max_length - batch["input_ids"].shape[1],
+                    max_cache_len=args.max_length,
+                    cache=generation_cache,
+                    gather=args.gather_for_generation,
                     do_sample=True,
                     temperature=args.temperature,
                     top_p=args.top_p,
