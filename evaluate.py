@@ -397,7 +397,11 @@ def main():
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     torch.manual_seed(args.seed + rank)  # different samples on each rank
-    print0 = lambda *a, **k: print(*a, **k, flush=True) if master_process else None  # noqa: E731
+
+    def print0(*a, **k):
+        if master_process:
+            print(*a, **k, flush=True)
+
     progress = lambda it, desc: tqdm(it, desc=desc, disable=not (master_process and sys.stdout.isatty()))  # noqa: E731
     dtype = torch.bfloat16 if args.bf16 else torch.float32
 
@@ -551,3 +555,7 @@ def main():
 
 if __name__ == "__main__":
     main()
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # as every stage: else gloo's threads can abort the exit of the other ranks
+        dist.destroy_process_group()

@@ -191,7 +191,11 @@ def main():
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     torch.manual_seed(args.seed)
-    print0 = print if master_process else (lambda *a, **k: None)
+
+    def print0(*a, **k):
+        if master_process:
+            print(*a, **k, flush=True)
+
     partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
     if master_process:  # lock <output_dir>, check it can be written, recover an interrupted swap: before slow work
         partial = prepare_output(args.output_dir, vars(args), args.resume_from_checkpoint)
