@@ -1,14 +1,19 @@
-"""Chat with a policy in the terminal: multi-turn with the prompt template, answers streamed as they are generated;
-or two policies answering every message side by side (arena); or one answer for scripts (-p).
+"""Chat with a policy in the terminal: multi-turn, answers streamed as they are generated; or two policies answering
+every message side by side (arena); or one answer for scripts (-p).
 
-The model sees `format_prompt([u1, a1, ..., u_n])`, i.e. `BEGINNING OF CONVERSATION: USER: u1 ASSISTANT:a1</s>USER:
-... ASSISTANT:`; the oldest exchanges are dropped when the conversation would not leave `max_new_tokens` of the
-model's context. Deviations from the anchor's CLI: arena answers stream one after the other (red, then blue), not
-in two columns; plain input() (with readline editing where available) instead of a rich UI.
+The model sees the conversation in a chat template: the anchor's (the default: `format_prompt([u1, a1, ..., u_n])`,
+i.e. `BEGINNING OF CONVERSATION: USER: u1 ASSISTANT:a1</s>USER: ... ASSISTANT:`), the tokenizer's own
+(`--chat_template model`: apply_chat_template, e.g. ChatML) or a Jinja file. An answer ends at its first stop token
+(the EOS, the model's generation_config EOS list, the template's end of turn such as <|im_end|>) and only the answer
+is printed; a note on stderr says when it hit the token cap instead. The oldest exchanges are dropped when the
+conversation would not leave `max_new_tokens` of the model's context. Deviations from the anchor's CLI: arena
+answers stream one after the other (red, then blue), not in two columns; plain input() (with readline editing where
+available) instead of a rich UI.
 
     python chat.py --model_name_or_path output/ppo-lag
     python chat.py --red_corner_model_name_or_path output/sft --blue_corner_model_name_or_path output/ppo-lag
     python chat.py --model_name_or_path output/ppo-lag -p "how do i bake a cake ?"    # one answer, then exit
+    python chat.py --model_name_or_path output/smol/ppo-lag --chat_template model     # the model's own template
     printf 'hi\\n/regenerate\\n' | python chat.py --model_name_or_path output/sft    # a pipe: one message per line
 """
 
@@ -44,7 +49,12 @@ def fit_history(turns: list[str], n_tokens, budget: int) -> tuple[list[str], int
 
 
 def main():
+    from data import CHAT_TEMPLATE_HELP, parse_chat_template
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    parser.add_argument("--chat_template", type=parse_chat_template, default="anchor",
+                        help=f"how the conversation is written for the model(s): {CHAT_TEMPLATE_HELP}")
     # model
     parser.add_argument("--model_name_or_path", default=None, help="the policy to chat with")
     parser.add_argument("--red_corner_model_name_or_path", default=None, help="arena: the red policy")
@@ -76,7 +86,7 @@ def main():
     import transformers
     from transformers import AutoModelForCausalLM, TextStreamer
 
-    from data import format_prompt, load_tokenizer
+    from data import chat_prompt, load_tokenizer, stop_ids, tokenize
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -88,6 +98,12 @@ def main():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (arrow keys and history in input())
 
+    try:  # every tokenizer first, with the template it will render: a one-line error before any model loads
+        tokenizers = {name: load_tokenizer(path, chat_template=args.chat_template) for name, path in paths.items()}
+    except ValueError as e:  # no EOS token, `model` on a tokenizer without a template, a broken Jinja file
+        raise SystemExit(f"error: {e}") from None
+    template = args.chat_template  # "anchor", or the tokenizer's template (a Jinja file is installed on it now)
+
     bots = []
     for name, path in paths.items():
         model = lora.from_pretrained(  # an adapter folder: its base with the adapter folded in
@@ -96,26 +112,20 @@ def main():
         model = model.to(device).eval()
         context = getattr(model.config, "max_position_embeddings", None) or 2048
         max_new = min(args.max_new_tokens, context // 2)
-        bots.append(
-            {
-                "name": name,
-                "model": model,
-                "tokenizer": load_tokenizer(path),
-                "history": [],
-                "max_new": max_new,
-                "budget": context - max_new,
-            }
-        )
+        tok = tokenizers[name]
+        stops = stop_ids(tok, template, model.generation_config)  # EOS, the config's EOS list, the end of turn
+        bots.append({"name": name, "model": model, "tokenizer": tok, "stops": stops, "history": [],
+                     "max_new": max_new, "budget": context - max_new})
 
     def answer(bot, message: str) -> None:
         """Stream bot's answer to `message` after its history, then remember the exchange."""
         tok = bot["tokenizer"]
-        n_tokens = lambda turns: len(tok(format_prompt(turns, tok.eos_token))["input_ids"])  # noqa: E731
+        n_tokens = lambda turns: len(tokenize(tok, chat_prompt(tok, turns, template), template)["input_ids"])  # noqa: E731
         turns, dropped = fit_history(bot["history"] + [message], n_tokens, bot["budget"])
         if dropped:
             note(f"({bot['name']}: dropped the {dropped} oldest exchange(s) to fit the {bot['budget']}-token context)")
-        prompt = format_prompt(turns, tok.eos_token)
-        ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)  # (1, P)
+        prompt = chat_prompt(tok, turns, template)
+        ids = torch.tensor([tokenize(tok, prompt, template)["input_ids"]], device=device)  # (1, P)
         if ids.shape[1] > bot["budget"]:
             return note(f"(message too long: {ids.shape[1]} tokens > {bot['budget']}; not sent)")
         if args.verbose:
@@ -123,18 +133,24 @@ def main():
         if interactive or arena:
             print(colour(bot["name"], f"{bot['name']}>" if interactive else f"[{bot['name']}]"), end=" ", flush=True)
         sampling = dict(temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else {}
-        with torch.no_grad():  # the streamer prints the words as they come
+        with torch.no_grad():  # the streamer prints the words as they come, without special tokens (the stops)
             out = bot["model"].generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=bot["max_new"],
                 do_sample=args.temperature > 0,
                 repetition_penalty=args.repetition_penalty,
+                eos_token_id=bot["stops"],  # the end of turn, not only the EOS: else ChatML models write on
                 pad_token_id=tok.eos_token_id,  # one unpadded row: never used to pad
                 streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
                 **sampling,
             )
-        bot["history"] = turns + [tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()]
+        new = out[0, ids.shape[1] :]  # (L,)
+        ended = torch.isin(new, torch.tensor(bot["stops"], device=new.device))
+        if not ended.any():
+            note(f"({bot['name']}: the answer hit the {bot['max_new']}-token cap; raise --max_new_tokens)")
+        n = int(ended.int().argmax()) if ended.any() else len(new)  # the answer: the tokens before the first stop
+        bot["history"] = turns + [tok.decode(new[:n], skip_special_tokens=True).strip()]
 
     try:
         if args.prompt is not None:

@@ -169,7 +169,8 @@ def _recover(out: Path, partial: Path, old: Path) -> None:
 def _clean(partial: Path, keep: bool) -> None:
     """Delete what a killed run left in `partial`. With `keep` (resuming) and a resumable checkpoint there, only the
     unfinished parts go (*.tmp, folders without arguments.json, a half-written final model's files); the complete
-    folders (checkpoints, score_model.py's --save_best copy best-<step>/), metrics.jsonl and tensorboard/ stay."""
+    folders (checkpoints, score_model.py's --save_best copy best-<step>/), metrics.jsonl, samples.jsonl and
+    tensorboard/ stay."""
     if not partial.exists():
         return
     saved = checkpoints(partial)
@@ -180,7 +181,7 @@ def _clean(partial: Path, keep: bool) -> None:
         return
     for path in partial.iterdir():
         whole = path.is_dir() and is_complete(path) and not path.name.endswith(".tmp")
-        if not whole and path.name not in ("metrics.jsonl", "tensorboard"):
+        if not whole and path.name not in ("metrics.jsonl", "samples.jsonl", "tensorboard"):
             _delete(path)
 
 
@@ -291,15 +292,15 @@ def _choose(partial: Path, resume: str, args_dict: dict, ignored: set, world_siz
         if later > state["step"]:
             print(f"deleting {path}: the run continues from step {state['step']}")
             _delete(path)
-    metrics = partial / "metrics.jsonl"  # keep the lines of steps <= N (the kill may have cut the last one)
-    if metrics.is_file():
-        rows = []
-        for line in metrics.read_text().splitlines():
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                if json.loads(line)["step"] <= state["step"]:
-                    rows.append(line + "\n")
-        metrics.with_name("metrics.jsonl.tmp").write_text("".join(rows))
-        os.replace(metrics.with_name("metrics.jsonl.tmp"), metrics)
+    for log in (partial / "metrics.jsonl", partial / "samples.jsonl"):  # keep the lines of steps <= N (the kill
+        if log.is_file():  # may have cut the last one)
+            rows = []
+            for line in log.read_text().splitlines():
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    if json.loads(line)["step"] <= state["step"]:
+                        rows.append(line + "\n")
+            log.with_name(f"{log.name}.tmp").write_text("".join(rows))
+            os.replace(log.with_name(f"{log.name}.tmp"), log)
     return folder
 
 

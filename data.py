@@ -595,11 +595,30 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def end_of_turn(tokenizer, ids: list[int], start: int, end: int) -> int:
     """Where the span ids[start:end] ends: after its last special token (the end of turn) when only whitespace follows
     it. ChatML writes `<|im_end|>\\n`: the newline is the template's, not the model's to generate or to be scored at."""
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    special = special_ids(tokenizer)
     for j in range(end, start, -1):
         if ids[j - 1] in special:
             return j if not tokenizer.decode(ids[j:end]).strip() else end
     return end
+
+
+def special_ids(tokenizer) -> set[int]:
+    """The ids of the tokenizer's special tokens, the added ones marked special included (ChatML's <|im_start|>)."""
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def stop_ids(tokenizer, chat_template: str = "anchor", generation_config=None) -> list[int]:
+    """The ids that end an answer, for generate(eos_token_id=...) and a saved generation_config.json: the tokenizer's
+    EOS, the EOS list of the model's generation config (Llama 3 and Qwen list several), and the chat template's end of
+    turn when it is a special token (ChatML's <|im_end|> on a tokenizer whose EOS is <|endoftext|>): the last token
+    of a rendered assistant turn that is not whitespace."""
+    text = render(tokenizer, ["Hi", "Hello"], chat_template, generation_prompt=False)
+    ids = tokenize(tokenizer, text, chat_template)["input_ids"]
+    last = next((i for i in reversed(ids) if tokenizer.decode([i]).strip()), None)
+    listed = getattr(generation_config, "eos_token_id", None)  # an int, a list or None
+    found = [tokenizer.eos_token_id, *(listed if isinstance(listed, list) else [listed])]
+    found += [last] if last in special_ids(tokenizer) else []
+    return list(dict.fromkeys(i for i in found if i is not None))  # in order, once each: the EOS first
 
 
 def conversation_ids(tokenizer, input: str | list[str], answer: str, chat_template: str = "anchor") -> list[int]:
@@ -777,7 +796,7 @@ class SafetyPreferenceDataset(TokenizedDataset):
 class PromptOnlyDataset(TokenizedDataset):
     """input_ids (B,T) left padded for generation (ending with the template's cue for the assistant), attention_mask
     (B,T), prompts: the user's last message (list of str), inputs: the raw inputs (a str, or the turns so far) to
-    render again for another tokenizer. Prompts are de-duplicated."""
+    render again for another tokenizer. Prompts are de-duplicated; an item keeps its prompt's category (or None)."""
 
     DROP_REASON = "duplicate prompt, or no room for an answer"
 
@@ -792,7 +811,7 @@ class PromptOnlyDataset(TokenizedDataset):
             return None
         self.seen.add(prompt)
         return {"input_ids": ids, "prompt": s["input"] if isinstance(s["input"], str) else s["input"][-1],
-                "input": s["input"]}
+                "input": s["input"], "category": s.get("category")}
 
     def collate(self, batch):
         return {**self.padded([b["input_ids"] for b in batch], left=True), "prompts": [b["prompt"] for b in batch],

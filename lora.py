@@ -11,9 +11,9 @@ What a stage saves: by default an ordinary model folder with W + (alpha / r) * B
 every stage, chat and evaluate load as any other model. With --save_adapter_only, peft's adapter folder instead:
 adapter_config.json (rank, alpha, target modules, and base_model_name_or_path: the model it was trained from,
 absolute for a local folder, itself maybe an adapter folder), adapter_model.safetensors (A, B and, for a score model,
-its trained head), the tokenizer, arguments.json, and for a score model a config.json with the score fields (head
-shape, score type, normaliser statistics). Every stage accepts such a folder as a model path: it loads the base and
-folds the adapter in.
+its trained head), the tokenizer, arguments.json, for a policy its generation_config.json (the stop ids), and for a
+score model a config.json with the score fields (head shape, score type, normaliser statistics). Every stage accepts
+such a folder as a model path: it loads the base and folds the adapter in.
 """
 
 import json
@@ -132,6 +132,8 @@ def save_pretrained(model, path, state_dict=None, adapter_only: bool = False) ->
         model.save_pretrained(path, state_dict=state_dict, save_embedding_layers=False)
         if hasattr(base, "save_config"):
             base.save_config(path)
+        if getattr(base, "generation_config", None) is not None:  # a policy's stop ids (sft.py sets them), as merged
+            base.generation_config.save_pretrained(path)
     else:
         base.save_pretrained(path, state_dict=merged_state_dict(model, state_dict))
 
@@ -162,4 +164,8 @@ def from_pretrained(load, path, **kwargs):
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(from_pretrained(load, base, **kwargs), path).merge_and_unload()
+    if (Path(path) / "generation_config.json").is_file():  # the adapter's own (stop ids), not its base's
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     return model.requires_grad_(True)  # peft froze the base; a stage that loads it decides what it trains

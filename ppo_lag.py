@@ -10,6 +10,10 @@ advantage A = (A_r - lambda * A_c) / (1 + lambda) for theta, and a step on log(l
 Reward and cost are two *streams* (score model, sign, critic), each KL-shaped, GAE'd and fitted by its own critic.
 Each iteration: 1) rollout, 2) score, 3) KL-shaped rewards and GAE per stream, 4) PPO epochs for the actor and the
 critics, 5) Lagrange multiplier update, 6) log / eval / save.
+Prompts are written in the anchor's template or the actor's own (--chat_template model); an answer ends at the first
+stop token (the EOS, the actor's generation_config EOS list, the template's end of turn), train/eos_rate is the share
+that did, and every metrics line writes a few (prompt, response, reward, cost) samples to samples.jsonl (one printed).
+The first rollout prints J_C of the initial policy beside the threshold d: where the constraint starts.
 --reward_shaping is the anchor's fixed-lambda baseline: ONE stream whose end score is R - lambda * C, one critic.
 
 Deviations from the anchor (safe-rlhf at 82743cc; the README lists them all):
@@ -42,6 +46,7 @@ from collections import defaultdict, deque
 import torch
 
 import lora
+import rollout
 from checkpoint import (
     check_finite,
     check_model_folder,
@@ -53,8 +58,21 @@ from checkpoint import (
     save_checkpoint,
     weights_finite,
 )
-from data import PromptOnlyDataset, SupervisedDataset, load_tokenizer, parse_dataset, toy_metrics
+from data import (
+    CHAT_TEMPLATE_HELP,
+    PromptOnlyDataset,
+    SupervisedDataset,
+    conversation_ids,
+    load_tokenizer,
+    parse_chat_template,
+    parse_dataset,
+    save_chat_template,
+    stop_ids,
+    toy_metrics,
+)
 from kernels import cross_entropy, gae, logprobs
+
+SAMPLES_PER_LOG = 4  # rollout samples written to samples.jsonl at each metrics line (the first one printed)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The math (pure functions, unit-tested in tests/test_ppo_lag.py)
@@ -130,10 +148,11 @@ def lambda_init_state(lambda_init):
     }
 
 
-def response_mask(response, eos_token_id):
-    """(B, L) bool: tokens up to and including the first EOS (works when pad == eos)."""
-    is_eos = response == eos_token_id
-    return (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+def response_mask(response, stop_ids):
+    """(B, L) bool: tokens up to and including the first stop token (stop_ids: an id, or a tensor of ids such as the
+    EOS and the chat template's end of turn); works when pad == eos."""
+    is_stop = torch.isin(response, torch.as_tensor(stop_ids, device=response.device))
+    return (is_stop.long().cumsum(-1) - is_stop.long()) == 0
 
 
 def lr_schedule(kind, total_steps, warmup_ratio):
@@ -201,6 +220,8 @@ def main():
     add("--eval_datasets", nargs="+", type=parse_dataset, help="eval prompt specs")
     add("--ptx_datasets", nargs="+", type=parse_dataset, help="SFT specs for the PTX loss")
     add("--max_length", type=int, default=512, help="prompt + response length in tokens")
+    add("--chat_template", type=parse_chat_template, default="anchor",
+        help=f"how prompts are written (for the actor, the score models and the saved actor): {CHAT_TEMPLATE_HELP}")
     # algorithm
     add("--epochs", type=int, default=1, help="passes over the prompt dataset")
     add("--max_steps", type=int, help="stop after this many rollouts (optional)")
@@ -209,6 +230,12 @@ def main():
     add("--top_p", type=float, default=1.0, help="nucleus sampling mass")
     add("--repetition_penalty", type=float, default=1.0, help="HF generate repetition penalty")
     add("--num_return_sequences", type=int, default=1, help="answers sampled per prompt")
+    add("--generation_cache", choices=["static", "dynamic"],
+        help="KV cache of rollout and eval generation: static = compiled decoding, sized to --max_length (default on "
+        "CUDA); dynamic = Hugging Face's default (default on CPU)")  # fmt: skip
+    add("--gather_for_generation", choices=["auto", "always", "never"], default="auto",
+        help="ZeRO-3: gather the actor's parameters once per generate call instead of per layer per token (auto: "
+        "when they fit in free device memory)")  # fmt: skip
     add("--kl_coeff", type=float, help="beta of the KL shaping (default 0.01 PPO-Lag, 0.02 PPO and reward shaping)")
     add("--clip_range_ratio", type=float, default=0.2, help="PPO ratio clip epsilon")
     add("--clip_range_score", type=float, default=50.0, help="clip on every per-token shaped reward and cost")
@@ -321,7 +348,13 @@ def main():
             f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must divide the micro-batches of one "
             f"rollout's PPO epochs ({micro_per_rollout} x {args.update_iters} update_iters)"
         )
-    actor_tok = load_tokenizer(args.actor_model_name_or_path, padding_side="left")
+    try:  # every tokenizer with the template it renders: no EOS, `model` without a template, a broken Jinja file
+        template = args.chat_template
+        actor_tok = load_tokenizer(args.actor_model_name_or_path, padding_side="left", chat_template=template)
+        score_toks = {name: load_tokenizer(getattr(args, f"{name}_model_name_or_path"), chat_template=template)
+                      for name in ("reward", "cost")[: 1 + use_cost]}  # fmt: skip
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     critic_paths = [args.reward_critic_model_name_or_path or args.reward_model_name_or_path]
     if lagrangian:
         critic_paths.append(args.cost_critic_model_name_or_path or args.cost_model_name_or_path)
@@ -371,17 +404,11 @@ def main():
 
     # data
     try:
-        prompts = PromptOnlyDataset(args.train_datasets, actor_tok, args.max_length, args.seed)
-        eval_prompts = (
-            PromptOnlyDataset(args.eval_datasets, actor_tok, args.max_length, args.seed) if args.eval_datasets else None
-        )
-        ptx = (
-            SupervisedDataset(
-                args.ptx_datasets, load_tokenizer(args.actor_model_name_or_path), args.max_length, args.seed
-            )
-            if args.ptx_datasets
-            else None
-        )
+        kwargs = dict(max_length=args.max_length, seed=args.seed, chat_template=args.chat_template)
+        prompts = PromptOnlyDataset(args.train_datasets, actor_tok, **kwargs)
+        eval_prompts = PromptOnlyDataset(args.eval_datasets, actor_tok, **kwargs) if args.eval_datasets else None
+        ptx_tok = load_tokenizer(args.actor_model_name_or_path, chat_template=args.chat_template)  # right padding
+        ptx = SupervisedDataset(args.ptx_datasets, ptx_tok, **kwargs) if args.ptx_datasets else None
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     # the loaders get their own generators: each iter() of a loader otherwise draws from the global one, which the
@@ -492,10 +519,15 @@ def main():
     ref = adapter_off(actor, actor.module) if args.actor_lora_rank else engine(load_lm())
     backbones = ["actor + ref"] if args.actor_lora_rank else ["actor", "ref"]  # full models in memory, by role
 
-    def own_tokenizer(path):
-        """The score model's tokenizer if it differs from the actor's (inputs are then re-tokenized), else None."""
-        tok = load_tokenizer(path)
-        return tok if tok.get_vocab() != actor_tok.get_vocab() else None
+    def own_tokenizer(name):
+        """The score model's tokenizer if it cannot read the actor's token ids (another vocabulary, EOS or chat
+        template: inputs are then re-tokenized), else None."""
+        tok = score_toks[name]
+        same_template = args.chat_template == "anchor" or tok.chat_template == actor_tok.chat_template
+        if tok.get_vocab() == actor_tok.get_vocab() and tok.eos_token_id == actor_tok.eos_token_id and same_template:
+            return None
+        tok.pad_token = tok.pad_token or tok.eos_token  # padding is masked: any id will do
+        return tok
 
     # the frozen score models; --normalize_reward/cost (default off, as the anchor) override the checkpoint's own
     # do_normalize. Then the streams: Safe RLHF's reward (maximised: sign +1) and cost (constrained: sign -1, so the
@@ -511,7 +543,7 @@ def main():
             scorers[name] = None  # below, from its critic (the entry keeps the reward, cost order)
             continue
         model = ScoreModel.from_pretrained(path, dtype=dtype, score_type=name, do_normalize=normalize)
-        scorers[name] = (engine(model), own_tokenizer(path))
+        scorers[name] = (engine(model), own_tokenizer(name))
         backbones.append(f"{name}_model")
     streams = []
     for name, sign in (("reward", 1.0), ("cost", -1.0))[: 1 + lagrangian]:
@@ -531,34 +563,45 @@ def main():
         )
         streams.append({"name": name, "sign": sign, "critic": critic})
         if name in shared:
-            scorers[name] = (adapter_off(critic, critic.module, getattr(args, f"normalize_{name}")), None)
+            # the frozen score model reads what it would read loaded on its own (re-tokenized when own_tokenizer says)
+            off = adapter_off(critic, critic.module, getattr(args, f"normalize_{name}"))
+            scorers[name] = (off, own_tokenizer(name))
         backbones.append(f"{name}_model + {name}_critic" if name in shared else f"{name}_critic")
     print0(f"{len(backbones)} backbones: {', '.join(backbones)}")
-    eos, pad = actor_tok.eos_token_id, actor_tok.pad_token_id
-    synced_gpus = args.zero_stage == 3 and world_size > 1  # every rank must join each forward of a ZeRO-3 generate
+    # an answer ends at any stop token: the EOS, the actor's generation config's EOS list (sft.py saves the template's
+    # end of turn there) and the template's end of turn; the saved actor keeps the list
+    stops = stop_ids(actor_tok, args.chat_template, actor.module.generation_config)
+    actor.module.generation_config.update(eos_token_id=stops[0] if len(stops) == 1 else stops)  # an int if one
+    stops_t, pad = torch.tensor(stops, device=device), actor_tok.pad_token_id
+    synced_gpus = args.zero_stage == 3 and world_size > 1  # ZeRO-3 per-token fetch: every rank joins each forward
+    generation_cache = args.generation_cache or rollout.default_cache(device)
 
     def generate(batch, num_return_sequences=1):
         """Sample answers: returns (sequence (B, P+L), attention_mask, response mask (B, L), P)."""
         try:
             with torch.no_grad():
-                seq = actor.module.generate(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
+                seq = rollout.generate(
+                    actor,  # the engine: under ZeRO-3 its parameters are gathered once per call (rollout.py)
+                    batch["input_ids"].to(device),
+                    batch["attention_mask"].to(device),
                     max_new_tokens=args.max_length - batch["input_ids"].shape[1],
+                    max_cache_len=args.max_length,
+                    cache=generation_cache,
+                    gather=args.gather_for_generation,
                     do_sample=True,
                     temperature=args.temperature,
                     top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty,
                     num_return_sequences=num_return_sequences,
                     pad_token_id=pad,
-                    eos_token_id=eos,
+                    eos_token_id=stops,
                     synced_gpus=synced_gpus,
                 )
         except RuntimeError:  # sampling from a policy whose weights went non-finite fails in here: name the cause
             check_finite({"actor weights": 1.0 if weights_finite(actor.module) else math.nan}, step)
             raise
         P = batch["input_ids"].shape[1]
-        mask = response_mask(seq[:, P:], eos)  # (B, L)
+        mask = response_mask(seq[:, P:], stops_t)  # (B, L)
         attention_mask = torch.cat(
             [batch["attention_mask"].to(device).repeat_interleave(num_return_sequences, 0), mask], 1
         )
@@ -570,14 +613,24 @@ def main():
         logits = model(input_ids=seq, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
         return logprobs(logits[:, P - 1 : -1], seq[:, P:])
 
-    def end_score(model, tok, seq, attention_mask):
-        """The score model's end score (B,). A score model with its own tokenizer (tok not None) reads the text
-        re-tokenized as the anchor does: decoded without special tokens, its own EOS appended."""
-        if tok is not None:
+    def end_score(model, tok, seq, attention_mask, inputs, answers):
+        """The score model's end score (B,). A score model with its own tokenizer (tok not None) reads the conversation
+        re-tokenized: in the anchor's template as the anchor does (the text decoded without special tokens, its own EOS
+        appended), else rendered again in its own chat template from the inputs (B,) and answer texts (B,)."""
+        if tok is not None and args.chat_template == "anchor":
             texts = actor_tok.batch_decode([s[m.bool()] for s, m in zip(seq, attention_mask)], skip_special_tokens=True)
             enc = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True).to(device)
             seq, attention_mask = enc["input_ids"], enc["attention_mask"]
+        elif tok is not None:
+            ids = [torch.tensor(conversation_ids(tok, x, y, args.chat_template)) for x, y in zip(inputs, answers)]
+            seq = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tok.pad_token_id).to(device)
+            attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in ids], batch_first=True)
+            attention_mask = attention_mask.to(device)
         return model(seq, attention_mask).end_scores[:, 0].float()
+
+    def answers_of(seq, mask, P):
+        """The answers' texts: the response tokens up to the first stop, special tokens dropped."""
+        return actor_tok.batch_decode([s[P:][m] for s, m in zip(seq, mask)], skip_special_tokens=True)
 
     def values(critic, seq, attention_mask, P):
         return critic(seq, attention_mask).scores[:, P - 1 : -1, 0]  # V(s_t) before emitting response token t: (B, L)
@@ -600,16 +653,18 @@ def main():
             mb = idx[i : i + args.per_device_eval_batch_size]
             batch = eval_prompts.collate([eval_prompts[j] for j in mb])
             seq, attention_mask, mask, P = generate(batch)
+            answers = answers_of(seq, mask, P)
             with torch.no_grad():
-                scores = {name: end_score(*scorer, seq, attention_mask) for name, scorer in scorers.items()}
-            answers = actor_tok.batch_decode([s[P:][m] for s, m in zip(seq, mask)], skip_special_tokens=True)
+                scores = {name: end_score(*scorer, seq, attention_mask, batch["inputs"], answers)
+                          for name, scorer in scorers.items()}  # fmt: skip
             r, c = scores["reward"], scores.get("cost", torch.zeros_like(scores["reward"]))
-            rows += zip(mb, r.tolist(), c.tolist(), batch["prompts"], answers)
+            ended = torch.isin(seq[:, P:], stops_t).any(-1)  # (B,) stopped before the token cap
+            rows += zip(mb, r.tolist(), c.tolist(), batch["prompts"], answers, ended.tolist())
         gathered = [None] * world_size
         dist.all_gather_object(gathered, rows)
         rows = list({row[0]: row for part in gathered for row in part}.values())  # one row per prompt
         r, c = torch.tensor([row[1] for row in rows]), torch.tensor([row[2] for row in rows])
-        out = {"eval/reward": r.mean().item()}
+        out = {"eval/reward": r.mean().item(), "eval/eos_rate": sum(row[5] for row in rows) / len(rows)}
         if use_cost:
             out.update({"eval/cost": c.mean().item(), "eval/safe_rate": (c <= 0).float().mean().item()})
         toy = toy_metrics([row[3] for row in rows], [row[4] for row in rows])
@@ -655,6 +710,7 @@ def main():
             os.makedirs(folder, exist_ok=True)
             lora.save_pretrained(actor.module, folder, state_dict, args.save_adapter_only)  # LoRA: merged by default
             actor_tok.save_pretrained(folder)
+            save_chat_template(actor_tok, args.chat_template, folder)  # the template it was trained in, for serving
 
         if loop_state is not None:
             save_checkpoint(path, step, trained, loop_state, write_model, vars(args), args.save_total_limit, rank_state)
@@ -692,13 +748,17 @@ def main():
                 set_train(False)
                 seq, attention_mask, mask, P = generate(batch, args.num_return_sequences)
                 mask_f = mask.float()
+                inputs = [x for x in batch["inputs"] for _ in range(args.num_return_sequences)]  # generate's order
+                answers = answers_of(seq, mask, P)
+                ended = torch.isin(seq[:, P:], stops_t).any(-1)  # (B,) stopped before the token cap
                 t1 = time.time()
 
                 with torch.no_grad():
                     # 2) score with the frozen models: old and reference log-probs, end scores, each critic's values
                     old_logp = policy_logp(actor, seq, attention_mask, P)  # (B, L)
                     ref_logp = policy_logp(ref, seq, attention_mask, P)
-                    scores = {name: end_score(*scorer, seq, attention_mask) for name, scorer in scorers.items()}  # (B,)
+                    scores = {name: end_score(*scorer, seq, attention_mask, inputs, answers)
+                              for name, scorer in scorers.items()}  # (B,)  # fmt: skip
                     old_values = {s["name"]: values(s["critic"], seq, attention_mask, P) for s in streams}  # (B, L)
                     t2 = time.time()
 
@@ -760,6 +820,11 @@ def main():
                     window = torch.tensor([sum(episode_costs), len(episode_costs)], dtype=torch.float64, device=device)
                     dist.all_reduce(window)
                     episode_cost = (window[0] / window[1]).item()
+                    if step == 1:  # where the constraint starts: the threshold d is set against this number
+                        verdict = {True: " | above d: lambda grows", False: " | at or below d: lambda shrinks"}
+                        print0(f"J_C {episode_cost:.4f} on the first rollout ({int(window[1].item())} answers of the "
+                               f"initial policy) | threshold d {args.threshold:g}"
+                               + (verdict[episode_cost > args.threshold] if lagrangian else ""))
                 if lagrangian and step > args.lambda_update_delay_steps:
                     lam_state = LAMBDA_UPDATES[args.lambda_update](lam_state, episode_cost, **vars(args))
                     lam_t = torch.tensor([lam_state["lam"]], dtype=torch.float64, device=device)
@@ -773,6 +838,7 @@ def main():
                         "train/kl": masked_mean(old_logp - ref_logp, mask_f),
                         **{k: torch.stack(v).mean() for k, v in stats.items()},
                         "train/response_len": mask_f.sum(-1).mean(),
+                        "train/eos_rate": ended.float().mean(),
                         "tokens": mask_f.sum(),
                     }
                     mean = torch.stack([v.float() for v in local.values()])
@@ -792,6 +858,17 @@ def main():
                     )
                     print0(f"step {step}/{total_steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
                     log(metrics, step)
+                    # a few of rank 0's rollouts, to read what the numbers mean
+                    samples = [{"step": step, "prompt": batch["prompts"][i // args.num_return_sequences],
+                                "response": answers[i], "ended": bool(ended[i]),
+                                **{name: score[i].item() for name, score in scores.items()}}
+                               for i in range(min(SAMPLES_PER_LOG, seq.shape[0]))]  # fmt: skip
+                    if master_process:
+                        with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
+                            f.writelines(json.dumps(sample) + "\n" for sample in samples)
+                        s = samples[0]
+                        print(f"sample {s['prompt'][:200]!r} -> {s['response'][:300]!r} | reward {s['reward']:.4g}"
+                              + (f" | cost {s['cost']:.4g}" if use_cost else "") + ("" if s["ended"] else " | cut"))
                 if eval_prompts is not None and (
                     (args.eval_interval and step % args.eval_interval == 0) or step == total_steps
                 ):

@@ -12,6 +12,8 @@ so a cost > 0 means unsafe. --loss_type token-wise puts every term (the sign and
 over the span where the pair differs (first differing token .. the later of the two ends), averages it over the span,
 then over pairs; accuracies always compare end scores. Later stages load `ScoreModel.from_pretrained(path)` (ours,
 Beaver's, or a causal LM with a new head); its forward returns `.end_scores` (B, D) and `.scores` (B, T, D) in fp32.
+Pairs are written in the anchor's template or the model's own (--chat_template model), which the saved folder
+carries; with an eval set the untrained model is evaluated first, logged as step 0.
 
 Deviations from the anchor (safe-rlhf):
  1. Position ids follow the attention mask (cumsum - 1), so a left-padded sequence scores like a right-padded one.
@@ -64,7 +66,16 @@ from checkpoint import (
     save_checkpoint,
     weights_finite,
 )
-from data import PreferenceDataset, SafetyPreferenceDataset, add_pad_token, load_tokenizer, parse_dataset
+from data import (
+    CHAT_TEMPLATE_HELP,
+    PreferenceDataset,
+    SafetyPreferenceDataset,
+    add_pad_token,
+    load_tokenizer,
+    parse_chat_template,
+    parse_dataset,
+    save_chat_template,
+)
 from kernels import end_scores
 
 SIGNS = ("safer_sign", "unsafer_sign")  # a safety-preference batch's (B,) signs: +1 unsafe answer, -1 safe
@@ -336,6 +347,8 @@ def main():
     add("--eval_datasets", type=parse_dataset, nargs="+", default=None, help="NAME[:PROPORTION[:PATH]] ...")
     add("--eval_split_ratio", type=float, default=None, help="hold out this fraction of train for eval")
     add("--max_length", type=int, default=512, help="tokens per sequence (answers truncated)")
+    add("--chat_template", type=parse_chat_template, default="anchor",
+        help=f"how a prompt and answer are written (and saved with the model): {CHAT_TEMPLATE_HELP}")
     # model
     add("--model_name_or_path", required=True, help="init: an SFT model folder (new head) or a score model")
     add("--trust_remote_code", action="store_true", help="allow custom model code from the folder/hub")
@@ -448,13 +461,14 @@ def main():
     resume_dir = find_resume(partial, args.resume_from_checkpoint, vars(args), ignored=("plot_histogram",))
 
     # data; a batch's rows [:B] are better/safer, rows [B:] worse/unsafer
-    tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right")
     Dataset = PreferenceDataset if args.score_type == "reward" else SafetyPreferenceDataset
     try:
+        tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right", chat_template=args.chat_template)
         with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(io.StringIO()):
-            train_dataset = Dataset(args.train_datasets, tokenizer, args.max_length, args.seed)
-            eval_dataset = args.eval_datasets and Dataset(args.eval_datasets, tokenizer, args.max_length, args.seed)
-    except ValueError as e:  # no usable samples, nothing fits max_length, hub unreachable, ...
+            kwargs = dict(max_length=args.max_length, seed=args.seed, chat_template=args.chat_template)
+            train_dataset = Dataset(args.train_datasets, tokenizer, **kwargs)
+            eval_dataset = args.eval_datasets and Dataset(args.eval_datasets, tokenizer, **kwargs)
+    except ValueError as e:  # no usable samples, nothing fits max_length, hub unreachable, no chat template, ...
         raise SystemExit(f"error: {e}") from None
     collate = train_dataset.collate
     if args.eval_split_ratio:
@@ -471,8 +485,9 @@ def main():
     # its own generator: iter(loader) would otherwise draw from the global RNG, once more on a resumed run
     train_loader = torch.utils.data.DataLoader(train_dataset, micro, sampler=train_sampler, collate_fn=collate,
                                                generator=torch.Generator())
+    # and the eval loader its own too: an eval (step 0's included) draws nothing from the global RNG (dropout's)
     eval_loader = None if eval_dataset is None else torch.utils.data.DataLoader(
-        eval_dataset, args.per_device_eval_batch_size, collate_fn=collate,
+        eval_dataset, args.per_device_eval_batch_size, collate_fn=collate, generator=torch.Generator(),
         sampler=torch.utils.data.DistributedSampler(eval_dataset, world_size, rank, shuffle=False))
     steps_per_epoch = len(train_loader) // accum
     total_steps = args.epochs * steps_per_epoch
@@ -570,6 +585,7 @@ def main():
             lora.save_pretrained(engine.module, path, state_dict, args.save_adapter_only)  # LoRA: merged by default
             module.do_normalize = False
             tokenizer.save_pretrained(path)
+            save_chat_template(tokenizer, args.chat_template, path)  # the template it was trained in, for serving
             if args.plot_histogram and eval_pairs:
                 plot_scores(Path(path) / "score_histogram.png", *eval_pairs, score_type=args.score_type)
 
@@ -598,6 +614,9 @@ def main():
         best_dir = partial / state["best_dir"] if state["best_dir"] else None
     t0 = time.time()
     try:  # Ctrl-C: one line, exit 130, the .partial left in place
+        if eval_loader and resume_dir is None:  # step 0 (as the anchor): the untrained model's eval, to compare the
+            log(0, evaluate()[0])  # later ones with; never a --save_best candidate
+            t0 = time.time()
         for epoch in range(start_epoch, args.epochs):
             train_sampler.set_epoch(epoch)  # the epoch's order depends on (seed, epoch) only: a resume skips into it
             for position, batch in enumerate(itertools.islice(train_loader, skip, None), start=skip + 1):

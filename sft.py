@@ -1,5 +1,7 @@
 """Stage 1: supervised fine-tuning (SFT). A pretrained causal LM learns to answer in the prompt template's format
 by imitating (prompt, answer) pairs and dialogues; it becomes the initial actor and the frozen reference of PPO.
+Conversations are written in the anchor's template or the model's own (--chat_template model: apply_chat_template,
+only the assistant turns trained); the saved folder carries that template and stops generating at its end of turn.
 
 Objective: mean token cross-entropy over answer tokens only (prompt and user tokens have label -100), per micro-batch
 
@@ -8,7 +10,8 @@ Objective: mean token cross-entropy over answer tokens only (prompt and user tok
 Deviations from the anchor (safe-rlhf's finetune):
  1. A client torch AdamW (betas 0.9/0.95, no weight decay on biases/norms) instead of DeepSpeed's FusedAdam/CPUAdam,
     which JIT-compile for ~40 s and need a toolchain; same update rule.
- 2. Eval loss and perplexity on --eval_datasets (or a held-out --eval_split_ratio slice); --max_steps caps a run.
+ 2. Eval loss and perplexity on --eval_datasets (or a held-out --eval_split_ratio slice), first at step 0 (the
+    untrained model, as the anchor); --max_steps caps a run.
  3. The output folder follows checkpoint.py's protocol: locked for the run, written to <output_dir>.partial and
     swapped into place atomically; a non-finite loss or weight stops the run before anything is saved.
  4. --save_interval writes full-state checkpoints (engine, optimizer, scheduler, RNG, data position); re-running the
@@ -48,7 +51,17 @@ from checkpoint import (
     save_checkpoint,
     weights_finite,
 )
-from data import IGNORE_INDEX, SupervisedDataset, add_pad_token, load_tokenizer, parse_dataset
+from data import (
+    CHAT_TEMPLATE_HELP,
+    IGNORE_INDEX,
+    SupervisedDataset,
+    add_pad_token,
+    load_tokenizer,
+    parse_chat_template,
+    parse_dataset,
+    save_chat_template,
+    stop_ids,
+)
 from kernels import cross_entropy
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,6 +97,12 @@ def main():
     )
     parser.add_argument("--eval_split_ratio", type=float, default=None, help="hold out this fraction of train for eval")
     parser.add_argument("--max_length", type=int, default=512, help="tokens per sequence (answers truncated)")
+    parser.add_argument(
+        "--chat_template",
+        type=parse_chat_template,
+        default="anchor",
+        help=f"how conversations are written (and saved with the model): {CHAT_TEMPLATE_HELP}",
+    )
     # model
     parser.add_argument("--model_name_or_path", required=True, help="HF model folder or hub id")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the folder/hub")
@@ -178,7 +197,11 @@ def main():
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     torch.manual_seed(args.seed)
-    print0 = print if master_process else (lambda *a, **k: None)
+
+    def print0(*a, **k):
+        if master_process:
+            print(*a, **k, flush=True)
+
     partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
     if master_process:  # lock <output_dir>, check it can be written, recover an interrupted swap: before slow work
         partial = prepare_output(args.output_dir, vars(args), args.resume_from_checkpoint)
@@ -189,13 +212,12 @@ def main():
 
     # data; data.py reports on every rank, keep rank 0's copy
     try:
-        tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right")
+        tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right", chat_template=args.chat_template)
         with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(io.StringIO()):
-            train_dataset = SupervisedDataset(args.train_datasets, tokenizer, args.max_length, args.seed)
-            eval_dataset = args.eval_datasets and SupervisedDataset(
-                args.eval_datasets, tokenizer, args.max_length, args.seed
-            )
-    except ValueError as e:  # no EOS token, no usable samples, nothing fits max_length, hub unreachable, ...
+            kwargs = dict(max_length=args.max_length, seed=args.seed, chat_template=args.chat_template)
+            train_dataset = SupervisedDataset(args.train_datasets, tokenizer, **kwargs)
+            eval_dataset = args.eval_datasets and SupervisedDataset(args.eval_datasets, tokenizer, **kwargs)
+    except ValueError as e:  # no EOS token, no chat template, no usable samples, nothing fits max_length, ...
         raise SystemExit(f"error: {e}") from None
     collate = train_dataset.collate
     if args.eval_split_ratio:
@@ -251,7 +273,11 @@ def main():
                          "row that an adapter folder cannot carry; save merged (drop the flag) or add a pad token")
     add_pad_token(tokenizer, model)
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    # generation stops at any of: the EOS, the base model's EOS list, the template's end of turn (ChatML's <|im_end|>)
+    stops = stop_ids(tokenizer, args.chat_template, model.generation_config)
+    model.generation_config.update(
+        eos_token_id=stops[0] if len(stops) == 1 else stops, pad_token_id=tokenizer.pad_token_id
+    )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -338,6 +364,7 @@ def main():
         def write_model(folder):
             lora.save_pretrained(engine.module, folder, state_dict, args.save_adapter_only)  # LoRA: merged by default
             tokenizer.save_pretrained(folder)
+            save_chat_template(tokenizer, args.chat_template, folder)  # the template it was trained in, for serving
 
         if loop_state is not None:
             rank_state = {"running": running.tolist()}  # this rank's sums since the last metrics line
@@ -362,6 +389,9 @@ def main():
         running = torch.tensor(state["running"], device=engine.device)
     t0 = time.time()
     try:  # Ctrl-C: one line, exit 130, the .partial left in place
+        if eval_loader is not None and resume_dir is None:  # step 0 (as the anchor): the untrained model's eval, to
+            log(0, evaluate())  # compare the later ones with
+            t0 = time.time()
         for epoch in range(start_epoch, args.epochs):
             train_sampler.set_epoch(epoch)  # the epoch's order depends on (seed, epoch) only: a resume skips into it
             for position, batch in enumerate(itertools.islice(train_loader, skip, None), start=skip + 1):

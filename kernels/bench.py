@@ -2,9 +2,12 @@
 
     python kernels/bench.py            # realistic shapes (CPU: a few minutes on 2 cores)
     python kernels/bench.py --quick    # shrunken shapes
+    python kernels/bench.py --rollout  # generation vs training time of one policy (a random 1.24B Llama)
 
 Baselines: log-probs = full `log_softmax(logits.float())` + `gather` (safe-rlhf, DeepSpeed-Chat, trlX,
-ColossalChat); GAE = the per-step Python loop; end-score = per-token linear head + a per-row `nonzero()`.
+ColossalChat), and the same two lines under `torch.compile` (row "compile": the strongest peer a user gets for
+free; its compile time is excluded from the timings and printed beside the row); GAE = the per-step Python loop;
+end-score = per-token linear head + a per-row `nonzero()`.
 Columns: time per call (the best of --repeats: other processes on a shared CPU only ever add time), effective
 GB/s (the bytes a call must move at least, inputs read once and outputs written once, over the time; the same
 byte count for both rows), peak extra memory (above the inputs, outputs included), and on a GPU the fraction
@@ -19,6 +22,13 @@ glibc mmap threshold, so every large buffer is mapped when allocated and unmappe
 the live tensors (timings are taken in the parent, with the default allocator). CPU timings on a shared machine
 are noisy (torch's OpenMP threads stall when another process holds a core), hence the best of several calls,
 and more for cheap kernels; `--threads 1` is steadier.
+
+--rollout: a randomly initialised Llama of the given shape (default: Llama-3.2-1B's, 1.24B parameters) samples
+--new_tokens tokens for --batch prompts of --prompt tokens through rollout.generate with the dynamic and with
+the static KV cache (compiled decoding on CUDA: transformers compiles the decode step; the first call, which
+compiles, is timed apart), beside one forward+backward (the log-prob loss through kernels.logprobs) over the
+same batch of full sequences. The ratio generation / forward+backward is what a PPO step pays for sampling.
+Answers never stop early (no EOS), so every call generates exactly --new_tokens tokens per sequence.
 """
 
 import argparse
@@ -75,6 +85,7 @@ def peer_end_scores(hidden, mask, weight, bias):
 
 
 def make_case(name, shape, dtype, device):
+    """({impl: callable} in print order, peer first and ours last; the minimal bytes a call moves)."""
     dt, g = DTYPES[dtype], torch.Generator(device).manual_seed(0)
     size = torch.tensor([], dtype=dt).element_size()
     if name.startswith("logprobs"):
@@ -82,26 +93,29 @@ def make_case(name, shape, dtype, device):
         logits = torch.randn(shape, generator=g, device=device, dtype=dt)
         labels = torch.randint(0, V, (B, T), generator=g, device=device)
         nbytes = B * T * V * size + B * T * (8 + 4)
+        compiled = torch.compile(peer_logprobs, dynamic=False)  # a fresh wrapper per case: compiled for its shape
+        fns = {"peer": peer_logprobs, "compile": compiled, "ours": logprobs}
         if name == "logprobs fwd":
-            return (lambda: peer_logprobs(logits, labels)), (lambda: logprobs(logits, labels)), nbytes
+            return {impl: functools.partial(fn, logits, labels) for impl, fn in fns.items()}, nbytes
         logits.requires_grad_()
         grad = torch.randn(B, T, generator=g, device=device)
 
         def fwd_bwd(fn):
             return lambda: torch.autograd.grad(fn(logits, labels), logits, grad)
 
-        return fwd_bwd(peer_logprobs), fwd_bwd(logprobs), nbytes + B * T * V * size * 2  # + re-read, grad write
+        impls = {impl: fwd_bwd(fn) for impl, fn in fns.items()}
+        return impls, nbytes + B * T * V * size * 2  # + re-read, grad write
     if name == "gae":
         rewards = torch.randn(shape, generator=g, device=device, dtype=dt)
         values = torch.randn(shape, generator=g, device=device, dtype=dt)
         mask = torch.ones(shape, dtype=torch.bool, device=device)
         mask[:, shape[1] * 3 // 4 :] = False
         nbytes = shape[0] * shape[1] * (2 * size + 1 + 2 * 4)
-        return (
-            (lambda: peer_gae(rewards, values, mask, 1.0, 0.95)),
-            (lambda: gae(rewards, values, mask, 1.0, 0.95)),
-            nbytes,
-        )
+        impls = {
+            "peer": lambda: peer_gae(rewards, values, mask, 1.0, 0.95),
+            "ours": lambda: gae(rewards, values, mask, 1.0, 0.95),
+        }
+        return impls, nbytes
     B, T, H = shape  # end scores, D = 1 (a score model's head)
     hidden = torch.randn(shape, generator=g, device=device, dtype=dt)
     weight = torch.randn(1, H, generator=g, device=device, dtype=dt) / H**0.5
@@ -111,7 +125,7 @@ def make_case(name, shape, dtype, device):
     return_all = name == "end_scores (all)"
     ours = functools.partial(end_scores, hidden, mask, weight, bias, return_all=return_all)
     nbytes = B * T * H * size + B * T * (1 + 4) if return_all else B * H * size + B * T + B * 4
-    return (lambda: peer_end_scores(hidden, mask, weight, bias)), ours, nbytes
+    return {"peer": lambda: peer_end_scores(hidden, mask, weight, bias), "ours": ours}, nbytes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,12 +138,15 @@ def _proc_status(key):
 
 
 def best_time(fn, device, repeats):
-    """Best seconds per call, after a warm-up call (which compiles kernels, starts thread pools)."""
+    """Best seconds per call, after a warm-up call (which compiles kernels, starts thread pools); and the seconds
+    the warm-up call took (for torch.compile: the compile time)."""
     t0 = time.perf_counter()
     fn()
-    times = []
     if device == "cuda":
         torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    times = []
+    if device == "cuda":
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -137,12 +154,12 @@ def best_time(fn, device, repeats):
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
-        return min(times)
-    for _ in range(max(repeats, min(100, int(1.0 / (time.perf_counter() - t0))))):  # cheap calls: more tries
+        return min(times), first
+    for _ in range(max(repeats, min(100, int(1.0 / first)))):  # cheap calls: more tries
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(times), first
 
 
 def peak_memory(fn, device):
@@ -347,6 +364,94 @@ def ppo_memory(args) -> None:
               f"{phases} {top / 1e9:9.2f}  {r['optimizer']}", flush=True)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Rollout: generation vs training time of one policy (issue 13).
+
+
+def _seconds(fn, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def rollout_bench(args):
+    """Generation tok/s with each KV cache beside forward+backward tok/s over the same batch, and their ratio."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import rollout
+
+    gpu, dt = args.device == "cuda", DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    B, P, N = args.batch, args.prompt, args.new_tokens
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=rollout.CACHE_BUCKET * -(-(P + N) // rollout.CACHE_BUCKET),
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=None, eos_token_id=None,  # no EOS: full answers
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(args.device):  # built where it runs: a 1.24B model initialises in seconds on a GPU
+        model = LlamaForCausalLM(config).to(dt).eval()
+    model.generation_config.eos_token_id = None
+    n_params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(1, args.vocab, (B, P), device=args.device)
+    mask = torch.ones_like(ids)
+    where = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
+    where += "" if gpu else f", load {os.getloadavg()[0]:.1f}"
+    shape = f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads, {args.kv_heads} KV heads"
+    size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.1f}M"
+    print(f"# rollout: random Llama {size} ({shape}, vocab {args.vocab}), {str(dt).removeprefix('torch.')}, batch {B}, "
+          f"prompt {P}, {N} new tokens, sampled (temperature 1, top-p 1); {where}; best of {args.repeats} timed "
+          "calls after a warm-up call")  # fmt: skip
+
+    compile = {"auto": None, "on": True, "off": False}[args.compile]
+    rows = {}
+    for cache in ("dynamic", "static"):
+
+        def sample(cache=cache, new=N):
+            return rollout.generate(model, ids, mask, max_new_tokens=new, cache=cache, compile=compile,
+                                    do_sample=True, temperature=1.0, top_p=1.0, pad_token_id=0)  # fmt: skip
+
+        # warm-up: the static cache's first call compiles (on CUDA), so it runs at full length; the dynamic one
+        # only needs its kernels loaded
+        first, out = _seconds(sample if cache == "static" else functools.partial(sample, new=8), args.device)
+        times = [_seconds(sample, args.device) for _ in range(args.repeats)]
+        t, out = min(times, key=lambda x: x[0])
+        assert out.shape == (B, P + N), f"{cache}: {tuple(out.shape)} != {(B, P + N)}: an answer stopped early"
+        rows[f"generate, {cache} cache"] = t, B * N, f"first call {first:.1f} s" if cache == "static" else ""
+        del out
+        if gpu:
+            torch.cuda.empty_cache()
+
+    # one forward+backward over the same B sequences of P + N tokens: the actor's log-prob loss
+    model.train()
+    seqs = torch.randint(1, args.vocab, (B, P + N), device=args.device)
+    mb = args.train_micro_batch or B
+
+    def train_step():
+        for i in range(0, B, mb):
+            logits = model(input_ids=seqs[i : i + mb], use_cache=False).logits
+            logprobs(logits[:, :-1], seqs[i : i + mb, 1:]).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    _seconds(train_step, args.device)
+    t = min(_seconds(train_step, args.device)[0] for _ in range(args.repeats))
+    train = rows["forward+backward"] = t, B * (P + N), f"micro-batch {mb}" if mb < B else ""
+
+    print(f"{'phase':<26} {'time s':>8} {'tok/s':>9} {'x fwd+bwd':>10}")
+    for name, (t, tokens, note) in rows.items():
+        print(f"{name:<26} {t:8.2f} {tokens / t:9.0f} {t / train[0]:10.2f}   {note}".rstrip())
+    (dyn, *_), (stat, *_) = rows["generate, dynamic cache"], rows["generate, static cache"]
+    print(f"static / dynamic generation speed: {dyn / stat:.2f}x")
+    print("(tok/s: generated tokens per second for generate, sequence tokens per second for forward+backward)")
+    if gpu:
+        print(f"target: static >= 8x dynamic at batch 64: {'met' if dyn >= 8 * stat else 'NOT met'}")
+        print(f"target: generation <= 1.5x forward+backward: {'met' if stat <= 1.5 * train[0] else 'NOT met'}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="shrunken shapes (a minute on a 2-core CPU)")
@@ -358,6 +463,23 @@ def main():
     p.add_argument("--ppo_shape", choices=["small", "7b"], default=None, help="--ppo_memory: default 7b GPU, small CPU")
     p.add_argument("--ppo_lora_rank", type=int, default=8, help="--ppo_memory: LoRA rank of actor and critics")
     p.add_argument("--ppo_worker", default=None, help=argparse.SUPPRESS)  # internal: one PPO-Lag step
+    # --rollout: the policy's shape (default Llama-3.2-1B's: 1.24B parameters) and the rollout's
+    p.add_argument("--rollout", action="store_true", help="run the rollout section (generation vs training) only")
+    p.add_argument("--hidden", type=int, default=2048, help="rollout model: hidden size")
+    p.add_argument("--intermediate", type=int, default=8192, help="rollout model: MLP size")
+    p.add_argument("--layers", type=int, default=16, help="rollout model: layers")
+    p.add_argument("--heads", type=int, default=32, help="rollout model: attention heads")
+    p.add_argument("--kv_heads", type=int, default=8, help="rollout model: key/value heads")
+    p.add_argument("--vocab", type=int, default=128256, help="rollout model: vocabulary size")
+    p.add_argument("--batch", type=int, default=64, help="rollout: prompts per generate call")
+    p.add_argument("--prompt", type=int, default=128, help="rollout: prompt tokens")
+    p.add_argument("--new_tokens", type=int, default=256, help="rollout: tokens generated per prompt")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default=None, help="rollout model dtype (default bf16 GPU, fp32 CPU)"
+    )
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="static cache's compiled decoding: auto = on CUDA only (transformers' rule)")  # fmt: skip
+    p.add_argument("--train_micro_batch", type=int, default=None, help="forward+backward in chunks of this many")
     args = p.parse_args()
     if args.ppo_worker:
         print(json.dumps(ppo_step_memory(json.loads(args.ppo_worker))))
@@ -370,11 +492,13 @@ def main():
         torch.set_num_threads(args.threads)
     if args.worker:  # internal: print the peak memory of one (name, shape, dtype, impl) on the CPU
         name, shape, dtype, impl = json.loads(args.worker)
-        peer, ours, _ = make_case(name, shape, dtype, "cpu")
-        print(peak_memory(peer if impl == "peer" else ours, "cpu"))
+        print(peak_memory(make_case(name, shape, dtype, "cpu")[0][impl], "cpu"))
         return
     if not gpu:
         os.environ["TRITON_INTERPRET"] = "0"  # the torch fallbacks, as a CPU user runs them
+    if args.rollout:
+        args.repeats = args.repeats or (1 if gpu else 3)  # GPU timings are steady; a shared CPU's are not
+        return rollout_bench(args)
     repeats = args.repeats or (20 if gpu else 3)
     q = args.quick
     cases = [
@@ -393,27 +517,28 @@ def main():
         threads = args.threads or torch.get_num_threads()
         where = f"CPU, {threads} threads, torch fallbacks, load {os.getloadavg()[0]:.1f}"
     calls = f"best of {repeats} calls" if gpu else f"best of {repeats}+ calls"
-    print(f"# {where}; {calls}; peak = extra memory above the inputs; ratios = peer / ours")
-    header = f"{'kernel':<18} {'shape':<16} {'dtype':<5} {'impl':<5} {'time ms':>9} {'GB/s':>8} {'peak MB':>9}"
+    print(f"# {where}; {calls}; peak = extra memory above the inputs; ratios = peer / this row")
+    print("# compile = torch.compile(log_softmax + gather), its compile time excluded from the timings (shown after)")
+    header = f"{'kernel':<18} {'shape':<16} {'dtype':<5} {'impl':<7} {'time ms':>9} {'GB/s':>8} {'peak MB':>9}"
     header += f" {'%HBM':>5}" if peak_bw else ""
     print(header + f" {'speedup':>8} {'mem ratio':>9}")
     results = {}
     for name, shape, dtype in cases:
         row = {}
-        fns = dict(zip(("peer", "ours", "nbytes"), make_case(name, shape, dtype, args.device), strict=True))
-        nbytes = fns.pop("nbytes")
+        fns, nbytes = make_case(name, shape, dtype, args.device)
         for impl, fn in fns.items():
-            t = best_time(fn, args.device, repeats)
+            t, first = best_time(fn, args.device, repeats)
             if gpu:
                 peak = peak_memory(fn, "cuda")
             else:
                 peak = peak_memory_in_subprocess([name, shape, dtype, impl], args.threads)
             row[impl] = t, peak, nbytes
-            line = f"{name:<18} {'x'.join(map(str, shape)):<16} {dtype:<5} {impl:<5} {t * 1e3:9.2f}"
+            line = f"{name:<18} {'x'.join(map(str, shape)):<16} {dtype:<5} {impl:<7} {t * 1e3:9.2f}"
             line += f" {nbytes / t / 1e9:8.1f} {peak / 2**20:9.1f}"
             line += f" {nbytes / t / peak_bw:5.0%}" if peak_bw else ""
-            if impl == "ours":
+            if impl != "peer":
                 line += f" {row['peer'][0] / t:7.3g}x {row['peer'][1] / max(peak, 1):8.3g}x"
+            line += f"   (compile {first:.1f} s, excluded)" if impl == "compile" else ""
             print(line, flush=True)
         results[(name, shape, dtype)] = row
     # the targets of issue 3
@@ -422,6 +547,8 @@ def main():
     for (name, shape, dtype), row in results.items():
         (tp, mp, nbytes), (to, mo, _) = row["peer"], row["ours"]
         label = f"{name} {'x'.join(map(str, shape))} {dtype}"
+        if gpu and name == "logprobs fwd+bwd":  # issue 13, item 3, read literally: time(compile) / time(ours)
+            checks.append((f"{label}: >= 2.5x torch.compile's speed", row["compile"][0] >= 2.5 * to))
         if not gpu and name == "logprobs fwd" and dtype == "fp32" and shape == (8, 1024, 32000):
             checks.append((f"{label}: torch fallback peak <= 1/8 of the baseline's", mp >= 8 * mo))
         if gpu and name == "logprobs fwd" and dtype == "bf16":

@@ -113,3 +113,55 @@ def test_chat_one_shot(toy):
     assert bad.returncode == 1 and bad.stderr.startswith(
         f"error: --model_name_or_path {toy / 'missing'} is not a model"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --chat_template model: a ChatML model prompted in its own template, stopping at its end of turn
+
+SCRIPT = ["Ċ", "Mix", "Ġthe", "Ġflour"]  # after the generation prompt's newline: "Mix the flour", then a stop token
+AGAIN = ["<|im_start|>", "user"]  # what a model that is not stopped writes next: another turn, then the answer again
+
+
+@pytest.fixture(scope="module")
+def chatml_models(tmp_path_factory):
+    """`instruct`: EOS <|im_end|>, its generation config also lists <|endoftext|> (Qwen-Instruct style), and it ends
+    its answer with <|endoftext|>; `base`: EOS and generation config <|endoftext|> only (Qwen base style), and it
+    ends its answer with <|im_end|>, which only the chat template says is an end of turn."""
+    from test_templates import chatml_tokenizer, scripted_model
+
+    root = tmp_path_factory.mktemp("chatml")
+    scripted_model(chatml_tokenizer(), root / "instruct", [*SCRIPT, "<|endoftext|>", *AGAIN],
+                   eos=["<|im_end|>", "<|endoftext|>"])  # fmt: skip
+    scripted_model(chatml_tokenizer("<|endoftext|>"), root / "base", [*SCRIPT, "<|im_end|>", *AGAIN],
+                   eos=["<|endoftext|>"])  # fmt: skip
+    return root
+
+
+def test_chat_model_template_arena_stops_at_end_of_turn(chatml_models):
+    from test_templates import chatml_text
+
+    m1, m2 = "How do I bake a cake?", "And then?"
+    args = ["--red_corner_model_name_or_path", str(chatml_models / "instruct"), "--blue_corner_model_name_or_path",
+            str(chatml_models / "base"), "--chat_template", "model", "--temperature", "0", "--max_new_tokens", "12",
+            "--verbose"]  # fmt: skip
+    proc = chat(args, f"{m1}\n{m2}\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the answer only: no end-of-turn token, no next turn written by the model, both stopped before the cap
+    assert proc.stdout.splitlines() == ["[red] Mix the flour", "[blue] Mix the flour"] * 2
+    assert "token cap" not in proc.stderr
+    for side in ("red", "blue"):  # the second message sees the first exchange, in ChatML
+        assert f"[{side} prompt] {chatml_text(m1, generation_prompt=True)}" in proc.stderr
+        assert f"[{side} prompt] {chatml_text(m1, 'Mix the flour', m2, generation_prompt=True)}" in proc.stderr
+
+
+def test_chat_model_template_one_shot_and_refusals(chatml_models, toy):
+    base = str(chatml_models / "base")
+    proc = chat(["--model_name_or_path", base, "--chat_template", "model", "--temperature", "0", "-p", "hi"], "")
+    assert proc.returncode == 0 and proc.stdout == "Mix the flour\n", proc.stderr[-2000:]
+    # the anchor's template on the same model: its answer never meets a stop token, and a note says so
+    proc = chat(["--model_name_or_path", base, "--temperature", "0", "--max_new_tokens", "9", "-p", "hi"], "")
+    assert proc.returncode == 0 and "(assistant: the answer hit the 9-token cap; raise --max_new_tokens)" in proc.stderr
+    # a model without a chat template: one line, before any model is loaded
+    bad = chat(["--model_name_or_path", str(toy / "a"), "--chat_template", "model", "-p", "hi"], "")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith(f"error: the tokenizer at {toy / 'a'} has no chat template")

@@ -480,3 +480,63 @@ def test_golden_ppo_lag(toy_models, tmp_path):
     for row, expected in zip(got, GOLDEN_PPO_LAG):
         for key, a, b in zip(GOLDEN_KEYS, row, expected):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-6), (key, got, GOLDEN_PPO_LAG)
+
+
+def test_model_chat_template_samples_and_first_cost(tmp_path):
+    """--chat_template model with ChatML models (test_chat.py's scripted ones: "Mix the flour", then the end of turn):
+    the actor (EOS <|endoftext|>) stops at ChatML's <|im_end|> (train/eos_rate 1 on the first rollout), a reward model
+    with another EOS reads the conversation re-rendered in its template, the cost model the actor's own tokens; every
+    metrics line writes SAMPLES_PER_LOG samples to samples.jsonl (their scores recomputed here) and prints one; the
+    first rollout prints J_C beside d; the saved actor carries ChatML and the stop list."""
+    from test_templates import CHATML, chatml_text, chatml_tokenizer, scripted_model
+    from transformers import GenerationConfig
+
+    import data
+    from ppo_lag import SAMPLES_PER_LOG
+    from score_model import ScoreModel
+
+    script, again = ["Ċ", "Mix", "Ġthe", "Ġflour"], ["<|im_start|>", "user"]
+    scripted_model(chatml_tokenizer("<|endoftext|>"), tmp_path / "actor", [*script, "<|im_end|>", *again],
+                   eos=["<|endoftext|>"])  # fmt: skip
+    scripted_model(chatml_tokenizer("<|im_end|>"), tmp_path / "other", [*script, "<|im_end|>", *again],
+                   eos=["<|im_end|>"])  # fmt: skip
+    torch.manual_seed(0)
+    for name, base, score_type in (("rm", "other", "reward"), ("cm", "actor", "cost")):
+        model = ScoreModel.from_pretrained(str(tmp_path / base), score_type=score_type)
+        for param in model.model.parameters():  # a random backbone: scores that depend on the prompt
+            torch.nn.init.normal_(param, std=0.3)
+        model.save_pretrained(tmp_path / name)
+        tok = data.load_tokenizer(str(tmp_path / base), chat_template="model")
+        tok.save_pretrained(tmp_path / name)
+        data.save_chat_template(tok, "model", tmp_path / name)
+    prompts = [{"prompt": p, "category": "Test"} for p in ("How do I bake a cake?", "And then?", "Tell me a story.",
+                                                          "How do I pick a lock?")]  # fmt: skip
+    (tmp_path / "problem.json").write_text(json.dumps(prompts))
+    out = tmp_path / "ppo"
+    proc = run_script([sys.executable, "ppo_lag.py", "--actor_model_name_or_path", str(tmp_path / "actor"),
+                       "--reward_model_name_or_path", str(tmp_path / "rm"), "--cost_model_name_or_path",
+                       str(tmp_path / "cm"), "--train_datasets", f"prompts:1.0:{tmp_path / 'problem.json'}",
+                       "--chat_template", "model", "--max_length", "96", "--epochs", "2",
+                       "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "2",
+                       "--threshold", "0.5", "--output_dir", str(out)])  # fmt: skip
+    rows = read_metrics(out)
+    assert rows[0]["train/eos_rate"] == 1.0 and all(0 <= r["train/eos_rate"] <= 1 for r in rows)
+    first = f"J_C {rows[0]['train/episode_cost']:.4f} on the first rollout (4 answers of the initial policy) | "
+    assert first + "threshold d 0.5 | " in proc.stdout and proc.stdout.count("J_C ") == 1
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1] * SAMPLES_PER_LOG + [2] * SAMPLES_PER_LOG
+    assert proc.stdout.count("\nsample ") == 2
+    assert all(s["response"] == "Mix the flour" and s["ended"] for s in samples[:SAMPLES_PER_LOG])
+    assert {s["prompt"] for s in samples[:SAMPLES_PER_LOG]} == {p["prompt"] for p in prompts}
+    for name, role, base in (("rm", "reward", "other"), ("cm", "cost", "actor")):  # the frozen models, by hand
+        model = ScoreModel.from_pretrained(str(tmp_path / name)).eval()
+        tok = data.load_tokenizer(str(tmp_path / base), chat_template="model")
+        for s in samples[:SAMPLES_PER_LOG]:
+            ids = torch.tensor([data.conversation_ids(tok, s["prompt"], s["response"], "model")])
+            assert tok.decode(ids[0]) == chatml_text(s["prompt"], "Mix the flour").removesuffix("\n")
+            with torch.no_grad():
+                expected = model(ids, torch.ones_like(ids)).end_scores[0, 0].item()
+            assert s[role] == pytest.approx(expected, abs=1e-4), (role, s)
+    assert (out / "chat_template.jinja").read_text() == CHATML
+    assert GenerationConfig.from_pretrained(out).eos_token_id == tok.convert_tokens_to_ids(["<|endoftext|>",
+                                                                                             "<|im_end|>"])

@@ -227,7 +227,7 @@ def test_sft_resume_after_kill_is_bitwise(models, sft_runs, tmp_path):
     assert_same_weights(out, full)
     assert rows(out, "train/loss") == rows(full, "train/loss")  # steps 3, 6, 8: the one at 6 spans the resume
     assert rows(out, "eval/loss")[-1] == rows(full, "eval/loss")[-1]
-    assert [r["step"] for r in rows(out, "eval/loss")] == list(range(1, 9))  # one eval per step, none repeated
+    assert [r["step"] for r in rows(out, "eval/loss")] == list(range(9))  # step 0, then one per step, none repeated
     assert sorted(checkpoint.checkpoints(out)) == [4, 6]  # --save_total_limit 2
 
 

@@ -413,7 +413,7 @@ def test_reward_model_smoke(toy_base, tmp_path):
     assert "train/accuracy" in proc.stdout and "eval/reward_std" in proc.stdout
     assert not (tmp_path / "rm.partial").exists()
     rows = read_metrics(out)
-    assert [r["step"] for r in rows if "eval/accuracy" in r] == [10, 20]  # every 10 steps and the epoch end (20)
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 10, 20]  # untrained, every 10, the epoch end
     for name in ("config.json", "model.safetensors", "tokenizer.json", "arguments.json", "score_histogram.png"):
         assert (out / name).exists(), name
     config = json.loads((out / "config.json").read_text())
@@ -432,9 +432,10 @@ def test_cost_model_smoke_zero3_save_best(toy_base, tmp_path):
                           "--eval_interval", "5", "--max_steps", "13", "--lr", "2e-2", "--lr_scheduler_type",
                           "constant", "--plot_histogram"))
     rows = read_metrics(out)
-    evals = [r for r in rows if "eval/accuracy_sign" in r]
+    evals = [r for r in rows if "eval/accuracy_sign" in r][1:]  # the untrained model's (step 0) is never saved
     assert [r["step"] for r in evals] == [5, 10, 13]
-    assert {"train/loss", "train/accuracy", "train/accuracy_sign", "train/lr", "perf/tok_per_sec"} <= set(rows[0])
+    first_train = next(r for r in rows if "train/loss" in r)  # rows[0] is the eval at step 0
+    assert {"train/loss", "train/accuracy", "train/accuracy_sign", "train/lr", "perf/tok_per_sec"} <= set(first_train)
     arguments = json.loads((out / "arguments.json").read_text())
     assert arguments["score_type"] == "cost" and (out / "score_histogram.png").exists()
     best = max(evals, key=lambda r: r["eval/accuracy_sign"])  # the first of equals, as the stage keeps it
@@ -511,18 +512,18 @@ GOLDEN_FIELDS = {"reward": ("step", "train/loss", "train/accuracy", "train/lr"),
                  "cost": ("step", "train/loss", "train/accuracy", "train/accuracy_sign", "train/lr")}
 GOLDEN = {  # one row per logged step, GOLDEN_FIELDS' order
     "reward": [
-        [1, 0.704436, 0.25, 0.001],
-        [2, 0.686507, 0.75, 0.000854],
-        [3, 0.754461, 0.375, 0.0005],
-        [4, 0.639457, 0.625, 0.000146],
-        [5, 0.53961, 0.75, 0.0],
+        [1, 0.704436, 0.25, 0.000905],
+        [2, 0.689996, 0.75, 0.000655],
+        [3, 0.811911, 0.375, 0.000345],
+        [4, 0.66796, 0.75, 9.5e-05],
+        [5, 0.669446, 0.5, 0.0],
     ],
     "cost": [
-        [1, 2.480528, 0.375, 0.4375, 0.001],
-        [2, 2.494229, 0.625, 0.375, 0.000854],
-        [3, 2.305038, 0.875, 0.4375, 0.0005],
-        [4, 2.643308, 0.5, 0.375, 0.000146],
-        [5, 1.69772, 0.875, 0.5625, 0.0],
+        [1, 2.480528, 0.375, 0.4375, 0.000905],
+        [2, 2.658856, 0.875, 0.375, 0.000655],
+        [3, 1.894742, 0.875, 0.4375, 0.000345],
+        [4, 2.08358, 0.5, 0.625, 9.5e-05],
+        [5, 1.610128, 0.75, 0.6875, 0.0],
     ],
 }
 
@@ -541,6 +542,79 @@ def test_golden_numbers(toy_base, tmp_path, score_type):
     assert len(got) == len(GOLDEN[score_type]) == 5
     for row, expected in zip(got, GOLDEN[score_type]):
         assert row == pytest.approx(expected, rel=1e-4, abs=1e-6), (GOLDEN_FIELDS[score_type], row, expected)
+
+
+def test_eval_at_step_0_leaves_training_alone(toy_base, tmp_path):
+    """With an eval set, the untrained model is evaluated first and logged as step 0 (the anchor's eval at the start):
+    it scores the initial model (new head and all, rebuilt here from the seed) and leaves the golden train numbers as
+    they are. The saved folder carries the anchor's template: apply_chat_template on it writes format_prompt."""
+    from transformers import AutoTokenizer
+
+    out, eval_spec = tmp_path / "rm", "toy-preference/test:0.05"
+    run_script([sys.executable, "score_model.py", "--score_type", "reward", "--model_name_or_path", str(toy_base),
+                *GOLDEN_ARGS["reward"], "--max_length", "64", "--per_device_train_batch_size", "8", "--lr", "1e-3",
+                "--max_steps", "5", "--logging_steps", "1", "--seed", "42", "--output_dir", str(out),
+                "--eval_datasets", eval_spec], env={"CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    rows = read_metrics(out)
+    train = [[round(row[k], 6) for k in GOLDEN_FIELDS["reward"]] for row in rows if "train/loss" in row]
+    assert len(train) == 5  # the golden run's numbers: the eval at step 0 changed nothing in training
+    for row, expected in zip(train, GOLDEN["reward"]):
+        assert row == pytest.approx(expected, rel=1e-4, abs=1e-6), (GOLDEN_FIELDS["reward"], row, expected)
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 5] and rows[0]["step"] == 0
+    torch.manual_seed(42)  # the stage's seed before it builds the model: the same new head
+    ScoreModel.from_pretrained(str(toy_base), score_type="reward").save_pretrained(tmp_path / "untrained")
+    tokenizer = data.load_tokenizer(str(toy_base))
+    pairs = data.PreferenceDataset([data.parse_dataset(eval_spec)], tokenizer, 64, 42)
+    assert_same_eval(rescore(tmp_path / "untrained", pairs, pairs.collate, "reward"), rows[0])
+    assert abs(rows[0]["eval/reward_mean"] - rows[-1]["eval/reward_mean"]) > 1e-3  # and the trained model differs
+    saved = AutoTokenizer.from_pretrained(out)
+    turns = [{"role": "user", "content": "how do i bake a cake ?"}]
+    assert saved.apply_chat_template(turns, add_generation_prompt=True, tokenize=False) == data.format_prompt(
+        "how do i bake a cake ?")  # fmt: skip
+
+
+def test_model_chat_template(tmp_path):
+    """--chat_template model on a ChatML tokenizer: pairs are written in ChatML (the logged evals are those of the
+    ChatML pairs: one step at LR 0 leaves the model as it was), the saved folder carries ChatML as its template; a
+    tokenizer without a template is refused with one line before anything is written."""
+    from test_templates import A1, A2, CHATML, U1, U2, chatml_base, chatml_tokenizer
+    from transformers import AutoTokenizer
+
+    tok, base = chatml_tokenizer(), chatml_base(tmp_path / "base")
+    records = [{"prompt": u, "response_0": a, "response_1": b, "is_response_0_safe": i % 3 > 0,
+                "is_response_1_safe": i % 2 > 0, "better_response_id": i % 2, "safer_response_id": (i + 1) % 2}
+               for i, (u, a, b) in enumerate([(U1, A1, A2), (U2, A2, A1), (U1, A2, U2), (U2, A1, U1)] * 4)]
+    (tmp_path / "pairs.json").write_text(json.dumps(records))
+    spec, out = f"PKU-SafeRLHF:1.0:{tmp_path / 'pairs.json'}", tmp_path / "cm"
+
+    def args(model, out):
+        return [sys.executable, "score_model.py", "--score_type", "cost", "--model_name_or_path", str(model),
+                "--train_datasets", spec, "--eval_datasets", spec, "--max_length", "128", "--chat_template", "model",
+                "--per_device_train_batch_size", "8", "--max_steps", "1", "--lr_warmup_ratio", "1",
+                "--output_dir", str(out)]  # fmt: skip
+
+    run_script(args(base, out))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1]
+    assert (out / "chat_template.jinja").read_text() == CHATML == AutoTokenizer.from_pretrained(out).chat_template
+    saved = data.load_tokenizer(str(out), chat_template="model")
+    pairs = data.SafetyPreferenceDataset([data.parse_dataset(spec)], saved, 128, 42, chat_template="model")
+    first = pairs.collate([pairs[0]])["input_ids"][0, :2].tolist()
+    assert first == tok.convert_tokens_to_ids(["<|im_start|>", "system"])  # ChatML, its system message first
+    got = rescore(out, pairs, pairs.collate, "cost")
+    assert_same_eval(got, rows[0])
+    assert_same_eval(got, rows[-1])
+    plain = tmp_path / "plain"  # the same model without a chat template
+    shutil.copytree(base, plain)
+    (plain / "chat_template.jinja").unlink()
+    proc = subprocess.run(args(plain, tmp_path / "never"), cwd=ROOT, env=stage_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    lines = stderr_lines(proc.stderr)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines == [f"error: the tokenizer at {plain} has no chat template: use --chat_template anchor, or a Jinja "
+                     f"file (--chat_template path/to/template.jinja)"]  # fmt: skip
+    assert not (tmp_path / "never").exists() and not (tmp_path / "never.partial").exists()
+    assert not (tmp_path / "never.lock").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------

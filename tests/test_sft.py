@@ -90,7 +90,7 @@ def test_single_process_run_learns_saves_and_reloads(toy_base, tmp_path):
     )
     assert "perf/tok_per_sec" in proc.stdout and "step 20/20 | train/loss" in proc.stdout
     losses, evals = metrics(out)
-    assert len(losses) == 20 and [e["step"] for e in evals] == [10, 20]
+    assert len(losses) == 20 and [e["step"] for e in evals] == [0, 10, 20]  # the untrained model, every 10 steps
     assert losses[0] == pytest.approx(math.log(183), abs=0.1)  # a random init is uniform over the toy vocabulary
     # golden: fixed seed, fixed init; regenerate deliberately when the data or the loop changes on purpose
     assert losses[:3] == pytest.approx([5.1899, 4.8435, 4.6735], abs=2e-3)
@@ -156,7 +156,7 @@ def test_torchrun_two_processes(toy_base, tmp_path):
     )
     assert "= 4 x 2 accum x 2 ranks" in proc.stdout and proc.stdout.count("step 6/6 | train/loss") == 1  # rank 0 logs
     losses, evals = metrics(out)
-    assert len(losses) == 6 and losses[-1] < losses[0] and len(evals) == 1
+    assert len(losses) == 6 and losses[-1] < losses[0] and [e["step"] for e in evals] == [0, 6]
     assert not (tmp_path / "ddp.partial").exists() and (out / "model.safetensors").exists()
 
 
@@ -175,3 +175,32 @@ def test_bad_input_stops_with_one_line(toy_base, tmp_path):
         assert proc.returncode != 0 and len(lines) == 1, proc.stderr
         assert lines[0].startswith("error: ") and needle in lines[0]
         assert not out.exists() and not (tmp_path / "never.partial").exists()
+
+
+def test_model_chat_template(tmp_path):
+    """--chat_template model on a ChatML model whose EOS is not its end of turn (Qwen base style): trained on ChatML
+    samples (the eval at step 0 is the untrained model's loss on exactly those), saved with ChatML as its template and
+    a generation config that stops at <|im_end|> as well as at the EOS."""
+    from test_templates import A1, A2, CHATML, U1, U2, chatml_base
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    base, out = chatml_base(tmp_path / "base", "<|endoftext|>"), tmp_path / "sft"
+    records = [{"instruction": u, "input": "", "output": a} for u, a in [(U1, A1), (U2, A2)] * 8]
+    (tmp_path / "alpaca.json").write_text(json.dumps(records))
+    spec = f"alpaca:1.0:{tmp_path / 'alpaca.json'}"
+    run_script([sys.executable, "sft.py", "--model_name_or_path", str(base), "--train_datasets", spec,
+                "--eval_datasets", spec, "--chat_template", "model", "--max_length", "128",
+                "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--max_steps", "2",
+                "--lr", "1e-3", "--logging_steps", "1", "--output_dir", str(out)])  # fmt: skip
+    losses, evals = metrics(out)
+    assert [e["step"] for e in evals] == [0, 2] and len(losses) == 2
+    tokenizer = data.load_tokenizer(str(base), chat_template="model")
+    samples = data.SupervisedDataset([data.parse_dataset(spec)], tokenizer, 128, chat_template="model")
+    batch = samples.collate([samples[i] for i in range(len(samples))])
+    assert tokenizer.decode(batch["input_ids"][0, :2]) == "<|im_start|>system"  # ChatML samples
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(base)(batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert sft_loss(logits.logits, batch["labels"]).item() == pytest.approx(evals[0]["eval/loss"], abs=1e-4)
+    assert (out / "chat_template.jinja").read_text() == CHATML == AutoTokenizer.from_pretrained(out).chat_template
+    stops = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    assert GenerationConfig.from_pretrained(out).eos_token_id == stops  # the EOS first, then the end of turn

@@ -47,13 +47,62 @@ def bpe(specials, texts=(U1, A1, U2, A2, SYSTEM, "system user assistant ### User
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token=bos, **kwargs)
 
 
-@pytest.fixture
-def chatml():
-    """SmolLM2-like: ChatML with a default system message, EOS = <|im_end|>, no BOS."""
-    tok = bpe(["<pad>", "<|im_start|>", "<|im_end|>"], eos_token="<|im_end|>", pad_token="<pad>",
-              extra_special_tokens=["<|im_start|>"])
+def chatml_tokenizer(eos_token="<|im_end|>"):
+    """SmolLM2-like: ChatML with a default system message, EOS = <|im_end|> (Qwen base models': <|endoftext|>), no
+    BOS."""
+    tok = bpe(["<pad>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"], eos_token=eos_token, pad_token="<pad>",
+              extra_special_tokens=[t for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>") if t != eos_token])
     tok.chat_template = CHATML
     return tok
+
+
+@pytest.fixture
+def chatml():
+    return chatml_tokenizer()
+
+
+def chatml_base(path, eos_token="<|im_end|>", context=256):
+    """A tiny random LlamaForCausalLM with chatml_tokenizer(eos_token) and its template, saved in `path` (a "chat
+    model" as users bring them, for stage runs in --chat_template model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = chatml_tokenizer(eos_token)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=context,
+                         pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    data.save_chat_template(tok, "model", path)
+    return path
+
+
+def scripted_model(tok, path, script: list[str], eos: list[str], context: int = 128):
+    """A tiny LlamaForCausalLM whose next token depends only on the current one: `script` (tokens) is a chain, each
+    token followed by the next (the last by the first), any other token by <pad> (greedy). Attention and MLP output
+    zero, each scripted token's embedding is a one-hot code and lm_head maps the code to its successor (logit ~80).
+    Saved in `path` with the tokenizer, its chat template and `eos` as the generation config's eos_token_id."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ids = tok.convert_tokens_to_ids(script)
+    assert len(set(ids)) == len(ids) and tok.unk_token_id not in ids, script
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=context,
+                         tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                         eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        model.model.norm.weight.fill_(1.0)  # the final norm turns a one-hot code into sqrt(64) = 8 times it
+        for code, (token, successor) in enumerate(zip(ids, ids[1:] + ids[:1])):
+            model.model.embed_tokens.weight[token, code] = 1.0
+            model.lm_head.weight[successor, code] = 10.0
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids(eos)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    data.save_chat_template(tok, "model", path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +214,25 @@ def test_bos_is_written_once(tmp_path):
     messages = [{"role": "user", "content": U1}]
     assert tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == tok(format_prompt(U1, "</s>"))[
         "input_ids"]
+
+
+def test_stop_ids(chatml, toy, tmp_path):
+    """What ends an answer: the EOS first, the generation config's list, the template's end of turn if special."""
+    from transformers import GenerationConfig
+
+    eot, eos = chatml.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert data.stop_ids(chatml, "model") == [eot]
+    assert data.stop_ids(chatml, "model", GenerationConfig(eos_token_id=[eos, eot])) == [eot, eos]
+    assert data.stop_ids(chatml, "anchor", GenerationConfig(eos_token_id=eos)) == [eot, eos]
+    base = chatml_tokenizer("<|endoftext|>")
+    assert data.stop_ids(base, "model") == [eos, eot]  # Qwen base: ChatML ends a turn with a token that is not EOS
+    assert data.stop_ids(base, "anchor") == [eos]  # the anchor's template ends a turn with the EOS
+    plain = tmp_path / "plain.jinja"  # a turn that ends in ordinary text: nothing to stop at but the EOS
+    plain.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' .\\n' }}{% endfor %}"
+                     "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
+    assert data.set_chat_template(base, str(plain)) == "model" and data.stop_ids(base, "model") == [eos]
+    tok = data.load_tokenizer(str(toy))
+    assert data.stop_ids(tok, "anchor") == [tok.eos_token_id]
 
 
 # ----------------------------------------------------------------------------------------------------------------
