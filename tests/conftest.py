@@ -34,6 +34,8 @@ def stage_env(**extra) -> dict:
     """The environment a stage script runs in: one thread (a fixed reduction order), unbuffered output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
     env.pop("TRITON_INTERPRET", None)  # stage scripts run the torch paths on CPU
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # a process group of the test process must not leak its port into a stage's
     return env
 
 

@@ -123,7 +123,9 @@ def zero3(policy):
     import torch.distributed as dist
 
     created = not dist.is_initialized()
-    if created:
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {key: os.environ.get(key) for key in keys}  # restored below: stage subprocesses of later tests inherit
+    if created:  # the environment, and would all try to listen on this process group's port
         for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
             os.environ.setdefault(key, value)
         with socket.socket() as s:
@@ -140,6 +142,11 @@ def zero3(policy):
     yield engine
     if created:
         dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def whole_at_each_step(engine, **kwargs):

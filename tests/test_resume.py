@@ -8,7 +8,6 @@ What breaks these tests: forgetting the RNG states (dropout masks, sampling, PPO
 LR-scheduler state, the data position, the PTX position, lambda, the episode-cost window, or the running loss sums."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -20,15 +19,13 @@ import torch
 
 import checkpoint
 import data
-from conftest import ROOT
+from conftest import ROOT, stage_env
 
 PY = sys.executable
 
 
 def env(**extra):
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-    e.pop("TRITON_INTERPRET", None)  # stage scripts run the torch paths on CPU
-    return e
+    return stage_env(**extra)
 
 
 def start(args, **extra_env):
