@@ -132,7 +132,12 @@ def test_zero3_run_matches_zero0(toy_base, tmp_path):
 
 
 def test_torchrun_two_processes(toy_base, tmp_path):
+    import socket
+
     out = tmp_path / "ddp"
+    with socket.socket() as sock:  # a free port: torchrun's default 29500 may be taken by another run
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     proc = run_script(
         [
             sys.executable,
@@ -140,6 +145,8 @@ def test_torchrun_two_processes(toy_base, tmp_path):
             "torch.distributed.run",
             "--nproc_per_node",
             "2",
+            "--master_port",
+            port,
             *sft_args(
                 toy_base,
                 out,
