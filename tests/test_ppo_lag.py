@@ -175,21 +175,7 @@ def test_pid_damps_oscillation_on_a_toy_plant():
 # smoke runs on the toy world (tiny settings: integration, not quality)
 
 
-@pytest.fixture(scope="module")
-def toy_models(tmp_path_factory):
-    """A toy base model used as actor, and score models initialised from it (random heads)."""
-    import data
-    from score_model import ScoreModel
-
-    root = tmp_path_factory.mktemp("ppo")
-    data.make_toy_model(str(root / "base"))
-    tokenizer = data.load_tokenizer(str(root / "base"))
-    for seed, (name, score_type) in enumerate((("rm", "reward"), ("cm", "cost"))):
-        torch.manual_seed(seed)  # the new heads are random: seeded, so the golden numbers below are reproducible
-        model = ScoreModel.from_pretrained(str(root / "base"), score_type=score_type)
-        model.save_pretrained(str(root / name))
-        tokenizer.save_pretrained(str(root / name))
-    return root
+# toy_models: conftest.py's (a toy base model and seeded reward and cost models)
 
 
 def ppo_args(root, out, *extra):
