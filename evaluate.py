@@ -39,7 +39,6 @@ import io
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 import urllib.error
@@ -367,10 +366,10 @@ def main():
 
     import torch
     import torch.distributed as dist
-    from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
     import lora
+    import rollout
     from data import (
         PromptOnlyDataset,
         add_pad_token,
@@ -403,7 +402,8 @@ def main():
         if master_process:
             print(*a, **k, flush=True)
 
-    progress = lambda it, desc: tqdm(it, desc=desc, disable=not (master_process and sys.stdout.isatty()))  # noqa: E731
+    progress = rollout.progress  # rank 0, on a terminal, once a loop takes long (rollout.py); the library bars alike
+    rollout.silence_library_bars()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
 
     ds_config = json.loads(Path(args.ds_config).read_text())
@@ -427,7 +427,7 @@ def main():
             policy, tok = load_policy(side)
             with torch.no_grad():
                 lps = [choice_logprobs(policy.module, tok, chat_prompt(tok, text, args.chat_template), choices,
-                                       args.chat_template) for text, choices, _ in progress(examples, side)]
+                                       args.chat_template) for text, choices, _ in progress(examples, desc=side)]
             grade = multiple_choice_grade(lps, [targets for _, _, targets in examples])
             results[side] = {"model": path, "multiple_choice_grade": grade, "examples": len(examples)}
             print0(f"bigbench {args.bigbench_task} | {side} {path} | accuracy {grade:.4f} ({len(examples)} examples)")
@@ -459,9 +459,10 @@ def main():
         sampling = {} if args.greedy else dict(temperature=args.temperature, top_p=args.top_p)
         max_new = max(1, min(args.max_length - P, args.max_new_tokens or args.max_length))  # as in PPO rollouts
         stops = stop_ids(tok, args.chat_template, policy.module.generation_config)  # EOS, config's list, end of turn
-        seq = policy.module.generate(**enc.to(device), max_new_tokens=max_new, do_sample=not args.greedy,
-                                     eos_token_id=stops, pad_token_id=tok.pad_token_id,
-                                     synced_gpus=args.zero_stage == 3 and world_size > 1, **sampling).cpu()
+        with rollout.token_progress(max_new, "generate") as processors:  # a bar over the new tokens, as in rollouts
+            seq = policy.module.generate(**enc.to(device), max_new_tokens=max_new, do_sample=not args.greedy,
+                                         eos_token_id=stops, pad_token_id=tok.pad_token_id, logits_processor=processors,
+                                         synced_gpus=args.zero_stage == 3 and world_size > 1, **sampling).cpu()
         is_eos = torch.isin(seq[:, P:], torch.tensor(stops))  # (B, T - P)
         answer_mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # up to and including the first EOS
         texts = [tok.decode(s[P:][m], skip_special_tokens=True).strip() for s, m in zip(seq, answer_mask)]
@@ -487,7 +488,7 @@ def main():
     mine += mine[:1] * (-(-len(prompts) // world_size) - len(mine))  # same batch count on every rank (ZeRO-3)
     rows, B = {}, args.per_device_eval_batch_size
     with torch.no_grad():
-        for start in progress(range(0, len(mine), B), "arena"):
+        for start in progress(range(0, len(mine), B), desc="arena", unit="batch"):
             idx = mine[start : start + B]
             inputs, out = [prompts[i]["input"] for i in idx], {}
             for side, policy, tok in (("red", red, red_tok), ("blue", blue, blue_tok)):

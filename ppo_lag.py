@@ -372,6 +372,7 @@ def main():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    rollout.silence_library_bars()  # transformers' loading bars in a terminal only, as ours (rank 0)
     import deepspeed
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
@@ -576,7 +577,7 @@ def main():
     synced_gpus = args.zero_stage == 3 and world_size > 1  # ZeRO-3 per-token fetch: every rank joins each forward
     generation_cache = args.generation_cache or rollout.default_cache(device)
 
-    def generate(batch, num_return_sequences=1):
+    def generate(batch, num_return_sequences=1, desc="rollout"):
         """Sample answers: returns (sequence (B, P+L), attention_mask, response mask (B, L), P)."""
         try:
             with torch.no_grad():
@@ -596,6 +597,7 @@ def main():
                     pad_token_id=pad,
                     eos_token_id=stops,
                     synced_gpus=synced_gpus,
+                    desc=desc,  # a bar over the new tokens (rank 0, on a terminal, when the call takes long)
                 )
         except RuntimeError:  # sampling from a policy whose weights went non-finite fails in here: name the cause
             check_finite({"actor weights": 1.0 if weights_finite(actor.module) else math.nan}, step)
@@ -649,10 +651,10 @@ def main():
         n = len(eval_prompts)
         idx = [(rank + world_size * i) % n for i in range(math.ceil(n / world_size))]
         rows = []
-        for i in range(0, len(idx), args.per_device_eval_batch_size):
+        for i in rollout.progress(range(0, len(idx), args.per_device_eval_batch_size), desc="eval", unit="batch"):
             mb = idx[i : i + args.per_device_eval_batch_size]
             batch = eval_prompts.collate([eval_prompts[j] for j in mb])
-            seq, attention_mask, mask, P = generate(batch)
+            seq, attention_mask, mask, P = generate(batch, desc="eval generate")
             answers = answers_of(seq, mask, P)
             with torch.no_grad():
                 scores = {name: end_score(*scorer, seq, attention_mask, batch["inputs"], answers)
@@ -780,6 +782,7 @@ def main():
                 # own stream's returns
                 set_train(True)
                 stats = defaultdict(list)
+                bar = rollout.progress(total=args.update_iters * micro_per_rollout, desc="ppo update", unit="mb")
                 for _ in range(args.update_iters):
                     for mb in torch.randperm(seq.shape[0], device=device).split(args.per_device_train_batch_size):
                         logp = policy_logp(actor, seq[mb], attention_mask[mb], P)
@@ -812,6 +815,8 @@ def main():
                             s["critic"].backward(critic_loss)
                             s["critic"].step()
                             stats[f"loss/{name}_critic"].append(critic_loss.detach())
+                        bar.update()
+                bar.close()
                 t3 = time.time()
 
                 # 5) Lagrange multiplier: J_C = windowed mean end cost, averaged across ranks, then one update

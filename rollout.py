@@ -22,18 +22,75 @@
    gather="auto" gathers when parameters + KV cache fit in FIT_FRACTION of the free device memory (CPU: of
    MemAvailable) on every rank, "always" / "never" force it.
 
+3. A progress bar per call (`desc`), one tick per decoding step, for the long silent waits of a real model: rank 0
+   only, only on a terminal, drawn once it has run PROGRESS_DELAY seconds. `progress` below is the one rule every
+   stage's bars follow (generation, PPO micro-batches, SFT and score-model intervals and evals); NANO_PROGRESS=0 turns
+   them off, NANO_PROGRESS=1 draws them even when stderr is not a terminal.
+
 Sampled tokens follow the same distribution on every path: the paths change where keys, values and weights live,
 not the logits beyond fp32 rounding (tests/test_generation.py: identical greedy sequences, identical seeded samples).
 """
 
 import contextlib
 import os
+import sys
 
 import torch
 
 CACHE_BUCKET = 64  # tokens: static cache lengths are multiples of this
 FIT_FRACTION = 0.8  # gather="auto": parameters + KV cache must fit in this fraction of the free device memory
 _announced = set()  # the path messages already printed (each once per process)
+PROGRESS_DELAY = 1.0  # seconds: a bar is drawn only once its loop has run this long (short waits stay silent)
+
+
+def show_progress() -> bool:
+    """Whether progress bars are drawn: on rank 0, when stderr (where tqdm writes) is a terminal. Log files, CI and
+    redirected output get no carriage-return redraws, and other ranks no copies of rank 0's bar. NANO_PROGRESS=0 turns
+    the bars off; NANO_PROGRESS=1 draws them on rank 0 as if stderr were a terminal (tests, `tail -f` of a log)."""
+    setting = os.environ.get("NANO_PROGRESS", "")
+    if setting not in ("", "0", "1"):
+        raise SystemExit(f"error: NANO_PROGRESS={setting!r}: use 0 (no progress bars) or 1 (bars on rank 0 even when "
+                         "stderr is not a terminal), or leave it unset")  # fmt: skip
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun and deepspeed, and by each stage's preamble
+    return rank == 0 and setting != "0" and (setting == "1" or sys.stderr.isatty())
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar (iterate it, or `.update()` it) where `show_progress()`, else a disabled tqdm: the same object that
+    draws nothing and costs nothing. leave=False: a finished bar erases itself, so the metrics lines stay readable."""
+    from tqdm import tqdm
+
+    kwargs = {"leave": False, "delay": PROGRESS_DELAY, "dynamic_ncols": True, **kwargs}
+    return tqdm(iterable, disable=not show_progress(), **kwargs)
+
+
+def silence_library_bars():
+    """transformers ("Loading weights", "Writing model shards") and datasets ("Generating train split") draw their
+    own tqdm bars wherever the output goes: hold them to `show_progress()` too. Call it early in a stage."""
+    if show_progress():
+        return
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # huggingface_hub's as well
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported (data.py, later)
+
+
+@contextlib.contextmanager
+def token_progress(max_new_tokens, desc, processors=None):
+    """A bar over one `generate` call's decoding steps: yields the `logits_processor` to pass to it, the caller's own
+    `processors` (or None) and, when bars are on, one more that ticks once per step (the prefill's first token
+    included) and returns the scores untouched, so the tokens cannot change. Bars off: generate gets exactly what it
+    would without this. A rank whose rows all finished early stops ticking.
+    A tick is host-side only, and it follows the device: generate syncs on its stop flag every step (off MPS)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Tick(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            bar.update()
+            return scores
+
+    with progress(total=max_new_tokens, desc=desc, unit="tok") as bar:
+        yield processors if bar.disable else LogitsProcessorList([*(processors or []), Tick()])
 
 
 def default_cache(device) -> str:
@@ -93,7 +150,7 @@ def gathered_for_generation(engine):
 
 
 def generate(model, input_ids, attention_mask, *, max_new_tokens, max_cache_len=None, cache=None, gather="auto",
-             synced_gpus=False, compile=None, **sampling):  # fmt: skip
+             synced_gpus=False, compile=None, desc="generate", **sampling):  # fmt: skip
     """Sample (or greedily decode) continuations; returns the sequences (B * num_return_sequences, P + new), as
     `model.generate` would.
 
@@ -106,6 +163,7 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens, max_cache_len=
     compile: static cache only. None: transformers' rule (compiled decoding on CUDA, eager elsewhere); False: eager;
         True or a torch.compile backend name ("eager" in the CPU tests: dynamo's capture and guards without code
         generation): compiled on any device.
+    desc: the progress bar's label (token_progress: rank 0, on a terminal, once the call runs PROGRESS_DELAY s).
     sampling: everything else `generate` takes (do_sample, temperature, top_p, pad_token_id, eos_token_id, ...).
     """
     from transformers.generation.configuration_utils import CompileConfig
@@ -152,5 +210,7 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens, max_cache_len=
         _announce(f"dynamic KV cache{where}")
 
     with gathered_for_generation(engine) if gathered else contextlib.nullcontext():
-        return module.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                               synced_gpus=synced_gpus and not gathered, **kwargs, **sampling)  # fmt: skip
+        with token_progress(max_new_tokens, desc, sampling.pop("logits_processor", None)) as processors:
+            return module.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                   synced_gpus=synced_gpus and not gathered, logits_processor=processors, **kwargs,
+                                   **sampling)  # fmt: skip

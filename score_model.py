@@ -44,7 +44,6 @@ import math
 import os
 import shutil
 import socket
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -55,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora
+import rollout
 from checkpoint import (
     check_finite,
     check_model_folder,
@@ -418,12 +418,9 @@ def main():
     # a missing or broken model stops here, before any process group, folder or data; a causal LM (new head) and a
     # score model (its head kept) are both fine
     check_model_folder(args.model_name_or_path, "any", "--model_name_or_path")
-    from tqdm import tqdm
     from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
 
-    if not sys.stdout.isatty():
-        hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars in log files
+    rollout.silence_library_bars()  # "Loading weights" / "Writing model shards": in a terminal only, as our own bars
     try:  # a config.json that transformers cannot read (an unknown model_type, remote code not allowed, ...)
         AutoConfig.from_pretrained(lora.root_model(args.model_name_or_path), trust_remote_code=args.trust_remote_code)
     except Exception as e:
@@ -557,7 +554,7 @@ def main():
         engine.eval()
         parts = []  # per batch: first half, second half of the end scores (+ their signs for cost)
         with torch.no_grad():
-            for batch in tqdm(eval_loader, desc="eval", disable=not (master_process and sys.stdout.isatty())):
+            for batch in rollout.progress(eval_loader, desc="eval", unit="batch"):  # rank 0, terminal (rollout.py)
                 ids, mask = batch["input_ids"].to(engine.device), batch["attention_mask"].to(engine.device)
                 end = engine(ids, mask).end_scores[:, 0].cpu()  # (2B,)
                 parts.append([*end.chunk(2), *(batch[k] for k in SIGNS if k in batch)])
@@ -606,6 +603,7 @@ def main():
     names = ["train/loss", "train/accuracy"] + (["train/accuracy_sign"] if args.score_type == "cost" else [])
     running = torch.zeros(len(names) + 2, device=engine.device)  # (sums of the names' values, micro-batches, tokens)
     step, micro_step, start_epoch, skip, best, best_dir, eval_pairs = 0, 0, 0, 0, -1.0, None, None
+    bar = None  # over the micro-batches to the next metrics line
     if resume_dir is not None:  # weights, optimizer, LR schedule, RNG, and where the loop stood
         state = load_checkpoint(resume_dir, {"model": engine})
         step, micro_step, start_epoch, skip = state["step"], state["micro_step"], state["epoch"], state["position"]
@@ -620,6 +618,9 @@ def main():
         for epoch in range(start_epoch, args.epochs):
             train_sampler.set_epoch(epoch)  # the epoch's order depends on (seed, epoch) only: a resume skips into it
             for position, batch in enumerate(itertools.islice(train_loader, skip, None), start=skip + 1):
+                if bar is None:
+                    steps_to_line = min(args.logging_steps - step % args.logging_steps, total_steps - step)
+                    bar = rollout.progress(total=steps_to_line * accum - micro_step % accum, desc="train", unit="mb")
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 ids, mask, signs = batch["input_ids"], batch["attention_mask"], [batch[k] for k in SIGNS if k in batch]
                 B = ids.size(0) // 2
@@ -648,11 +649,14 @@ def main():
                 running += torch.stack([loss.detach().float(), *metrics.values(), torch.ones_like(loss),
                                         mask.sum().float()])
                 micro_step += 1
+                bar.update()
                 if micro_step % accum:
                     continue
                 step += 1
                 # 5) log / eval (every --eval_interval steps and each epoch end) / save the best
                 if step % args.logging_steps == 0 or step == total_steps:
+                    bar.close()  # erased before the line is printed
+                    bar = None
                     dist.all_reduce(running)
                     log(step, {**dict(zip(names, running[:-2] / running[-2])), "train/lr": scheduler.get_last_lr()[0],
                                "train/epoch": step / steps_per_epoch,

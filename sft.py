@@ -32,7 +32,6 @@ import json
 import math
 import os
 import socket
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +39,7 @@ from pathlib import Path
 import torch
 
 import lora
+import rollout
 from checkpoint import (
     check_finite,
     check_model_folder,
@@ -172,10 +172,8 @@ def main():
         parser.error("--save_adapter_only saves a LoRA adapter: pass --lora_rank > 0")
     check_model_folder(args.model_name_or_path, "causal_lm", "--model_name_or_path")  # before any process group
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    if not sys.stdout.isatty():
-        hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars in log files
+    rollout.silence_library_bars()  # "Loading weights" / "Writing model shards": in a terminal only, as our own bars
 
     # distributed preamble: a plain `python sft.py` is a world of one
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
@@ -335,12 +333,10 @@ def main():
                     writer.add_scalar(k, v, step)
 
     def evaluate():
-        from tqdm import tqdm
-
         engine.eval()
         totals = torch.zeros(2, device=engine.device)  # (sum of token losses, answer tokens)
         with torch.no_grad():
-            for batch in tqdm(eval_loader, desc="eval", disable=not (master_process and sys.stdout.isatty())):
+            for batch in rollout.progress(eval_loader, desc="eval", unit="batch"):  # rank 0, terminal (rollout.py)
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
@@ -383,6 +379,7 @@ def main():
     engine.train()
     step, micro_step, start_epoch, skip = 0, 0, 0, 0
     running = torch.zeros(3, device=engine.device)  # (sum of micro-batch losses, micro-batches, tokens)
+    bar = None  # over the micro-batches to the next metrics line (at the defaults the first comes after 320 sequences)
     if resume_dir is not None:  # weights, optimizer, LR schedule, RNG, and where the loop stood
         state = load_checkpoint(resume_dir, {"model": engine})
         step, micro_step, start_epoch, skip = state["step"], state["micro_step"], state["epoch"], state["position"]
@@ -395,6 +392,9 @@ def main():
         for epoch in range(start_epoch, args.epochs):
             train_sampler.set_epoch(epoch)  # the epoch's order depends on (seed, epoch) only: a resume skips into it
             for position, batch in enumerate(itertools.islice(train_loader, skip, None), start=skip + 1):
+                if bar is None:
+                    steps_to_line = min(args.logging_steps - step % args.logging_steps, total_steps - step)
+                    bar = rollout.progress(total=steps_to_line * accum - micro_step % accum, desc="train", unit="mb")
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 # 1) forward and masked next-token cross-entropy
                 logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -406,11 +406,14 @@ def main():
                     [loss.detach().float(), torch.ones((), device=engine.device), batch["attention_mask"].sum().float()]
                 )
                 micro_step += 1
+                bar.update()
                 if micro_step % accum:
                     continue
                 step += 1
                 # 3) log / eval / save
                 if step % args.logging_steps == 0 or step == total_steps:
+                    bar.close()  # erased before the line is printed
+                    bar = None
                     dist.all_reduce(running)
                     elapsed, t0 = time.time() - t0, time.time()
                     stats = {"train/loss": running[0] / running[1], "train/lr": scheduler.get_last_lr()[0]}
