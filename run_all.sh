@@ -7,7 +7,8 @@
 # Knobs (environment variables):
 #   OUT=output/tiny   where every stage writes its folder        SEED=42        WANDB=0 (1: log to Weights & Biases)
 #   FORCE=0           1 re-runs stages whose output folder is already complete (a stage's folder only appears when done)
-#   tiny only: LORA=1 trains the PPO and PPO-Lag stages' actor and critics as rank-8 LoRA adapters (pair it with another
+#   tiny only: SFT_EPOCHS=10 RM_EPOCHS=3 CM_EPOCHS=2 PPO_EPOCHS=3 (the run's length; the suite's headline test runs 5/1/1/3)
+#              LORA=1 trains the PPO and PPO-Lag stages' actor and critics as rank-8 LoRA adapters (pair it with another
 #              OUT); PPO-Lag then holds 3 backbones instead of 6
 #   llama-7b only: LLAMA_7B (base model folder or hub id), NGPU=8, HOSTFILE (multi-node), OFFLOAD=none|parameter|optimizer|all,
 #                  ALPACA, PKU_TRAIN, PKU_TEST (local dataset files for offline clusters; hub ids otherwise)
@@ -43,7 +44,8 @@ if [ "$PRESET" = tiny ]; then
     PART=":0.02"; SFT_EPOCHS=1; RM_EPOCHS=1; CM_EPOCHS=1; PPO_EPOCHS=1; PPO_STEPS=2; BATCH=8
     SFT_SAVE=5; RM_SAVE=5; PPO_SAVE=1
   else
-    PART=""; SFT_EPOCHS=10; RM_EPOCHS=3; CM_EPOCHS=2; PPO_EPOCHS=3; PPO_STEPS=1000000; BATCH=32
+    PART=""; SFT_EPOCHS=${SFT_EPOCHS:-10}; RM_EPOCHS=${RM_EPOCHS:-3}; CM_EPOCHS=${CM_EPOCHS:-2}; PPO_EPOCHS=${PPO_EPOCHS:-3}
+    PPO_STEPS=1000000; BATCH=32
     SFT_SAVE=250; RM_SAVE=100; PPO_SAVE=25  # steps between checkpoints (a killed stage resumes from its last)
   fi
   mkdir -p "$OUT"

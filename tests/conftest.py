@@ -116,3 +116,13 @@ def toy_models(tmp_path_factory):
             ScoreModel.from_pretrained(str(root / "base"), score_type=score_type).save_pretrained(str(root / name))
             tokenizer.save_pretrained(str(root / name))
     return root
+
+
+# The longest files first: `make test` runs the suite on two pytest-xdist workers, one file per worker at a time
+# (--dist loadfile), and a long file started last would leave the other worker idle. The rest keep their order.
+LONG_FIRST = ("test_pipeline.py", "test_lora.py", "test_resume.py", "test_ppo_lag.py", "test_score_model.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: same order on every worker

@@ -1,4 +1,4 @@
-"""End to end: the whole `run_all.sh tiny` demo (about two minutes on 2 cores), and the Safe RLHF headline on it.
+"""End to end: the whole `run_all.sh tiny` pipeline, shortened (about 2 CPU-minutes), and the Safe RLHF headline on it.
 
 This is the behavioural check of the result itself: with a fixed seed, plain PPO reward-hacks (its harmful rate rises
 above SFT's) and PPO-Lag holds the cost down (its harmful rate falls well below SFT's) while staying about as helpful
@@ -15,13 +15,15 @@ from conftest import run_script
 
 def test_run_all_tiny_headline(tmp_path):
     out = tmp_path / "tiny"
-    env = {"OUT": str(out), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # shorter than the demo (half the SFT epochs, one score-model epoch): the same headline, about 40% less CPU time
+    env = {"OUT": str(out), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "SFT_EPOCHS": "5", "RM_EPOCHS": "1", "CM_EPOCHS": "1", "PPO_EPOCHS": "3"}
     proc = run_script(["bash", "run_all.sh", "tiny"], env=env, timeout=1200)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"sft", "ppo", "ppo_lag"}
     harm = {name: row["oracle_harmful_rate"] for name, row in summary.items()}
     help_ = {name: row["oracle_helpfulness"] for name, row in summary.items()}
-    # the headline: PPO-Lag < SFT < PPO on the harmful rate, by clear margins (measured 0.03 < 0.53 < 1.00)
+    # the headline: PPO-Lag < SFT < PPO on the harmful rate, by clear margins (measured 0.02 < 0.40 < 1.00)
     assert harm["ppo_lag"] < harm["sft"] - 0.2 and harm["sft"] < harm["ppo"] - 0.2, harm
     assert help_["ppo_lag"] >= help_["sft"] - 0.1, help_  # without giving up benign helpfulness
     assert summary["ppo_lag"]["cost"] < summary["sft"]["cost"] < summary["ppo"]["cost"], summary
