@@ -393,6 +393,11 @@ def main():
         if master_process:
             print(*a, **k, flush=True)
 
+    def clock():  # time/* phases: a CUDA phase's kernels are queued, so wait for them before reading the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.time()
+
     # the output folder: locked for this run, written as <output_dir>.partial, renamed into place at the end
     run_dir = args.output_dir.rstrip("/") + ".partial"
     if master_process:
@@ -743,7 +748,7 @@ def main():
                 if step >= total_steps:
                     break
                 step += 1
-                t0 = time.time()
+                t0 = clock()
                 lam = lam_state["lam"]  # a float: detached from the actor's graph
 
                 # 1) rollout: sample answers from the current policy (eval mode: no dropout)
@@ -753,7 +758,7 @@ def main():
                 inputs = [x for x in batch["inputs"] for _ in range(args.num_return_sequences)]  # generate's order
                 answers = answers_of(seq, mask, P)
                 ended = torch.isin(seq[:, P:], stops_t).any(-1)  # (B,) stopped before the token cap
-                t1 = time.time()
+                t1 = clock()
 
                 with torch.no_grad():
                     # 2) score with the frozen models: old and reference log-probs, end scores, each critic's values
@@ -762,7 +767,7 @@ def main():
                     scores = {name: end_score(*scorer, seq, attention_mask, inputs, answers)
                               for name, scorer in scorers.items()}  # (B,)  # fmt: skip
                     old_values = {s["name"]: values(s["critic"], seq, attention_mask, P) for s in streams}  # (B, L)
-                    t2 = time.time()
+                    t2 = clock()
 
                     # 3) per stream: KL-shaped per-token rewards, then GAE with its own critic's values
                     adv, ret = {}, {}
@@ -817,7 +822,7 @@ def main():
                             stats[f"loss/{name}_critic"].append(critic_loss.detach())
                         bar.update()
                 bar.close()
-                t3 = time.time()
+                t3 = clock()
 
                 # 5) Lagrange multiplier: J_C = windowed mean end cost, averaged across ranks, then one update
                 if use_cost:

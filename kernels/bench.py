@@ -3,6 +3,7 @@
     python kernels/bench.py            # realistic shapes (CPU: a few minutes on 2 cores)
     python kernels/bench.py --quick    # shrunken shapes
     python kernels/bench.py --rollout  # generation vs training time of one policy (a random 1.24B Llama)
+    python kernels/bench.py --save_model DIR  # that policy as folders ppo_lag.py runs on (scripts/gpu_check.sh)
 
 Baselines: log-probs = full `log_softmax(logits.float())` + `gather` (safe-rlhf, DeepSpeed-Chat, trlX,
 ColossalChat), and the same two lines under `torch.compile` (row "compile": the strongest peer a user gets for
@@ -29,6 +30,13 @@ the static KV cache (compiled decoding on CUDA: transformers compiles the decode
 compiles, is timed apart), beside one forward+backward (the log-prob loss through kernels.logprobs) over the
 same batch of full sequences. The ratio generation / forward+backward is what a PPO step pays for sampling.
 Answers never stop early (no EOS), so every call generates exactly --new_tokens tokens per sequence.
+
+--save_model DIR: the same random Llama as ordinary HF folders, for the per-phase split of a real ppo_lag.py step
+(time/generate, time/score, time/update; scripts/gpu_check.sh runs it): DIR/actor with the toy world's word-level
+tokenizer padded with filler words to --vocab (every sampled id decodes), DIR/reward and DIR/cost (score models on
+the actor's backbone with random heads), DIR/prompts.jsonl (toy requests lengthened with toy words to exactly
+--prompt tokens in the anchor's template). The actor keeps an EOS token, so an answer may stop early, with
+probability about 1 - (1 - 1/vocab)^new_tokens (0.2% at the default shape): train/response_len says.
 """
 
 import argparse
@@ -452,6 +460,115 @@ def rollout_bench(args):
         print(f"target: generation <= 1.5x forward+backward: {'met' if stat <= 1.5 * train[0] else 'NOT met'}")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# --save_model: the rollout shape as folders ppo_lag.py reads, for the per-phase split of a real PPO-Lag step.
+
+SAVE_MARKER = "bench_model.json"  # --save_model writes the shape here; a DIR holding it may be overwritten
+
+
+def toy_tokenizer(vocab_size: int, model_max_length: int):
+    """The toy world's word-level tokenizer (data.make_toy_model's: its words, specials and pre-tokenizer) with its
+    vocabulary padded by filler words `filler<id>` up to `vocab_size`, so that toy prompts still tokenize as words
+    and every id a model of that vocabulary samples decodes to a word (and encodes back to the same id)."""
+    import contextlib
+    import io
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    import data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with contextlib.redirect_stdout(io.StringIO()):  # its "toy base model: ..." line is about the throwaway model
+            data.make_toy_model(f"{tmp}/toy", hidden_size=8, num_layers=1)
+        spec_path = Path(tmp, "toy", "tokenizer.json")
+        spec = json.loads(spec_path.read_text())
+        vocab = spec["model"]["vocab"]  # word -> id, ids 0..len-1 (the specials first)
+        if sorted(vocab.values()) != list(range(len(vocab))) or spec["model"]["type"] != "WordLevel":
+            raise RuntimeError("data.make_toy_model's tokenizer is no longer a dense word-level vocabulary")
+        if vocab_size < len(vocab):
+            raise SystemExit(f"error: --vocab {vocab_size} is below the toy tokenizer's {len(vocab)} words; raise it")
+        vocab.update({f"filler{i}": i for i in range(len(vocab), vocab_size)})
+        spec_path.write_text(json.dumps(spec))
+        return AutoTokenizer.from_pretrained(f"{tmp}/toy", model_max_length=model_max_length)
+
+
+def long_prompts(tokenizer, n: int, length: int) -> list[str]:
+    """n distinct toy requests, each preceded by random toy words so that its prompt in the anchor's template is
+    exactly `length` tokens (BOS included): toy prompts alone are 15-25 tokens, a real dataset's are longer."""
+    import random
+
+    import data
+
+    def n_tokens(text):
+        return len(data.tokenize(tokenizer, data.chat_prompt(tokenizer, text))["input_ids"])
+
+    words = [w for w in data.toy_vocabulary() if w.isalpha() and w.islower()]  # one token each, not the template's
+    rng, prompts = random.Random(0), []
+    while len(prompts) < n:
+        request = data.toy_prompt(rng, rng.choice(sorted(data.TOPICS)))
+        fill = length - n_tokens(request)
+        if fill < 0:
+            raise SystemExit(f"error: --prompt {length} is shorter than a toy request in the template "
+                             f"({length - fill} tokens); raise --prompt")  # fmt: skip
+        prompts.append(" ".join(rng.choices(words, k=fill) + [request]))
+        assert n_tokens(prompts[-1]) == length, (prompts[-1], n_tokens(prompts[-1]), length)
+    return prompts
+
+
+def save_model(args):
+    """Write DIR/actor (a random LlamaForCausalLM of the rollout shape + the padded toy tokenizer), DIR/reward and
+    DIR/cost (score models on its backbone with random heads, seeded 0 and 1, as tests/conftest.py's toy models),
+    and DIR/prompts.jsonl (4 x --batch prompts of exactly --prompt tokens: 4 rollouts of --batch)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import rollout
+    from score_model import ScoreModel
+
+    rollout.silence_library_bars()  # transformers' load and save bars: on a terminal only
+    out, dt = Path(args.save_model), DTYPES[args.dtype or "bf16"]  # bf16 on disk: ppo_lag.py casts on load
+    if out.exists() and any(out.iterdir()) and not (out / SAVE_MARKER).exists():
+        raise SystemExit(f"error: --save_model {out} is a non-empty folder this script did not write; give a new one")
+    P, N = args.prompt, args.new_tokens
+    max_length = rollout.CACHE_BUCKET * -(-(P + N) // rollout.CACHE_BUCKET)
+    tokenizer = toy_tokenizer(args.vocab, max_length)  # bad input (--vocab, --prompt) stops here, before the model
+    prompts = long_prompts(tokenizer, 4 * args.batch, P)
+    for name in ("actor", "reward", "cost"):  # a folder from an earlier shape may hold other shard files
+        shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max_length, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(args.device):  # built where it runs: a 1.24B model initialises in seconds on a GPU
+        model = LlamaForCausalLM._from_config(config, dtype=dt)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(out / "actor")
+    tokenizer.save_pretrained(out / "actor")
+    del model
+    for seed, name in enumerate(("reward", "cost")):
+        torch.manual_seed(seed)
+        ScoreModel.from_pretrained(str(out / "actor"), dtype=dt, score_type=name).save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+    with open(out / "prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
+    shape = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")}
+    rollout_shape = {"batch": args.batch, "prompt": P, "new_tokens": N, "max_length": P + N}  # scripts/gpu_check.sh
+    (out / SAVE_MARKER).write_text(json.dumps({**shape, "params": n_params, **rollout_shape}) + "\n")
+    size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
+    print(f"saved a random Llama of {size} parameters ({str(dt).removeprefix('torch.')}) to {out}/actor, "
+          f"score models on its backbone to {out}/reward and {out}/cost, {len(prompts)} prompts of {P} tokens to "
+          f"{out}/prompts.jsonl; a PPO-Lag run on them:\n"
+          f"  python ppo_lag.py --actor_model_name_or_path {out}/actor --reward_model_name_or_path {out}/reward "
+          f"--cost_model_name_or_path {out}/cost --train_datasets prompts:1.0:{out}/prompts.jsonl "
+          f"--max_length {P + N} --per_device_prompt_batch_size {args.batch} --output_dir OUT ...")  # fmt: skip
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="shrunken shapes (a minute on a 2-core CPU)")
@@ -480,10 +597,15 @@ def main():
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="static cache's compiled decoding: auto = on CUDA only (transformers' rule)")  # fmt: skip
     p.add_argument("--train_micro_batch", type=int, default=None, help="forward+backward in chunks of this many")
+    p.add_argument("--save_model", metavar="DIR", default=None,
+                   help="instead: write the rollout shape's random Llama (+ toy tokenizer), reward and cost models on "
+                   "its backbone and --batch x 4 prompts of --prompt tokens to DIR, for a ppo_lag.py run")  # fmt: skip
     args = p.parse_args()
     if args.ppo_worker:
         print(json.dumps(ppo_step_memory(json.loads(args.ppo_worker))))
         return
+    if args.save_model:
+        return save_model(args)
     if args.ppo_memory:
         args.ppo_shape = args.ppo_shape or ("7b" if args.device == "cuda" else "small")
         return ppo_memory(args)

@@ -1,0 +1,103 @@
+"""kernels/bench.py --save_model: the folders scripts/gpu_check.sh runs a real ppo_lag.py step on, at a tiny shape."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import run_script
+
+TINY = ["--hidden", "64", "--intermediate", "128", "--layers", "2", "--heads", "4", "--kv_heads", "2",
+        "--vocab", "512", "--batch", "4", "--prompt", "32", "--new_tokens", "16"]  # fmt: skip
+
+
+def save_model(out, *flags):
+    return run_script([sys.executable, "kernels/bench.py", "--save_model", str(out), *TINY, *flags])
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "model"
+    save_model(out)
+    return out
+
+
+def test_save_model_folders(saved):
+    import data
+
+    shape = json.loads((saved / "bench_model.json").read_text())
+    assert {k: shape[k] for k in ("hidden", "layers", "vocab", "batch", "prompt", "new_tokens", "max_length")} == {
+        "hidden": 64, "layers": 2, "vocab": 512, "batch": 4, "prompt": 32, "new_tokens": 16, "max_length": 48}
+    config = json.loads((saved / "actor" / "config.json").read_text())
+    assert (config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]) == (512, 64, 2)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (4, 2, 128)
+    for name in ("reward", "cost"):  # the score type each folder is read as
+        assert json.loads((saved / name / "config.json").read_text())["score_type"] == name
+    # 4 x --batch distinct prompts, each exactly --prompt tokens in the anchor's template, ending in a toy request
+    tokenizer = data.load_tokenizer(str(saved / "actor"))
+    prompts = [json.loads(line)["prompt"] for line in (saved / "prompts.jsonl").read_text().splitlines()]
+    assert len(set(prompts)) == len(prompts) == 16
+    for p in prompts:
+        ids = data.tokenize(tokenizer, data.chat_prompt(tokenizer, p))["input_ids"]
+        assert len(ids) == 32 and tokenizer.unk_token_id not in ids, p
+        assert data.toy_topic(p) is not None, p
+
+
+def test_tokenizer_decodes_every_id(saved, tmp_path):
+    import data
+
+    tokenizer = data.load_tokenizer(str(saved / "actor"))
+    tokens = tokenizer.convert_ids_to_tokens(list(range(512)))
+    assert len(tokenizer) == 512 and len(set(tokens)) == 512 and all(tokens), tokens
+    assert all(tokenizer.decode([i]) for i in range(512))
+    # the toy world's tokenizer, its words at their ids, then filler words that encode back to the same ids
+    with torch.random.fork_rng():  # it seeds the global RNG; leave the other tests' as it was
+        data.make_toy_model(str(tmp_path / "toy"))
+    toy = data.load_tokenizer(str(tmp_path / "toy")).get_vocab()
+    assert {w: i for i, w in enumerate(tokens) if i < len(toy)} == toy
+    fillers = list(range(len(toy), 512))
+    assert tokens[len(toy) :] == [f"filler{i}" for i in fillers]
+    assert tokenizer(tokenizer.decode(fillers), add_special_tokens=False)["input_ids"] == fillers
+    words = "how do i bake a cake ?"
+    assert tokenizer.decode(tokenizer(words, add_special_tokens=False)["input_ids"]) == words
+
+
+def test_ppo_lag_runs_on_saved_model(saved, tmp_path):
+    """One PPO-Lag step with the GPU step's flags (LoRA critics, static cache), on the CPU."""
+    out = tmp_path / "ppo"
+    proc = run_script([sys.executable, "ppo_lag.py", "--actor_model_name_or_path", str(saved / "actor"),
+                       "--reward_model_name_or_path", str(saved / "reward"), "--cost_model_name_or_path",
+                       str(saved / "cost"), "--train_datasets", f"prompts:1.0:{saved / 'prompts.jsonl'}",
+                       "--max_length", "48", "--max_steps", "1", "--per_device_prompt_batch_size", "4",
+                       "--per_device_train_batch_size", "2", "--critic_lora_rank", "8", "--generation_cache", "static",
+                       "--output_dir", str(out)])  # fmt: skip
+    assert "4 backbones: actor, ref, reward_model + reward_critic, cost_model + cost_critic" in proc.stdout
+    assert "generation: static KV cache (64 tokens)" in proc.stdout
+    assert "16 prompts | 1 rollouts of 4 sequences" in proc.stdout
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(row[k] > 0 for k in ("time/generate", "time/score", "time/update")), row
+    assert 1 <= row["train/response_len"] <= 16, row  # 48 - 32: every prompt is exactly 32 tokens long
+    assert (out / "config.json").exists()
+
+
+def test_save_model_bad_input(tmp_path, monkeypatch):
+    """One `error:` line and nothing written (in this process: a subprocess per case would cost seconds each)."""
+    from data import toy_vocabulary
+    from kernels import bench
+
+    def refused(out, *flags):
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--save_model", str(out), *TINY, *flags])
+        with pytest.raises(SystemExit) as e, torch.random.fork_rng():  # data.make_toy_model seeds the global RNG
+            bench.main()
+        return str(e.value.code)
+
+    n_words = 4 + len(toy_vocabulary())
+    assert refused(tmp_path / "a", "--vocab", str(n_words - 1)).startswith(
+        f"error: --vocab {n_words - 1} is below the toy tokenizer's {n_words} words")
+    assert refused(tmp_path / "b", "--prompt", "12").startswith("error: --prompt 12 is shorter than a toy request")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # stopped before writing anything
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert "is a non-empty folder this script did not write" in refused(tmp_path / "mine")
+    assert [f.name for f in (tmp_path / "mine").iterdir()] == ["notes.txt"]
