@@ -1,7 +1,7 @@
 # Two commands do all the set-up: `make demo` and `make test`. Both create .venv when it is missing.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?= -q -rs -n 2 --dist loadfile  # two workers, one test file each at a time (pytest-xdist)
+PYTEST_ARGS ?= -q -rs -n 2 --dist loadfile --no-loadscope-reorder  # two workers, a test file each at a time, longest first (conftest.py)
 
 .PHONY: demo test bench clean
 

@@ -13,6 +13,12 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one of `make test`'s parallel workers: one thread each (set before torch starts its thread pool), as the stage
+    # subprocesses use; two workers with a thread per core each oversubscribe 2 cores and OpenMP's spinning threads
+    # then run several times slower
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 try:  # cheap check that does not import triton
     import torch
 
@@ -119,8 +125,10 @@ def toy_models(tmp_path_factory):
 
 
 # The longest files first: `make test` runs the suite on two pytest-xdist workers, one file per worker at a time
-# (--dist loadfile), and a long file started last would leave the other worker idle. The rest keep their order.
-LONG_FIRST = ("test_pipeline.py", "test_lora.py", "test_resume.py", "test_ppo_lag.py", "test_score_model.py")
+# (--dist loadfile --no-loadscope-reorder: in this order), and a long file started last would leave the other worker
+# idle. The rest keep their order.
+LONG_FIRST = ("test_lora.py", "test_faults.py", "test_ppo_lag.py", "test_score_model.py", "test_generation.py",
+              "test_resume.py", "test_pipeline.py", "test_sft.py", "test_evaluate.py", "test_kernels.py")
 
 
 def pytest_collection_modifyitems(config, items):
