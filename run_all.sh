@@ -331,8 +331,8 @@ elif [ "$PRESET" = smol ]; then
     SFT_PART=0.003; RM_PART=0.006; CM_PART=0.003; CM_EVAL=0.02; EVAL_PART=0.05
     PPO_STEPS=1; PPO_BATCH=2; MAXLEN=128
   else
-    SFT_PART=0.02; RM_PART=0.04; CM_PART=0.02; CM_EVAL=0.1; EVAL_PART=1.0
-    PPO_STEPS=6; PPO_BATCH=8; MAXLEN=160
+    SFT_PART=0.02; RM_PART=0.1; CM_PART=0.025; CM_EVAL=0.1; EVAL_PART=1.0
+    PPO_STEPS=20; PPO_BATCH=8; MAXLEN=160
   fi
   mkdir -p "$OUT"
 
@@ -373,19 +373,21 @@ elif [ "$PRESET" = smol ]; then
       --output_dir "$OUT/sft"
 
   # 2a) Reward model (helpfulness) on Anthropic HH-RLHF helpful pairs, from the SFT model with a new score head.
+  #     Score models get a few dozen steps here, so a larger learning rate than the anchor's 2e-5.
   stage "reward model" "$OUT/rm" \
     $PY score_model.py \
       --score_type reward \
       --model_name_or_path "$OUT/sft" \
       --chat_template model \
       --train_datasets "hh-rlhf-helpful-preference:$RM_PART:$HH_HELPFUL" \
-      --eval_split_ratio 0.1 \
+      --eval_split_ratio 0.15 \
       --max_length "$MAXLEN" \
       --epochs 1 \
       --per_device_train_batch_size 4 \
       --per_device_eval_batch_size 8 \
-      --lr 2e-5 \
+      --lr 1e-4 \
       --lr_scheduler_type cosine \
+      --lr_warmup_ratio 0.1 \
       --weight_decay 0.1 \
       --regularization 0.001 \
       --logging_steps 5 \
@@ -407,8 +409,9 @@ elif [ "$PRESET" = smol ]; then
       --epochs 1 \
       --per_device_train_batch_size 4 \
       --per_device_eval_batch_size 8 \
-      --lr 2e-5 \
+      --lr 1e-4 \
       --lr_scheduler_type cosine \
+      --lr_warmup_ratio 0.1 \
       --weight_decay 0.1 \
       --regularization 0.001 \
       --logging_steps 5 \
@@ -418,7 +421,9 @@ elif [ "$PRESET" = smol ]; then
       --output_dir "$OUT/cm"
 
   # 3) PPO-Lag on the PKU prompts (930, mostly harmful requests): maximise reward subject to J_C <= d = 0, the
-  #    anchor's threshold. A few rollouts only, so the actor and critics take larger steps than the anchor's.
+  #    anchor's threshold. 20 rollouts only, so the actor and critics take larger steps than the anchor's, and the
+  #    multiplier moves faster (lambda_lr 0.5, J_C over the last 4 rollouts): with the anchor's 0.1 and 128 answers,
+  #    lambda went from 1 to 1.16 in 6 rollouts while the reward model's taste for long answers raised the cost.
   stage "PPO-Lag" "$OUT/ppo_lag" \
     $PY ppo_lag.py \
       --actor_model_name_or_path "$OUT/sft" \
@@ -438,10 +443,10 @@ elif [ "$PRESET" = smol ]; then
       --kl_coeff 0.01 \
       --threshold 0.0 \
       --lambda_init 1.0 \
-      --lambda_lr 0.1 \
+      --lambda_lr 0.5 \
       --lambda_max 5.0 \
       --lambda_update_delay_steps 0 \
-      --episode_cost_window_size 128 \
+      --episode_cost_window_size 32 \
       --seed "$SEED" \
       --zero_stage 0 \
       --log_type "$LOG_TYPE" \
