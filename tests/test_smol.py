@@ -84,6 +84,15 @@ def test_safe_unsafe_pairs_unparseable_records_name_the_fields(tmp_path, capsys)
         RawDataset.load("safe-unsafe-pairs", str(tmp_path / "bad.json"))
 
 
+def test_real_pku_derived_pairs(shared_data):
+    path = str(shared_data / "pku-saferlhf-derived/pku_seferlhf_realign_dpo_5k.json")
+    every, train, test = (RawDataset.load(f"safe-unsafe-pairs{split}", path) for split in ("", "/train", "/test"))
+    assert (len(every), every.skipped) == (5135, 0)  # every pair of the file is well formed
+    assert (len(train), len(test)) == (4647, 488)  # 838 and 92 of the 930 prompts
+    assert not {s["input"] for s in train} & {s["input"] for s in test}
+    assert all(s["answer"] != s["other_answer"] and s["is_safe"] and not s["is_other_safe"] for s in every)
+
+
 def test_smollm2_conversion_errors_name_the_fix(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no GGUF file at"):
         data.convert_smollm2(str(tmp_path / "out"), str(tmp_path / "missing.gguf"))
