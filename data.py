@@ -1051,31 +1051,46 @@ def toy_vocabulary() -> list[str]:
     return sorted(words)
 
 
-def make_toy_model(output_dir: str, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> None:
-    """Write the toy word-level tokenizer and a randomly initialised LlamaForCausalLM as ordinary HF folders."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def write_model_folder(model, tokenizer, arguments: dict, output_dir: str) -> None:
+    """Save a base model folder as the stages save theirs: written whole in <output_dir>.partial (arguments.json
+    last), then swapped into place (checkpoint.publish: an existing folder is replaced, never lost on the way)."""
+    from checkpoint import publish
 
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {w: i for i, w in enumerate(specials + toy_vocabulary())}
+    partial = Path(f"{os.path.normpath(output_dir)}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # what a killed earlier call left
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / "arguments.json").write_text(json.dumps(arguments))
+    publish(partial, output_dir)
+
+
+def toy_tokenizer(extra_words: list[str] = (), model_max_length: int = 128):
+    """The toy world's word-level tokenizer: ids 0-3 the specials (<pad> <unk> <s> </s>), then the toy vocabulary,
+    then `extra_words` (kernels/bench.py pads a large model's vocabulary with them, so every id decodes)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", *toy_vocabulary(), *extra_words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation, as the toy world writes them
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", model_max_length=128)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=model_max_length)  # fmt: skip
+
+
+def make_toy_model(output_dir: str, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> None:
+    """Write the toy word-level tokenizer and a randomly initialised LlamaForCausalLM as ordinary HF folders."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = toy_tokenizer()
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
                          max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3,
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
-    tmp = Path(f"{output_dir}.partial")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    arguments = {"hidden_size": hidden_size, "num_layers": num_layers, "seed": seed}
-    (tmp / "arguments.json").write_text(json.dumps(arguments))
-    if Path(output_dir).exists():
-        shutil.rmtree(output_dir)
-    tmp.rename(output_dir)  # written whole, then renamed into place
+    write_model_folder(model, tokenizer, {"hidden_size": hidden_size, "num_layers": num_layers, "seed": seed},
+                       output_dir)  # fmt: skip
     n_params = sum(p.numel() for p in model.parameters())
     print(f"toy base model: {n_params:,} parameters, vocab {len(vocab)} -> {output_dir}")
 
@@ -1131,13 +1146,7 @@ def convert_smollm2(output_dir: str, gguf: str | None = None) -> None:
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     if "paris" not in answer.lower():
         raise ValueError(f"the converted model answers {answer!r} to 'What is the capital of France?'; {gguf} broken?")
-    tmp = Path(f"{output_dir}.partial")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "arguments.json").write_text(json.dumps({"gguf": gguf}))
-    if Path(output_dir).exists():
-        shutil.rmtree(output_dir)
-    tmp.rename(output_dir)  # written whole, then renamed into place
+    write_model_folder(model, tokenizer, {"gguf": gguf}, output_dir)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"SmolLM2-135M-Instruct: {n_params:,} parameters, vocab {config.vocab_size}, fp32 -> {output_dir}; "
           f"'What is the capital of France?' -> {answer.strip()!r}")
@@ -1156,6 +1165,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
     parser.add_argument("--dataset", type=parse_dataset, default="toy-sft", help="show: NAME[:PROPORTION[:PATH]]")
     args = parser.parse_args()
+    import rollout
+
+    rollout.silence_library_bars()  # transformers' "Writing model shards" bar in a terminal only, as in the stages
     if args.command == "toy-model":
         make_toy_model(args.output_dir or "output/tiny/base", args.hidden_size, args.num_layers, args.seed)
     elif args.command == "smollm2":

@@ -300,6 +300,12 @@ def main():
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass")
     parser.add_argument("--greedy", action="store_true", help="greedy answers instead of sampled ones")
+    parser.add_argument("--generation_cache", choices=["static", "dynamic"],
+                        help="KV cache of the answers: static = compiled decoding, sized to --max_length (default on "
+                        "CUDA); dynamic = Hugging Face's default (default on CPU)")  # fmt: skip
+    parser.add_argument("--gather_for_generation", choices=["auto", "always", "never"], default="auto",
+                        help="ZeRO-3: gather a policy's parameters once per generate call instead of per layer per "
+                        "token (auto: when they fit in free device memory)")  # fmt: skip
     parser.add_argument("--judge", action="store_true", help="LLM judge (score models optional)")
     parser.add_argument("--judge_url", default="https://api.openai.com/v1", help="OpenAI-compatible base URL")
     parser.add_argument("--judge_model", default="gpt-4o", help="judge model name sent to the endpoint")
@@ -459,10 +465,12 @@ def main():
         sampling = {} if args.greedy else dict(temperature=args.temperature, top_p=args.top_p)
         max_new = max(1, min(args.max_length - P, args.max_new_tokens or args.max_length))  # as in PPO rollouts
         stops = stop_ids(tok, args.chat_template, policy.module.generation_config)  # EOS, config's list, end of turn
-        with rollout.token_progress(max_new, "generate") as processors:  # a bar over the new tokens, as in rollouts
-            seq = policy.module.generate(**enc.to(device), max_new_tokens=max_new, do_sample=not args.greedy,
-                                         eos_token_id=stops, pad_token_id=tok.pad_token_id, logits_processor=processors,
-                                         synced_gpus=args.zero_stage == 3 and world_size > 1, **sampling).cpu()
+        enc = enc.to(device)
+        seq = rollout.generate(policy, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new,
+                               max_cache_len=args.max_length, cache=args.generation_cache,
+                               gather=args.gather_for_generation, do_sample=not args.greedy, eos_token_id=stops,
+                               pad_token_id=tok.pad_token_id, synced_gpus=args.zero_stage == 3 and world_size > 1,
+                               **sampling).cpu()  # as PPO's rollouts: cache, ZeRO-3 gather, a bar over the tokens
         is_eos = torch.isin(seq[:, P:], torch.tensor(stops))  # (B, T - P)
         answer_mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # up to and including the first EOS
         texts = [tok.decode(s[P:][m], skip_special_tokens=True).strip() for s, m in zip(seq, answer_mask)]

@@ -417,42 +417,28 @@ def main():
         ptx = SupervisedDataset(args.ptx_datasets, ptx_tok, **kwargs) if args.ptx_datasets else None
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    # the loaders get their own generators: each iter() of a loader otherwise draws from the global one, which the
-    # sampling and the PPO minibatch order use, and a resumed run would draw again where the uninterrupted one did not
-    sampler = torch.utils.data.DistributedSampler(prompts, world_size, rank, shuffle=True, seed=args.seed)
-    loader = torch.utils.data.DataLoader(
-        prompts,
-        args.per_device_prompt_batch_size,
-        sampler=sampler,
-        collate_fn=prompts.collate,
-        drop_last=True,
-        generator=torch.Generator(),
-    )
-    if len(loader) == 0:
-        raise SystemExit(
-            f"error: {len(prompts)} prompts give no full batch of {args.per_device_prompt_batch_size} "
-            f"x {world_size} ranks; lower --per_device_prompt_batch_size"
-        )
+    def sharded_loader(dataset, batch_size, what, fix):
+        """(sampler, loader) of full batches of this rank's shard. The loader gets its own generator: each iter() of a
+        loader otherwise draws from the global one, which the sampling and the PPO minibatch order use, and a resumed
+        run would draw again where the uninterrupted one did not."""
+        sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, collate_fn=dataset.collate,
+                                             drop_last=True, generator=torch.Generator())  # fmt: skip
+        if len(loader) == 0:
+            raise SystemExit(f"error: {len(dataset)} {what} give no full batch of {batch_size} x {world_size} ranks; "
+                             f"{fix}")  # fmt: skip
+        return sampler, loader
+
+    sampler, loader = sharded_loader(prompts, args.per_device_prompt_batch_size, "prompts",
+                                     "lower --per_device_prompt_batch_size")  # fmt: skip
     total_steps = (
         args.epochs * len(loader) if args.max_steps is None else min(args.max_steps, args.epochs * len(loader))
     )
     # every rollout ends on an optimizer-step boundary (checked above), so this count is exact
     optimizer_steps = total_steps * args.update_iters * micro_per_rollout // args.gradient_accumulation_steps
     if ptx is not None:
-        ptx_sampler = torch.utils.data.DistributedSampler(ptx, world_size, rank, shuffle=True, seed=args.seed)
-        ptx_loader = torch.utils.data.DataLoader(
-            ptx,
-            args.per_device_train_batch_size,
-            sampler=ptx_sampler,
-            collate_fn=ptx.collate,
-            drop_last=True,
-            generator=torch.Generator(),
-        )
-        if len(ptx_loader) == 0:
-            raise SystemExit(
-                f"error: {len(ptx)} PTX samples give no full batch of {args.per_device_train_batch_size} x "
-                f"{world_size} ranks; add PTX data or lower --per_device_train_batch_size"
-            )
+        ptx_sampler, ptx_loader = sharded_loader(ptx, args.per_device_train_batch_size, "PTX samples",
+                                                 "add PTX data or lower --per_device_train_batch_size")  # fmt: skip
 
         def ptx_stream(drawn):
             """PTX batches without end, from the `drawn`-th on; pass k over the PTX set is shuffled with (seed, k)."""

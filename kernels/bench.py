@@ -467,30 +467,15 @@ SAVE_MARKER = "bench_model.json"  # --save_model writes the shape here; a DIR ho
 
 
 def toy_tokenizer(vocab_size: int, model_max_length: int):
-    """The toy world's word-level tokenizer (data.make_toy_model's: its words, specials and pre-tokenizer) with its
-    vocabulary padded by filler words `filler<id>` up to `vocab_size`, so that toy prompts still tokenize as words
-    and every id a model of that vocabulary samples decodes to a word (and encodes back to the same id)."""
-    import contextlib
-    import io
-    import tempfile
-
-    from transformers import AutoTokenizer
-
+    """The toy world's word-level tokenizer (data.toy_tokenizer) with its vocabulary padded by filler words
+    `filler<id>` up to `vocab_size`, so that toy prompts still tokenize as words and every id a model of that
+    vocabulary samples decodes to a word (and encodes back to the same id)."""
     import data
 
-    with tempfile.TemporaryDirectory() as tmp:
-        with contextlib.redirect_stdout(io.StringIO()):  # its "toy base model: ..." line is about the throwaway model
-            data.make_toy_model(f"{tmp}/toy", hidden_size=8, num_layers=1)
-        spec_path = Path(tmp, "toy", "tokenizer.json")
-        spec = json.loads(spec_path.read_text())
-        vocab = spec["model"]["vocab"]  # word -> id, ids 0..len-1 (the specials first)
-        if sorted(vocab.values()) != list(range(len(vocab))) or spec["model"]["type"] != "WordLevel":
-            raise RuntimeError("data.make_toy_model's tokenizer is no longer a dense word-level vocabulary")
-        if vocab_size < len(vocab):
-            raise SystemExit(f"error: --vocab {vocab_size} is below the toy tokenizer's {len(vocab)} words; raise it")
-        vocab.update({f"filler{i}": i for i in range(len(vocab), vocab_size)})
-        spec_path.write_text(json.dumps(spec))
-        return AutoTokenizer.from_pretrained(f"{tmp}/toy", model_max_length=model_max_length)
+    words = len(data.toy_tokenizer().get_vocab())
+    if vocab_size < words:
+        raise SystemExit(f"error: --vocab {vocab_size} is below the toy tokenizer's {words} words; raise it")
+    return data.toy_tokenizer([f"filler{i}" for i in range(words, vocab_size)], model_max_length)
 
 
 def long_prompts(tokenizer, n: int, length: int) -> list[str]:

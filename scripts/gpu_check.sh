@@ -120,8 +120,6 @@ print(d['batch'], d['prompt'], d['new_tokens'], d['max_length'])")
         for (i = 1; i <= NF; i++) { split($i, kv, " "); m[kv[1]] = kv[2] }
         printf "%-6s %12.2f %9.2f %10.2f %16.2f %12.1f\n", m["step"], m["time/generate"], m["time/score"],
             m["time/update"], m["time/generate"] / m["time/update"], m["train/response_len"] }'
-    [ -n "$sampler" ] && ! grep -q "cuda.synchronize" ppo_lag.py && echo "caveat: ppo_lag.py reads its phase clocks without" \
-        "torch.cuda.synchronize(): GPU work still queued when a phase ends is billed to the next (score -> update)"
     [ -s /tmp/gpu_check_mem.log ] && sort -n /tmp/gpu_check_mem.log | tail -1 \
         | awk '{ printf "peak GPU memory used: %.1f GiB (nvidia-smi, sampled every 0.5 s)\n", $1 / 1024 }'
 else
@@ -134,9 +132,8 @@ step "kernel bench: realistic shapes, with the torch.compile peer"
 timeout "$(limit 90)" $PY kernels/bench.py --repeats 10 || echo "KERNEL BENCH FAILED OR TIMED OUT (rc $?)"
 
 step "ppo_lag.py on CUDA with each generation cache (toy world, 2 steps)"
-if grep -q -- "--generation_cache" ppo_lag.py; then
-    root=/tmp/gpu_check_toy
-    $PY - "$root" <<'PYEOF'
+root=/tmp/gpu_check_toy
+$PY - "$root" <<'PYEOF'
 import sys, torch
 import data
 from score_model import ScoreModel
@@ -146,16 +143,13 @@ torch.manual_seed(0)
 ScoreModel.from_pretrained(f"{root}/base", score_type="reward").save_pretrained(f"{root}/rm")
 data.load_tokenizer(f"{root}/base").save_pretrained(f"{root}/rm")
 PYEOF
-    for cache in static dynamic; do
-        timeout "$(limit 40)" $PY ppo_lag.py --actor_model_name_or_path $root/base \
-            --reward_model_name_or_path $root/rm \
-            --train_datasets toy-prompts:0.02 --eval_datasets toy-eval:0.05 --max_length 48 --max_steps 2 \
-            --per_device_prompt_batch_size 4 --per_device_train_batch_size 2 --update_iters 1 \
-            --generation_cache $cache --output_dir /tmp/gpu_check_ppo_$cache 2>&1 \
-            | grep -E "^generation:|time/generate|^step |error" || echo "PPO ($cache) FAILED OR TIMED OUT"
-    done
-else
-    echo "skipped: ppo_lag.py has no --generation_cache flag yet (rollout.generate not wired in)"
-fi
+for cache in static dynamic; do
+    timeout "$(limit 40)" $PY ppo_lag.py --actor_model_name_or_path $root/base \
+        --reward_model_name_or_path $root/rm \
+        --train_datasets toy-prompts:0.02 --eval_datasets toy-eval:0.05 --max_length 48 --max_steps 2 \
+        --per_device_prompt_batch_size 4 --per_device_train_batch_size 2 --update_iters 1 \
+        --generation_cache $cache --output_dir /tmp/gpu_check_ppo_$cache 2>&1 \
+        | grep -E "^generation:|time/generate|^step |error" || echo "PPO ($cache) FAILED OR TIMED OUT"
+done
 
 step "done in $((SECONDS - start)) s"

@@ -252,6 +252,20 @@ def test_arena_toy(toy, tmp_path):
         assert [float(r[f"{side}_reward"]) for r in rows] == pytest.approx(expected.tolist(), abs=1e-4)
 
 
+def test_arena_generates_through_rollout_with_either_cache(toy, tmp_path):
+    """The arena samples as PPO's rollouts do (rollout.generate): --generation_cache picks the cache, the run names
+    it, and greedy answers are the same with both."""
+    runs = {}
+    for cache in ("static", "dynamic"):
+        proc = run_script(arena_args(toy, tmp_path / cache, "--greedy", "--generation_cache", cache,
+                                     "--reward_model_name_or_path", str(toy / "rm"), "--cost_model_name_or_path",
+                                     str(toy / "cm")))  # fmt: skip
+        assert f"generation: {cache} KV cache" in proc.stdout, proc.stdout[-2000:]
+        rows = read_csv(tmp_path / cache / "arena.csv")
+        runs[cache] = [(r["prompt"], r["red_answer"], r["blue_answer"]) for r in rows]
+    assert runs["static"] == runs["dynamic"] and runs["static"]
+
+
 @pytest.fixture(scope="module")
 def chatml_arena(tmp_path_factory):
     """ChatML policies that answer "Mix the flour" whatever the prompt (test_chat.py's): `instruct` ends with
