@@ -34,6 +34,7 @@ Launch:
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -70,7 +71,7 @@ from data import (
     stop_ids,
     toy_metrics,
 )
-from kernels import cross_entropy, gae, logprobs
+from kernels import cross_entropy, gae, linear_logprobs, logprobs
 
 SAMPLES_PER_LOG = 4  # rollout samples written to samples.jsonl at each metrics line (the first one printed)
 
@@ -188,6 +189,12 @@ def adapter_off(model, peft_model, normalize=False):
     return forward
 
 
+def causal_lm(model):
+    """The Hugging Face causal LM inside a DeepSpeed engine and/or a PEFT wrapper (LoRA layers stay in it)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "disable_adapter") else model
+
+
 def str2bool(text):
     """argparse type for the anchor's `--flag True/False` style."""
     if text.lower() in ("true", "1", "yes"):
@@ -236,6 +243,9 @@ def main():
     add("--gather_for_generation", choices=["auto", "always", "never"], default="auto",
         help="ZeRO-3: gather the actor's parameters once per generate call instead of per layer per token (auto: "
         "when they fit in free device memory)")  # fmt: skip
+    add("--fused_logprobs", action="store_true",
+        help="actor and reference log-probs straight from the last hidden state (kernels/linear_logprobs.py): "
+        "the (B, T, V) logits and their gradient never exist; one more lm_head GEMM in backward; ZeRO <= 2")  # fmt: skip
     add("--kl_coeff", type=float, help="beta of the KL shaping (default 0.01 PPO-Lag, 0.02 PPO and reward shaping)")
     add("--clip_range_ratio", type=float, default=0.2, help="PPO ratio clip epsilon")
     add("--clip_range_score", type=float, default=50.0, help="clip on every per-token shaped reward and cost")
@@ -319,6 +329,9 @@ def main():
     offload_param, offload_optimizer = args.offload in ("parameter", "all"), args.offload in ("optimizer", "all")
     if offload_param and args.zero_stage != 3 or offload_optimizer and args.zero_stage == 0:
         parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
+    if args.fused_logprobs and args.zero_stage == 3:  # ZeRO-3 gathers the lm_head's weight only inside its forward
+        parser.error("--fused_logprobs reads the lm_head's weight outside its forward, which ZeRO-3 partitions: use "
+                     "--zero_stage 2 or less, or drop --fused_logprobs")
     if args.reward_shaping and not use_cost:
         parser.error("--reward_shaping shapes R - lambda * C: pass --cost_model_name_or_path")
     lora.check_arguments(parser, args, "actor_")
@@ -510,6 +523,13 @@ def main():
     # LoRA: the reference is the actor with its adapter off (at the start B = 0: the same model), not a second copy
     ref = adapter_off(actor, actor.module) if args.actor_lora_rank else engine(load_lm())
     backbones = ["actor + ref"] if args.actor_lora_rank else ["actor", "ref"]  # full models in memory, by role
+    if args.fused_logprobs:  # logits must be exactly hidden @ W^T: a plain linear head, no bias, no scaling
+        lm = causal_lm(actor)
+        head, scaled = lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
+        if not isinstance(head, torch.nn.Linear) or head.bias is not None or scaled or lm.get_decoder() is lm:
+            raise SystemExit(f"error: --fused_logprobs needs logits = last hidden state @ lm_head.weight^T, which "
+                             f"{type(lm).__name__} does not compute (a bias, a scaled head or no separate decoder): "
+                             "drop --fused_logprobs")  # fmt: skip
 
     def own_tokenizer(name):
         """The score model's tokenizer if it cannot read the actor's token ids (another vocabulary, EOS or chat
@@ -601,10 +621,17 @@ def main():
         return seq, attention_mask, mask, P
 
     def policy_logp(model, seq, attention_mask, P):
-        """log pi(y_t | x, y_<t) for the response tokens: (B, L) fp32, via the streaming log-prob kernel."""
+        """log pi(y_t | x, y_<t) for the response tokens: (B, L) fp32, via the streaming log-prob kernel; with
+        --fused_logprobs from the decoder's last hidden state and the lm_head's weight, without the logits."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
-        logits = model(input_ids=seq, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
-        return logprobs(logits[:, P - 1 : -1], seq[:, P:])
+        inputs = dict(input_ids=seq, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if not args.fused_logprobs:
+            return logprobs(model(**inputs).logits[:, P - 1 : -1], seq[:, P:])
+        lora_ref = model is ref and args.actor_lora_rank  # the actor with its adapter off
+        lm = causal_lm(actor if lora_ref else model)
+        with actor.module.disable_adapter() if lora_ref else contextlib.nullcontext():
+            hidden = lm.get_decoder()(**inputs).last_hidden_state  # (B, P + L, D), after the final norm
+            return linear_logprobs(hidden[:, P - 1 : -1], lm.get_output_embeddings().weight, seq[:, P:])
 
     def end_score(model, tok, seq, attention_mask, inputs, answers):
         """The score model's end score (B,). A score model with its own tokenizer (tok not None) reads the conversation

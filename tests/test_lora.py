@@ -265,7 +265,8 @@ def train_rows(out):
 def test_lora_ppo_lag(toy, tmp_path):
     """PPO-Lag with a LoRA actor and LoRA critics loads three backbones, not six; the reference is the actor with
     its adapter off (KL exactly 0 before the first update, > 0 after); only rank-r updates reach the saved actor;
-    ZeRO-3 with gradient checkpointing gives the same numbers and an adapter folder that loads as the merged model."""
+    ZeRO-3 with gradient checkpointing gives the same numbers and an adapter folder that loads as the merged model;
+    so does --fused_logprobs."""
     lag = ["--cost_model_name_or_path", str(toy / "cm"), "--actor_lora_rank", "4", "--critic_lora_rank", "4"]
     z0, z3 = tmp_path / "z0", tmp_path / "z3"
     proc = run_script(ppo_args(toy, z0, *lag), cwd=ROOT)
@@ -280,6 +281,11 @@ def test_lora_ppo_lag(toy, tmp_path):
         for key in ("train/reward", "train/cost", "train/kl", "loss/actor", "loss/reward_critic", "loss/cost_critic"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     assert (z3 / "adapter_config.json").exists() and not (z3 / "model.safetensors").exists()
+    fused = tmp_path / "fused"  # log-probs from hidden states: the reference's with the actor's adapter off
+    run_script(ppo_args(toy, fused, *lag, "--fused_logprobs"), cwd=ROOT)
+    for a, b in zip(rows, train_rows(fused), strict=True):
+        for key in ("train/reward", "train/kl", "loss/actor", "loss/reward_critic"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     merged, via_adapter = load_lm(z0).state_dict(), load_lm(z3).state_dict()
     for key, value in merged.items():
         assert torch.allclose(via_adapter[key], value, atol=1e-5), key

@@ -333,6 +333,7 @@ def test_ppo_lag_zero3_and_torchrun(toy_models, tmp_path):
         (["--lambda_init", "-1"], "lambda_init"),
         (["--reward_model_name_or_path", "/nonexistent/rm"], "is not a model folder"),
         (["--max_length", "8"], "max_length"),
+        (["--fused_logprobs", "--zero_stage", "3"], "--fused_logprobs"),
     ],
 )
 def test_bad_input_stops_before_training(toy_models, tmp_path, extra, message):
@@ -453,12 +454,15 @@ GOLDEN_PPO_LAG = [
 ]
 
 
-def test_golden_ppo_lag(toy_models, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--fused_logprobs"]], ids=["logits", "fused"])
+def test_golden_ppo_lag(toy_models, tmp_path, extra):
+    """The same numbers with --fused_logprobs: log-probs from the last hidden state, for the actor (old and new) and
+    the reference, are the unfused ones to fp32 rounding, gradients included (kernels/linear_logprobs.py)."""
     import os
 
     out = tmp_path / "golden"
     run_script(ppo_args(toy_models, out, "--cost_model_name_or_path", str(toy_models / "cm"), "--lambda_lr", "0.5",
-                        "--update_iters", "2"))  # fmt: skip
+                        "--update_iters", "2", *extra))  # fmt: skip
     got = [[round(r[k], 6) for k in GOLDEN_KEYS] for r in read_metrics(out) if "loss/actor" in r]
     if os.environ.get("REGEN_GOLDEN") or GOLDEN_PPO_LAG is None:
         print(f"GOLDEN_PPO_LAG = {got}")

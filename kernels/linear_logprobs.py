@@ -1,0 +1,102 @@
+"""Token log-probabilities straight from the last hidden state, `log softmax(h W^T / temperature)[label]`, without
+ever holding the (B, T, V) logits.
+
+The actor's usual log-prob path is `lm_head` then `logprobs`: the (B, T, V) logits exist in the model's dtype
+(8 x 2048 x 128256 in bf16: 4.2 GB), are kept for backward, and their gradient is as large again. `logprobs` already
+avoids the fp32 copies; this removes the logits themselves. Rows (b, t) go through in chunks of R rows:
+
+    forward   Z_c = H_c W^T (R, V)  ->  log p and log-sum-exp per row (the log-prob kernel)  ->  Z_c dropped
+    backward  Z_c = H_c W^T again   ->  G_c = g (onehot - softmax(Z_c / temperature)) / temperature (the kernel)
+              dH_c = G_c W,  dW += G_c^T H_c
+
+so the extra memory is two (R, V) chunks (Z_c and G_c) plus B*T fp32 numbers (out and the saved log-sum-exp), and
+the price is one more H_c W^T per chunk in backward (the lm_head's forward FLOPs once more), paid instead of writing
+and re-reading the logits and their gradient. R is set so that one chunk holds CHUNK_BYTES. dW sums the chunks in
+the weight's dtype (each GEMM accumulates in fp32 inside; bf16 rounds once per chunk). No bias (lm_heads have none).
+"""
+
+import importlib
+
+import torch
+
+from kernels._dispatch import use_triton
+
+LP = importlib.import_module("kernels.logprobs")  # the module, so its launchers are looked up at call time
+
+CHUNK_BYTES = 256 * 2**20  # one (R, V) chunk of logits in the hidden's dtype
+
+
+def linear_logprobs_ref(hidden, weight, labels, temperature=1.0):
+    """The unfused path, the spec: the whole (B, T, V) logits, then log_softmax + gather."""
+    return LP.logprobs_ref(hidden @ weight.t(), labels, temperature)
+
+
+def chunk_rows(V, element_size, chunk_bytes=None):
+    """Rows per chunk: one (R, V) chunk of logits in CHUNK_BYTES, a multiple of 64 rows when that many fit (whole
+    GEMM tiles), at least 1."""
+    rows = max(1, (chunk_bytes or CHUNK_BYTES) // (V * element_size))
+    return rows - rows % 64 if rows >= 64 else rows
+
+
+def _kernels(x):
+    """The log-prob kernel's forward and backward for this tensor (Triton or the torch fallback: the one rule)."""
+    return (LP._fwd_triton, LP._bwd_triton) if use_triton(x) else (LP._fwd_torch, LP._bwd_torch)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, rows):
+        D = hidden.size(-1)
+        h, y = hidden.reshape(-1, D), labels.reshape(-1)  # (N, D), (N,): a copy only if hidden is not contiguous
+        fwd, _ = _kernels(h)
+        out = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
+        lse = torch.empty_like(out)
+        keep_lse = use_triton(h)  # the torch fallback recomputes softmax in backward and returns no log-sum-exp
+        for r0 in range(0, h.size(0), rows):
+            z = (h[r0 : r0 + rows] @ weight.t())[None]  # (1, R, V): the only logits alive
+            o, s = fwd(z, y[r0 : r0 + rows][None], 1.0 / temperature)
+            out[r0 : r0 + rows] = o[0]
+            if keep_lse:
+                lse[r0 : r0 + rows] = s[0]
+            del z
+        ctx.save_for_backward(h, weight, y, lse if keep_lse else None)
+        ctx.temperature, ctx.rows, ctx.shape = temperature, rows, hidden.shape
+        return out.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, y, lse = ctx.saved_tensors
+        _, bwd = _kernels(h)
+        g = grad_out.reshape(-1).float()
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros_like(weight) if need_w else None
+        rows = ctx.rows
+        for r0 in range(0, h.size(0), rows):
+            h_c = h[r0 : r0 + rows]
+            z = (h_c @ weight.t())[None]  # recomputed: (1, R, V)
+            s = lse[r0 : r0 + rows][None] if lse is not None else None
+            G = bwd(z, y[r0 : r0 + rows][None], s, g[r0 : r0 + rows][None], 1.0 / ctx.temperature)[0]  # (R, V)
+            del z
+            if need_h:
+                torch.mm(G, weight, out=dh[r0 : r0 + rows])
+            if need_w:
+                dw.addmm_(G.t(), h_c)
+            del G
+        return (dh.view(ctx.shape) if need_h else None), dw, None, None, None
+
+
+def linear_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, rows: int | None = None
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T / temperature)[labels] -> (B, T) fp32, differentiable w.r.t. hidden and weight.
+
+    hidden: (B, T, D) the last hidden state (after the final norm), already shifted to the positions that predict
+    labels; weight: (V, D) the lm_head's (a tied embedding is fine: autograd sums both gradients); labels: (B, T),
+    outside [0, V) give 0 and no gradient. rows: rows per chunk (default: CHUNK_BYTES of logits per chunk).
+    """
+    assert hidden.dim() == 3 and labels.shape == hidden.shape[:2], (hidden.shape, labels.shape)
+    assert weight.dim() == 2 and weight.size(1) == hidden.size(-1), (weight.shape, hidden.shape)
+    assert weight.dtype == hidden.dtype, f"hidden is {hidden.dtype} but the lm_head weight is {weight.dtype}"
+    rows = rows or chunk_rows(weight.size(0), hidden.element_size())
+    return _LinearLogProbs.apply(hidden, weight, labels, float(temperature), int(rows))
