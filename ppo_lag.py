@@ -245,7 +245,7 @@ def main():
         "when they fit in free device memory)")  # fmt: skip
     add("--fused_logprobs", action="store_true",
         help="actor and reference log-probs straight from the last hidden state (kernels/linear_logprobs.py): "
-        "the (B, T, V) logits and their gradient never exist; one more lm_head GEMM in backward; ZeRO <= 2")  # fmt: skip
+        "the (B, T, V) logits and their gradient never exist; one more lm_head GEMM in backward, ZeRO<=2")  # fmt: skip
     add("--kl_coeff", type=float, help="beta of the KL shaping (default 0.01 PPO-Lag, 0.02 PPO and reward shaping)")
     add("--clip_range_ratio", type=float, default=0.2, help="PPO ratio clip epsilon")
     add("--clip_range_score", type=float, default=50.0, help="clip on every per-token shaped reward and cost")
