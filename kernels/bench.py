@@ -2,13 +2,17 @@
 
     python kernels/bench.py            # realistic shapes (CPU: a few minutes on 2 cores)
     python kernels/bench.py --quick    # shrunken shapes
+    python kernels/bench.py --only lm_head  # one kernel's rows
     python kernels/bench.py --rollout  # generation vs training time of one policy (a random 1.24B Llama)
     python kernels/bench.py --save_model DIR  # that policy as folders ppo_lag.py runs on (scripts/gpu_check.sh)
 
 Baselines: log-probs = full `log_softmax(logits.float())` + `gather` (safe-rlhf, DeepSpeed-Chat, trlX,
 ColossalChat), and the same two lines under `torch.compile` (row "compile": the strongest peer a user gets for
 free; its compile time is excluded from the timings and printed beside the row); GAE = the per-step Python loop;
-end-score = per-token linear head + a per-row `nonzero()`.
+end-score = per-token linear head + a per-row `nonzero()`; lm_head+logprobs (forward + backward from the last hidden
+state: issue 13's stretch) = `hidden @ W^T` then the peer's log-probs, beside "unfused" (`hidden @ W^T` then
+kernels.logprobs: ppo_lag.py's default) and ours, kernels.linear_logprobs (ppo_lag.py --fused_logprobs); its GB/s
+column counts only hidden, weight and their gradients (the call is GEMM-bound), so read its time and memory.
 Columns: time per call (the best of --repeats: other processes on a shared CPU only ever add time), effective
 GB/s (the bytes a call must move at least, inputs read once and outputs written once, over the time; the same
 byte count for both rows), peak extra memory (above the inputs, outputs included), and on a GPU the fraction
@@ -56,7 +60,7 @@ import torch.nn.functional as F
 # `python kernels/bench.py` from anywhere: the repository root goes on the path before kernels/ is imported
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 kernels = importlib.import_module("kernels")
-end_scores, gae, logprobs = kernels.end_scores, kernels.gae, kernels.logprobs
+end_scores, gae, logprobs, linear_logprobs = kernels.end_scores, kernels.gae, kernels.logprobs, kernels.linear_logprobs
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 HBM_PEAK = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, by device-name substring
@@ -113,6 +117,23 @@ def make_case(name, shape, dtype, device):
 
         impls = {impl: fwd_bwd(fn) for impl, fn in fns.items()}
         return impls, nbytes + B * T * V * size * 2  # + re-read, grad write
+    if name.startswith("lm_head"):  # the actor's log-prob path from the last hidden state, forward + backward
+        B, T, D, V = shape
+        hidden = torch.randn(B, T, D, generator=g, device=device, dtype=dt).requires_grad_()
+        weight = (torch.randn(V, D, generator=g, device=device, dtype=dt) / D**0.5).requires_grad_()
+        labels = torch.randint(0, V, (B, T), generator=g, device=device)
+        grad = torch.randn(B, T, generator=g, device=device)
+
+        def fwd_bwd(fn):
+            return lambda: torch.autograd.grad(fn(), (hidden, weight), grad)
+
+        impls = {
+            "peer": fwd_bwd(lambda: peer_logprobs(hidden @ weight.t(), labels)),
+            "unfused": fwd_bwd(lambda: logprobs(hidden @ weight.t(), labels)),  # ppo_lag.py by default
+            "ours": fwd_bwd(lambda: linear_logprobs(hidden, weight, labels)),  # ppo_lag.py --fused_logprobs
+        }
+        # the least a call moves: hidden and weight read, their gradients written (the logits need not exist)
+        return impls, 2 * (B * T * D + V * D) * size + B * T * (8 + 4)
     if name == "gae":
         rewards = torch.randn(shape, generator=g, device=device, dtype=dt)
         values = torch.randn(shape, generator=g, device=device, dtype=dt)
@@ -560,6 +581,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 20 GPU, 3+ CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 is steadier when busy)")
+    p.add_argument("--only", default=None, help="only the kernel rows whose name starts with this (e.g. lm_head)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one CPU measurement
     p.add_argument("--ppo_memory", action="store_true", help="instead: peak memory of one PPO-Lag step, full vs LoRA")
     p.add_argument("--ppo_shape", choices=["small", "7b"], default=None, help="--ppo_memory: default 7b GPU, small CPU")
@@ -613,10 +635,14 @@ def main():
         ("logprobs fwd", (4, 512, 32000) if q else (8, 1024, 32000), "fp32"),  # the CPU memory target
         ("logprobs fwd", (1, 1024, 128256) if q else (4, 2048, 128256), "bf16"),
         ("logprobs fwd+bwd", (4, 512, 32000) if q else (8, 1024, 32000), "bf16"),
+        # issue 13's stretch shape on a GPU (B, T, hidden, vocab); a CPU gets a smaller one (its GEMMs are slow)
+        ("lm_head+logprobs", (2, 512, 256, 32000) if q else (8, 2048, 2048, 128256) if gpu else (4, 1024, 256, 32000),
+         "bf16"),
         ("gae", (64, 512) if q else (64, 2048), "fp32"),
         ("end_scores (all)", (4, 512, 4096) if q else (16, 2048, 4096), "bf16"),
         ("end_scores (end)", (4, 512, 4096) if q else (16, 2048, 4096), "bf16"),
     ]
+    cases = [c for c in cases if c[0].startswith(args.only or "")]
     peak_bw = next((bw for k, bw in HBM_PEAK.items() if gpu and k in torch.cuda.get_device_name()), None)
     if gpu:
         where = torch.cuda.get_device_name()
@@ -626,7 +652,7 @@ def main():
     calls = f"best of {repeats} calls" if gpu else f"best of {repeats}+ calls"
     print(f"# {where}; {calls}; peak = extra memory above the inputs; ratios = peer / this row")
     print("# compile = torch.compile(log_softmax + gather), its compile time excluded from the timings (shown after)")
-    header = f"{'kernel':<18} {'shape':<16} {'dtype':<5} {'impl':<7} {'time ms':>9} {'GB/s':>8} {'peak MB':>9}"
+    header = f"{'kernel':<18} {'shape':<19} {'dtype':<5} {'impl':<7} {'time ms':>9} {'GB/s':>8} {'peak MB':>9}"
     header += f" {'%HBM':>5}" if peak_bw else ""
     print(header + f" {'speedup':>8} {'mem ratio':>9}")
     results = {}
@@ -640,11 +666,14 @@ def main():
             else:
                 peak = peak_memory_in_subprocess([name, shape, dtype, impl], args.threads)
             row[impl] = t, peak, nbytes
-            line = f"{name:<18} {'x'.join(map(str, shape)):<16} {dtype:<5} {impl:<7} {t * 1e3:9.2f}"
+            line = f"{name:<18} {'x'.join(map(str, shape)):<19} {dtype:<5} {impl:<7} {t * 1e3:9.2f}"
             line += f" {nbytes / t / 1e9:8.1f} {peak / 2**20:9.1f}"
             line += f" {nbytes / t / peak_bw:5.0%}" if peak_bw else ""
             if impl != "peer":
                 line += f" {row['peer'][0] / t:7.3g}x {row['peer'][1] / max(peak, 1):8.3g}x"
+            if impl == "ours" and "unfused" in row:
+                (tu, mu, _) = row["unfused"]
+                line += f"   (vs unfused: {tu / t:.3g}x speed, {mu / max(peak, 1):.3g}x less memory)"
             line += f"   (compile {first:.1f} s, excluded)" if impl == "compile" else ""
             print(line, flush=True)
         results[(name, shape, dtype)] = row
@@ -662,6 +691,11 @@ def main():
             checks.append((f"{label}: >= 2x the baseline", tp >= 2 * to))
             if peak_bw:
                 checks.append((f"{label}: >= 80% of HBM bandwidth", nbytes / to >= 0.8 * peak_bw))
+        if name == "lm_head+logprobs":  # the stretch: <= 1/4 of the unfused path's peak, no slower (GPU)
+            (tu, mu, _) = row["unfused"]
+            checks.append((f"{label}: peak <= 1/4 of lm_head + kernels.logprobs", mu >= 4 * mo))
+            if gpu:
+                checks.append((f"{label}: no slower than lm_head + kernels.logprobs", to <= tu))
         if gpu and name == "gae":
             checks.append((f"{label}: >= 50x the Python loop", tp >= 50 * to))
         if gpu and name.startswith("end_scores"):

@@ -11,7 +11,8 @@ avoids the fp32 copies; this removes the logits themselves. Rows (b, t) go throu
 
 so the extra memory is two (R, V) chunks (Z_c and G_c) plus B*T fp32 numbers (out and the saved log-sum-exp), and
 the price is one more H_c W^T per chunk in backward (the lm_head's forward FLOPs once more), paid instead of writing
-and re-reading the logits and their gradient. R is set so that one chunk holds CHUNK_BYTES. dW sums the chunks in
+and re-reading the logits and their gradient. R is set so that one chunk holds CHUNK_BYTES (GPU: large enough for
+full-speed GEMMs; CPU: the torch fallback's own chunk size, whose GEMMs are at speed much sooner). dW sums the chunks in
 the weight's dtype (each GEMM accumulates in fp32 inside; bf16 rounds once per chunk). No bias (lm_heads have none).
 """
 
@@ -23,7 +24,7 @@ from kernels._dispatch import use_triton
 
 LP = importlib.import_module("kernels.logprobs")  # the module, so its launchers are looked up at call time
 
-CHUNK_BYTES = 256 * 2**20  # one (R, V) chunk of logits in the hidden's dtype
+CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 16 * 2**20}  # one (R, V) chunk of logits in the hidden's dtype
 
 
 def linear_logprobs_ref(hidden, weight, labels, temperature=1.0):
@@ -31,10 +32,10 @@ def linear_logprobs_ref(hidden, weight, labels, temperature=1.0):
     return LP.logprobs_ref(hidden @ weight.t(), labels, temperature)
 
 
-def chunk_rows(V, element_size, chunk_bytes=None):
-    """Rows per chunk: one (R, V) chunk of logits in CHUNK_BYTES, a multiple of 64 rows when that many fit (whole
+def chunk_rows(V, element_size, chunk_bytes):
+    """Rows per chunk: one (R, V) chunk of logits in chunk_bytes, a multiple of 64 rows when that many fit (whole
     GEMM tiles), at least 1."""
-    rows = max(1, (chunk_bytes or CHUNK_BYTES) // (V * element_size))
+    rows = max(1, chunk_bytes // (V * element_size))
     return rows - rows % 64 if rows >= 64 else rows
 
 
@@ -93,10 +94,11 @@ def linear_logprobs(
 
     hidden: (B, T, D) the last hidden state (after the final norm), already shifted to the positions that predict
     labels; weight: (V, D) the lm_head's (a tied embedding is fine: autograd sums both gradients); labels: (B, T),
-    outside [0, V) give 0 and no gradient. rows: rows per chunk (default: CHUNK_BYTES of logits per chunk).
+    outside [0, V) give 0 and no gradient. rows: rows per chunk (default: CHUNK_BYTES of logits per chunk, by device).
     """
     assert hidden.dim() == 3 and labels.shape == hidden.shape[:2], (hidden.shape, labels.shape)
     assert weight.dim() == 2 and weight.size(1) == hidden.size(-1), (weight.shape, hidden.shape)
     assert weight.dtype == hidden.dtype, f"hidden is {hidden.dtype} but the lm_head weight is {weight.dtype}"
-    rows = rows or chunk_rows(weight.size(0), hidden.element_size())
+    budget = CHUNK_BYTES["cuda" if hidden.is_cuda else "cpu"]
+    rows = rows or chunk_rows(weight.size(0), hidden.element_size(), budget)
     return _LinearLogProbs.apply(hidden, weight, labels, float(temperature), int(rows))

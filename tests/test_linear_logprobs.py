@@ -135,6 +135,6 @@ def test_never_holds_the_whole_logits(path):
 
 
 def test_chunk_rows():
-    assert chunk_rows(128256, 2) == 1024  # 256 MiB of bf16 logits: 1046 rows, down to whole 64-row tiles
-    assert chunk_rows(32000, 4, chunk_bytes=2**20) == 8  # fewer than 64 fit: as many as fit
-    assert chunk_rows(10**9, 4) == 1
+    assert chunk_rows(128256, 2, 256 * 2**20) == 1024  # 1046 rows of bf16 logits, down to whole 64-row tiles
+    assert chunk_rows(32000, 4, 2**20) == 8  # fewer than 64 fit: as many as fit
+    assert chunk_rows(10**9, 4, 2**20) == 1
