@@ -481,6 +481,59 @@ def rollout_bench(args):
         print(f"target: generation <= 1.5x forward+backward: {'met' if stat <= 1.5 * train[0] else 'NOT met'}")
 
 
+def actor_memory(args):
+    """Peak memory and time of one PPO actor micro-batch (forward + backward of a log-prob loss over --actor_batch
+    sequences of --actor_len tokens) on the rollout model's shape: the logits path (lm_head, then kernels.logprobs:
+    ppo_lag.py's default) against log-probs from the last hidden state (kernels.linear_logprobs: --fused_logprobs),
+    with and without gradient checkpointing. Peak: above the model's weights, weight gradients included."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    gpu, dt = args.device == "cuda", DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    if not gpu and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # RSS follows the live tensors (peak_memory)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20), "TRITON_INTERPRET": "0"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    B, T = args.actor_batch, args.actor_len
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=T, tie_word_embeddings=True, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(config).to(dt).train()
+    seqs = torch.randint(1, args.vocab, (B, T), device=args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    where = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# PPO actor micro-batch: random Llama {n_params / 1e6:,.0f}M (hidden {args.hidden}, {args.layers} layers, "
+          f"vocab {args.vocab}), {str(dt).removeprefix('torch.')}, {B} x {T} tokens, forward + backward of the mean "
+          f"log-prob; {where}; peak = memory above the weights (weight gradients included); best of {args.repeats}")
+
+    def step(fused):
+        if fused:
+            hidden = model.model(input_ids=seqs, use_cache=False).last_hidden_state
+            lp = linear_logprobs(hidden[:, :-1], model.lm_head.weight, seqs[:, 1:])
+        else:
+            lp = logprobs(model(input_ids=seqs, use_cache=False).logits[:, :-1], seqs[:, 1:])
+        lp.mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    print(f"{'gradient checkpointing':<24} {'log-probs':<20} {'time s':>8} {'peak GB':>8} {'memory ratio':>12}")
+    for checkpointing in (False, True):
+        model.gradient_checkpointing_enable() if checkpointing else model.gradient_checkpointing_disable()
+        peaks = {}
+        for fused in (False, True):
+            fn = functools.partial(step, fused)
+            peaks[fused] = peak_memory(fn, args.device)  # its warm-up call compiles the kernels
+            t = min(_seconds(fn, args.device)[0] for _ in range(args.repeats))
+            ratio = f"{peaks[False] / peaks[True]:11.2f}x" if fused else ""
+            how = "fused (hidden state)" if fused else "logits + kernel"
+            print(f"{'on' if checkpointing else 'off':<24} {how:<20} {t:8.2f} {peaks[fused] / 1e9:8.3f} {ratio:>12}",
+                  flush=True)  # fmt: skip
+        met = peaks[False] >= 4 * peaks[True]
+        print(f"target: fused peak <= 1/4 of the logits path (checkpointing {'on' if checkpointing else 'off'}): "
+              f"{'met' if met else 'NOT met'}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # --save_model: the rollout shape as folders ppo_lag.py reads, for the per-phase split of a real PPO-Lag step.
 
@@ -604,6 +657,10 @@ def main():
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="static cache's compiled decoding: auto = on CUDA only (transformers' rule)")  # fmt: skip
     p.add_argument("--train_micro_batch", type=int, default=None, help="forward+backward in chunks of this many")
+    p.add_argument("--actor_memory", action="store_true",
+                   help="instead: peak memory of one PPO actor micro-batch on the rollout model, logits vs fused")
+    p.add_argument("--actor_batch", type=int, default=8, help="--actor_memory: sequences per micro-batch")
+    p.add_argument("--actor_len", type=int, default=2048, help="--actor_memory: tokens per sequence")
     p.add_argument("--save_model", metavar="DIR", default=None,
                    help="instead: write the rollout shape's random Llama (+ toy tokenizer), reward and cost models on "
                    "its backbone and --batch x 4 prompts of --prompt tokens to DIR, for a ppo_lag.py run")  # fmt: skip
@@ -625,6 +682,9 @@ def main():
         return
     if not gpu:
         os.environ["TRITON_INTERPRET"] = "0"  # the torch fallbacks, as a CPU user runs them
+    if args.actor_memory:
+        args.repeats = args.repeats or (3 if gpu else 1)
+        return actor_memory(args)
     if args.rollout:
         args.repeats = args.repeats or (1 if gpu else 3)  # GPU timings are steady; a shared CPU's are not
         return rollout_bench(args)

@@ -101,3 +101,17 @@ def test_save_model_bad_input(tmp_path, monkeypatch):
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert "is a non-empty folder this script did not write" in refused(tmp_path / "mine")
     assert [f.name for f in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_actor_memory_rows():
+    """--actor_memory on a tiny Llama whose logits dominate a micro-batch: the fused path's peak is well below the
+    logits path's, with and without gradient checkpointing (CPU: process RSS, in a re-executed process)."""
+    proc = run_script([sys.executable, "kernels/bench.py", "--actor_memory", "--hidden", "64", "--intermediate", "128",
+                       "--layers", "2", "--heads", "4", "--kv_heads", "2", "--vocab", "8000", "--actor_batch", "4",
+                       "--actor_len", "1024", "--threads", "1"])  # fmt: skip
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("on ", "off "))]
+    assert [(r[0], r[1]) for r in rows] == [("off", "logits"), ("off", "fused"), ("on", "logits"), ("on", "fused")]
+    for logits_row, fused_row in (rows[:2], rows[2:]):
+        ratio = float(fused_row[-1].rstrip("x"))
+        assert ratio > 2 and float(logits_row[-1]) > float(fused_row[-2]), proc.stdout
+    assert proc.stdout.count("target: fused peak <= 1/4") == 2
