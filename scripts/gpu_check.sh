@@ -68,13 +68,17 @@ for m in ("torch", "triton", "transformers", "deepspeed", "datasets"):
 PYEOF
 
 if [ "$mode" = all ]; then
-    step "tests: kernels (fp32 and bf16 on CUDA) and generation (compiled decoding with inductor)"
-    timeout "$(limit 200)" $PY -m pytest -q -rs tests/test_kernels.py tests/test_generation.py \
+    step "tests: kernels (fp32 and bf16 on CUDA), fused log-probs and generation (compiled decoding with inductor)"
+    timeout "$(limit 200)" $PY -m pytest -q -rs tests/test_kernels.py tests/test_linear_logprobs.py \
+        tests/test_generation.py \
         || echo "TESTS FAILED OR TIMED OUT (rc $?)"
 
     step "rollout bench: random Llama 1.24B, bf16, batch 64, prompt 128, 256 new tokens (forward+backward in 4 chunks)"
     timeout "$(limit 150)" $PY kernels/bench.py --rollout --train_micro_batch 16 \
         || echo "ROLLOUT BENCH FAILED OR TIMED OUT (rc $?)"
+
+    step "actor micro-batch memory: 1.24B, bf16, 8 x 2048 tokens, logits path vs --fused_logprobs (issue 13 stretch)"
+    timeout "$(limit 60)" $PY kernels/bench.py --actor_memory || echo "ACTOR MEMORY BENCH FAILED OR TIMED OUT (rc $?)"
 fi
 
 # The per-phase split of a real ppo_lag.py step on the rollout bench's model (issue 13, item 2): a random Llama of
@@ -131,7 +135,7 @@ fi
 step "kernel bench: realistic shapes, with the torch.compile peer"
 timeout "$(limit 90)" $PY kernels/bench.py --repeats 10 || echo "KERNEL BENCH FAILED OR TIMED OUT (rc $?)"
 
-step "ppo_lag.py on CUDA with each generation cache (toy world, 2 steps)"
+step "ppo_lag.py on CUDA with each generation cache, and with --fused_logprobs (toy world, 2 steps)"
 root=/tmp/gpu_check_toy
 $PY - "$root" <<'PYEOF'
 import sys, torch
@@ -143,12 +147,14 @@ torch.manual_seed(0)
 ScoreModel.from_pretrained(f"{root}/base", score_type="reward").save_pretrained(f"{root}/rm")
 data.load_tokenizer(f"{root}/base").save_pretrained(f"{root}/rm")
 PYEOF
-for cache in static dynamic; do
+for cache in static dynamic fused; do  # fused: the static cache with --fused_logprobs
+    extra=(--generation_cache "${cache/fused/static}")
+    [ "$cache" = fused ] && extra+=(--fused_logprobs)
     timeout "$(limit 40)" $PY ppo_lag.py --actor_model_name_or_path $root/base \
         --reward_model_name_or_path $root/rm \
         --train_datasets toy-prompts:0.02 --eval_datasets toy-eval:0.05 --max_length 48 --max_steps 2 \
         --per_device_prompt_batch_size 4 --per_device_train_batch_size 2 --update_iters 1 \
-        --generation_cache $cache --output_dir /tmp/gpu_check_ppo_$cache 2>&1 \
+        "${extra[@]}" --output_dir /tmp/gpu_check_ppo_$cache 2>&1 \
         | grep -E "^generation:|time/generate|^step |error" || echo "PPO ($cache) FAILED OR TIMED OUT"
 done
 
