@@ -8,8 +8,10 @@ Every case runs on each path that can run it here (all but 11 interpreted cases 
     "interp-gpu-blocks"  without a GPU, for the GPU-sized shapes: the interpreter with the GPU launch config, since
                          those shapes exist to cross the GPU block sizes.
 The fixture also replaces the other path's launchers with a tripwire, so a test cannot silently run the wrong one.
-fp32 and bf16 run on every path. Tolerances are relative to the reference's own scale (see `check`), so a zero or
-rescaled result fails whatever the inputs' scale. Shapes are small: the interpreter is ~1000x slower than torch.
+fp32 and bf16 run on every path. The log-prob forward's two algorithms and its autotuning (GPU only) have their
+own tests after `test_logprobs_torch_chunks`. Tolerances are relative to the reference's own scale (see `check`), so
+a zero or rescaled result fails whatever the inputs' scale. Shapes are small: the interpreter is ~1000x slower than
+torch.
 """
 
 import importlib
@@ -172,6 +174,197 @@ def test_logprobs_torch_chunks(monkeypatch, chunk_rows):
     (want_grad,) = torch.autograd.grad(want, logits, grad_out.double())
     check(got, want, "logprobs")
     check(got_grad, want_grad, "d logits")
+
+
+# The two forward algorithms and the autotuner (kernels/logprobs.py's docstring). Rows built to break the lane-wise
+# update: a dropped rescale, exp(d) for exp(-|d|), a missing final exp(m - M), a -inf start (nan from -inf - -inf).
+
+
+def lp_meta(lanewise, block, warps=1):
+    """(forward, backward) meta-parameters, as `launch_config` returns them."""
+    return {"BLOCK_V": block, "num_warps": warps, "LANEWISE": lanewise}, {"BLOCK_V": block, "num_warps": warps}
+
+
+def hard_rows(V, block):
+    """(name, logits row) pairs, fp32 on CPU, for a vocabulary of a few `block`-wide slices and a partial last one."""
+    g = torch.Generator().manual_seed(9)
+    noise = lambda scale: torch.randn(V, generator=g) * scale
+    ramp = torch.linspace(-8.0, 8.0, V)
+    first, last, lead, holes = noise(3), noise(3), noise(3), noise(3)
+    first[0], last[-1], lead[:block], holes[::3] = 25.0, 25.0, float("-inf"), float("-inf")
+    return [
+        ("random", noise(3)),
+        ("max in the first slice", first),
+        ("max in the last, partial slice", last),
+        ("rising: the max moves every slice, every lane rescales", ramp + noise(0.1)),
+        ("falling: the max comes first", -ramp + noise(0.1)),
+        ("spread 1e4: one-hot softmax", noise(1e4)),
+        ("offset +1e4", noise(3) + 1e4),
+        ("offset -1e4", noise(3) - 1e4),
+        ("first slice masked (-inf)", lead),
+        ("every third entry masked", holes),
+        ("all equal: uniform", torch.zeros(V)),
+        ("all -inf: no distribution", torch.full((V,), float("-inf"))),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the all -inf row (numpy)
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")  # its lse = log 0 = -inf
+@pytest.mark.parametrize("device", ["triton"], indirect=True)
+@pytest.mark.parametrize("lanewise", [False, True], ids=["reductions", "lanewise"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_algorithms(device, monkeypatch, lanewise, dtype, temperature):
+    """Both forward algorithms (and the backward after them) on `hard_rows`, strided, each row against the float64
+    reference: within RTOL of the row's scale plus what fp32 can resolve at the row's largest logit (log p = x - lse
+    cancels there: a few ulps of 1e4 is 1e-3)."""
+    block = 64
+    monkeypatch.setattr(LP, "launch_config", lambda V, on_gpu: lp_meta(lanewise, block))
+    V = 3 * block + 13
+    names, rows = zip(*hard_rows(V, block))
+    B, T = 3, len(rows) // 3
+    buffer = torch.zeros(B, T, V + 3, dtype=dtype, device=device)
+    buffer[..., :V] = torch.stack(rows).view(B, T, V).to(dtype)
+    logits = buffer[..., :V].requires_grad_()  # strided: rows V + 3 apart
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(10)).to(device)
+    labels.view(-1)[1], labels.view(-1)[2], labels.view(-1)[4] = 0, V - 1, -100  # the max; the last entry; ignored
+    labels.view(-1)[8], labels.view(-1)[9] = block + 1, 1  # finite entries of the rows with masked ones
+    grad_out = torch.randn(B, T, device=device)
+    got = logprobs(logits, labels, temperature)
+    (got_grad,) = torch.autograd.grad(got, logits, grad_out)
+    want = slow_logprobs(logits, labels, temperature)
+    (want_grad,) = torch.autograd.grad(want, logits, grad_out.double())
+    x, got, want = logits.detach().flatten(0, 1), got.flatten(), want.flatten()
+    got_grad, want_grad, g = got_grad.flatten(0, 1), want_grad.flatten(0, 1), grad_out.flatten()
+    for r, name in enumerate(names):
+        if name.startswith("all -inf"):  # nan as the reference (and as before), not a number that looks valid
+            assert got[r].isnan() and want[r].isnan() and got_grad[r].isnan().all(), name
+            continue
+        fp32 = 4 * torch.finfo(torch.float32).eps * x[r][x[r].isfinite()].abs().max().item() / temperature
+        check(got[r], want[r], f"{name}: logprobs", atol=ATOL + fp32)
+        check(got_grad[r], want_grad[r], f"{name}: d logits", GRAD_RTOL[dtype], ATOL + fp32 * abs(g[r].item()))
+    assert got[4] == 0 and (got_grad[4] == 0).all(), "an ignored label: log-prob 0, no gradient"
+
+
+def test_tuning_candidates():
+    """What the autotuner may pick: powers of two the kernels accept, 8 to 32 elements per thread, both algorithms
+    on the same sizes, the backward on those sizes, at most 16 each, the fixed GPU config among them (so tuning
+    can only keep or beat it), and exactly these handed to triton.autotune."""
+    fwd, bwd = LP.tuning_candidates(), LP.tuning_candidates(backward=True)
+    assert 2 <= len(fwd) <= 16 and 1 <= len(bwd) <= 16
+    assert len({tuple(c.items()) for c in fwd}) == len(fwd) and len({tuple(c.items()) for c in bwd}) == len(bwd)
+    for c in fwd + bwd:
+        block, warps = c["BLOCK_V"], c["num_warps"]
+        assert block & (block - 1) == 0 and 1024 <= block <= 8192, c
+        assert warps in (4, 8, 16) and 8 <= block // (32 * warps) <= 32, c
+    sizes = lambda cs: sorted((c["BLOCK_V"], c["num_warps"]) for c in cs)
+    assert sizes(c for c in fwd if c["LANEWISE"]) == sizes(c for c in fwd if not c["LANEWISE"]) == sizes(bwd)
+    assert all(set(c) == {"BLOCK_V", "num_warps"} for c in bwd)
+    fixed_fwd, fixed_bwd = LP.launch_config(128256, True)
+    assert fixed_fwd in fwd and fixed_bwd in bwd
+    for tuner, cands in ((LP._fwd_tuned, fwd), (LP._bwd_tuned, bwd)):
+        assert [{**cfg.kwargs, "num_warps": cfg.num_warps} for cfg in tuner.configs] == cands
+        assert tuner.keys == ["V"]
+
+
+@pytest.mark.parametrize("device", ["triton"], indirect=True)
+def test_every_tuning_candidate(device, monkeypatch):
+    """Every config the autotuner may pick gives the reference's numbers, at a V that ends in a partial slice for
+    each BLOCK_V. The interpreter ignores num_warps: on CPU one run per (algorithm, BLOCK_V), on a GPU every one."""
+    monkeypatch.setattr(LP, "TUNE_MIN_V", 10**9)  # the fixed-config launch, fed each candidate in turn
+    torch.manual_seed(11)
+    B, T, V = 2, 3, 9000  # test_logprobs' GPU-sized shape: on a GPU, the kernels its autotuning compiled
+    logits = (torch.randn(B, T, V, device=device) * 3).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, V, (B, T), device=device)
+    grad_out = torch.randn(B, T, device=device)
+    want = slow_logprobs(logits, labels, 1.0)
+    (want_grad,) = torch.autograd.grad(want, logits, grad_out.double())
+    distinct = lambda meta: tuple(v for k, v in meta.items() if ON_GPU or k != "num_warps")
+    fwd_seen, bwd_seen = set(), set()
+    for fwd_meta in LP.tuning_candidates():
+        bwd_meta = {k: v for k, v in fwd_meta.items() if k != "LANEWISE"}  # the backward's candidates: same sizes
+        if distinct(fwd_meta) in fwd_seen:
+            continue
+        fwd_seen.add(distinct(fwd_meta))
+        monkeypatch.setattr(LP, "launch_config", lambda V, on_gpu, m=(fwd_meta, bwd_meta): m)
+        got = logprobs(logits, labels)
+        check(got, want, f"logprobs with {fwd_meta}")
+        if distinct(bwd_meta) not in bwd_seen:
+            bwd_seen.add(distinct(bwd_meta))
+            (got_grad,) = torch.autograd.grad(got, logits, grad_out)
+            check(got_grad, want_grad, f"d logits with {bwd_meta}", GRAD_RTOL[torch.bfloat16])
+    assert bwd_seen == {distinct(c) for c in LP.tuning_candidates(backward=True)}
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the real autotuner runs: test_logprobs at V = 9000, test_autotuned_on_gpu")
+def test_autotuner_plumbing(monkeypatch):
+    """The autotuned launch path, run here under a stand-in timer (the interpreter cannot time): every candidate
+    runs on the same output buffers, then the pick once more; the numbers left behind are the reference's (the
+    kernels store, never accumulate), and `chosen_configs` names the pick."""
+    runs = []
+
+    def fake_bench(kernel_call, quantiles):  # the last candidate is the fastest
+        kernel_call()
+        runs.append(None)
+        return [1000.0 - len(runs)] * len(quantiles)
+
+    fwd, bwd = LP.tuning_candidates(), LP.tuning_candidates(backward=True)
+    monkeypatch.setattr(LP, "_fwd_tuned", LP._tuner(LP._logprobs_fwd_kernel, fwd, do_bench=fake_bench))
+    monkeypatch.setattr(LP, "_bwd_tuned", LP._tuner(LP._logprobs_bwd_kernel, bwd, do_bench=fake_bench))
+    monkeypatch.setattr(LP, "autotunes", lambda logits: logits.size(-1) >= LP.TUNE_MIN_V)  # CPU allowed, here only
+    torch.manual_seed(12)
+    V = LP.TUNE_MIN_V + 8
+    logits = (torch.randn(1, 2, V) * 3).to(torch.bfloat16).requires_grad_()
+    labels, grad_out = torch.randint(0, V, (1, 2)), torch.randn(1, 2)
+    got = logprobs(logits, labels, 0.7)
+    assert len(runs) == len(fwd)
+    (got_grad,) = torch.autograd.grad(got, logits, grad_out)
+    assert len(runs) == len(fwd) + len(bwd)
+    want = slow_logprobs(logits, labels, 0.7)
+    (want_grad,) = torch.autograd.grad(want, logits, grad_out.double())
+    check(got, want, "logprobs after tuning")
+    check(got_grad, want_grad, "d logits after tuning", GRAD_RTOL[torch.bfloat16])
+    assert LP.chosen_configs() == {f"forward V={V} bfloat16": fwd[-1], f"backward V={V} bfloat16": bwd[-1]}
+    logprobs(logits, labels)  # the same key: no second tuning
+    assert len(runs) == len(fwd) + len(bwd)
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU only: on a GPU, CPU tensors take the torch path")
+def test_no_autotuning_on_cpu(monkeypatch):
+    """In the interpreter a real vocabulary still takes the fixed config: nothing is timed, nothing is chosen."""
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("autotuned on CPU")
+
+    monkeypatch.setattr(LP._fwd_tuned, "run", tripwire)
+    monkeypatch.setattr(LP._bwd_tuned, "run", tripwire)
+    V = LP.TUNE_MIN_V
+    logits, labels = torch.randn(1, 1, V, requires_grad=True), torch.randint(0, V, (1, 1))
+    got = logprobs(logits, labels)
+    (got_grad,) = torch.autograd.grad(got.sum(), logits)
+    want = slow_logprobs(logits, labels, 1.0)
+    (want_grad,) = torch.autograd.grad(want.sum(), logits)
+    check(got, want, "logprobs")
+    check(got_grad, want_grad, "d logits")
+    assert LP.chosen_configs() == {}
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA: the autotuner times kernels on the GPU")
+def test_autotuned_on_gpu():
+    """On CUDA a real vocabulary is autotuned (test_logprobs' V and dtype: timed already when the file runs), the
+    numbers are right, and the picks are candidates."""
+    V = 9000
+    logits = torch.randn(2, 3, V, device="cuda").to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, V, (2, 3), device="cuda")
+    got = logprobs(logits, labels)
+    (got_grad,) = torch.autograd.grad(got.sum(), logits)
+    want = slow_logprobs(logits, labels, 1.0)
+    (want_grad,) = torch.autograd.grad(want.sum(), logits)
+    check(got, want, "logprobs")
+    check(got_grad, want_grad, "d logits", GRAD_RTOL[torch.bfloat16])
+    chosen = LP.chosen_configs()
+    assert chosen[f"forward V={V} bfloat16"] in LP.tuning_candidates(), chosen
+    assert chosen[f"backward V={V} bfloat16"] in LP.tuning_candidates(backward=True), chosen
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,10 +578,12 @@ except ImportError as e:
 LP, GAE, ES = (importlib.import_module(f"kernels.{m}") for m in ("logprobs", "gae", "end_scores"))
 scalars = {"inv_temp": "fp32", "gamma": "fp32", "lam": "fp32"}
 end_meta, token_meta = ES.launch_config(on_gpu=True)
+lp_fwd, lp_bwd = LP.launch_config(128256, True)
+lanewise = {**max(LP.tuning_candidates(), key=lambda c: (c["LANEWISE"], c["BLOCK_V"] // c["num_warps"]))}
 jobs = [  # (kernel, pointer dtypes where not fp32, meta-parameters of the GPU launch)
-    (LP._logprobs_fwd_kernel, {"logits_ptr": "*bf16", "labels_ptr": "*i64"}, LP.launch_config(128256, True)),
-    (LP._logprobs_bwd_kernel, {"logits_ptr": "*bf16", "labels_ptr": "*i64", "grad_ptr": "*bf16"},
-     LP.launch_config(128256, True)),
+    (LP._logprobs_fwd_kernel, {"logits_ptr": "*bf16", "labels_ptr": "*i64"}, lp_fwd),
+    (LP._logprobs_fwd_kernel, {"logits_ptr": "*bf16", "labels_ptr": "*i64"}, lanewise),  # the most per thread
+    (LP._logprobs_bwd_kernel, {"logits_ptr": "*bf16", "labels_ptr": "*i64", "grad_ptr": "*bf16"}, lp_bwd),
     (GAE._gae_kernel, {"rewards_ptr": "*bf16", "mask_ptr": "*u8"}, GAE.launch_config(True)),
     (ES._end_scores_kernel, {"hidden_ptr": "*bf16", "mask_ptr": "*i64", "idx_ptr": "*i64"},
      {**end_meta, "HAS_BIAS": True}),
