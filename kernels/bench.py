@@ -735,8 +735,13 @@ def main():
                 (tu, mu, _) = row["unfused"]
                 line += f"   (vs unfused: {tu / t:.3g}x speed, {mu / max(peak, 1):.3g}x less memory)"
             line += f"   (compile {first:.1f} s, excluded)" if impl == "compile" else ""
+            if impl == "ours" and gpu and name.startswith("logprobs"):
+                line += f"   (first call {first:.1f} s, autotuning included, excluded)"
             print(line, flush=True)
         results[(name, shape, dtype)] = row
+    tuned = importlib.import_module("kernels.logprobs").chosen_configs()  # (kernels.logprobs is the function)
+    for key, config in tuned.items():  # on a GPU: what the log-prob autotuner picked (its time is in "first call")
+        print(f"log-prob kernel autotuned: {key}: {config}")
     # the targets of issue 3
     print()
     checks = []
