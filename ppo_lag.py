@@ -61,6 +61,7 @@ from checkpoint import (
 )
 from data import (
     CHAT_TEMPLATE_HELP,
+    IGNORE_INDEX,
     PromptOnlyDataset,
     SupervisedDataset,
     conversation_ids,
@@ -71,7 +72,7 @@ from data import (
     stop_ids,
     toy_metrics,
 )
-from kernels import cross_entropy, gae, linear_logprobs, logprobs
+from kernels import gae, linear_logprobs, logprobs
 
 SAMPLES_PER_LOG = 4  # rollout samples written to samples.jsonl at each metrics line (the first one printed)
 
@@ -620,18 +621,24 @@ def main():
         )
         return seq, attention_mask, mask, P
 
-    def policy_logp(model, seq, attention_mask, P):
-        """log pi(y_t | x, y_<t) for the response tokens: (B, L) fp32, via the streaming log-prob kernel; with
-        --fused_logprobs from the decoder's last hidden state and the lm_head's weight, without the logits."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
-        inputs = dict(input_ids=seq, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    def token_logp(model, inputs, P):
+        """log p(x_t | x_<t) for t >= P of inputs["input_ids"] (B, T) -> (B, T - P) fp32; labels outside the
+        vocabulary (-100) give 0. Logits then the streaming log-prob kernel; with --fused_logprobs the decoder's last
+        hidden state and the lm_head's weight, without the logits."""
+        labels = inputs.get("labels", inputs["input_ids"])[:, P:]
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
         if not args.fused_logprobs:
-            return logprobs(model(**inputs).logits[:, P - 1 : -1], seq[:, P:])
+            return logprobs(model(**inputs, use_cache=False).logits[:, P - 1 : -1], labels)
         lora_ref = model is ref and args.actor_lora_rank  # the actor with its adapter off
         lm = causal_lm(actor if lora_ref else model)
         with actor.module.disable_adapter() if lora_ref else contextlib.nullcontext():
-            hidden = lm.get_decoder()(**inputs).last_hidden_state  # (B, P + L, D), after the final norm
-            return linear_logprobs(hidden[:, P - 1 : -1], lm.get_output_embeddings().weight, seq[:, P:])
+            hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state  # after the final norm
+            return linear_logprobs(hidden[:, P - 1 : -1], lm.get_output_embeddings().weight, labels)
+
+    def policy_logp(model, seq, attention_mask, P):
+        """log pi(y_t | x, y_<t) for the response tokens: (B, L) fp32."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
+        return token_logp(model, dict(input_ids=seq, attention_mask=attention_mask, position_ids=position_ids), P)
 
     def end_score(model, tok, seq, attention_mask, inputs, answers):
         """The score model's end score (B,). A score model with its own tokenizer (tok not None) reads the conversation
@@ -811,10 +818,9 @@ def main():
                         if ptx is not None:
                             ptx_batch = {k: v.to(device) for k, v in next(ptx_iter).items()}
                             ptx_drawn += 1
-                            ptx_logits = actor(
-                                input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"]
-                            ).logits
-                            ptx_loss = cross_entropy(ptx_logits[:, :-1], ptx_batch["labels"][:, 1:])
+                            keep = ptx_batch["labels"][:, 1:] != IGNORE_INDEX  # the answer tokens
+                            lp = token_logp(actor, ptx_batch, 1)  # 0 where ignored
+                            ptx_loss = -(lp * keep).sum() / keep.sum().clamp(min=1)  # kernels.cross_entropy's mean
                             loss = loss + args.ptx_coeff * ptx_loss
                             stats["loss/ptx"].append(ptx_loss.detach())
                         actor.backward(loss)  # DeepSpeed scales by gradient_accumulation_steps, steps at the boundary

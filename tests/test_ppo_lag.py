@@ -265,9 +265,18 @@ def test_window_and_delay(toy_models, tmp_path):
 
 
 def test_plain_ppo_and_fixed_lambda(toy_models, tmp_path):
-    run_script(ppo_args(toy_models, tmp_path / "ppo", "--ptx_datasets", "toy-sft:0.01", "--ptx_coeff", "1.0"))
+    """Plain PPO with PTX: its loss is golden (the mean cross-entropy of the answer tokens, as kernels.cross_entropy
+    computed it before --fused_logprobs existed), and --fused_logprobs gives the same numbers."""
+    ptx = ["--ptx_datasets", "toy-sft:0.01", "--ptx_coeff", "1.0"]
+    run_script(ppo_args(toy_models, tmp_path / "ppo", *ptx))
     rows = read_metrics(tmp_path / "ppo")
     assert "train/lambda" not in rows[0] and "loss/ptx" in rows[0]
+    assert [r["loss/ptx"] for r in rows if "loss/ptx" in r] == pytest.approx([5.132484, 4.922181], rel=1e-5)
+    run_script(ppo_args(toy_models, tmp_path / "fused", *ptx, "--fused_logprobs"))
+    train = lambda rows: [r for r in rows if "loss/ptx" in r]  # noqa: E731
+    for a, b in zip(train(rows), train(read_metrics(tmp_path / "fused")), strict=True):
+        for key in ("loss/ptx", "loss/actor", "train/kl", "loss/reward_critic"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
     run_script(
         ppo_args(
             toy_models,
