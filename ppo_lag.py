@@ -245,7 +245,7 @@ def main():
         help="ZeRO-3: gather the actor's parameters once per generate call instead of per layer per token (auto: "
         "when they fit in free device memory)")  # fmt: skip
     add("--fused_logprobs", action="store_true",
-        help="actor and reference log-probs straight from the last hidden state (kernels/linear_logprobs.py): "
+        help="actor, reference and PTX log-probs straight from the last hidden state (kernels/linear_logprobs.py): "
         "the (B, T, V) logits and their gradient never exist; one more lm_head GEMM in backward, ZeRO<=2")  # fmt: skip
     add("--kl_coeff", type=float, help="beta of the KL shaping (default 0.01 PPO-Lag, 0.02 PPO and reward shaping)")
     add("--clip_range_ratio", type=float, default=0.2, help="PPO ratio clip epsilon")
