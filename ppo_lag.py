@@ -35,6 +35,7 @@ Launch:
 
 import argparse
 import contextlib
+import inspect
 import itertools
 import json
 import math
@@ -524,6 +525,8 @@ def main():
     # LoRA: the reference is the actor with its adapter off (at the start B = 0: the same model), not a second copy
     ref = adapter_off(actor, actor.module) if args.actor_lora_rank else engine(load_lm())
     backbones = ["actor + ref"] if args.actor_lora_rank else ["actor", "ref"]  # full models in memory, by role
+    # transformers' causal LMs can apply the lm_head to the last k positions only: the prompt's logits are never needed
+    logits_to_keep = "logits_to_keep" in inspect.signature(causal_lm(actor).forward).parameters
     if args.fused_logprobs:  # logits must be exactly hidden @ W^T: a plain linear head, no bias, no scaling
         lm = causal_lm(actor)
         head, scaled = lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
@@ -627,8 +630,10 @@ def main():
         hidden state and the lm_head's weight, without the logits."""
         labels = inputs.get("labels", inputs["input_ids"])[:, P:]
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        if not args.fused_logprobs:
-            return logprobs(model(**inputs, use_cache=False).logits[:, P - 1 : -1], labels)
+        if not args.fused_logprobs:  # logits only where they predict a label, where the model can skip the rest
+            keep = labels.size(1) + 1  # positions P - 1 .. T - 1 (the last predicts nothing and is dropped)
+            logits = model(**inputs, use_cache=False, **({"logits_to_keep": keep} if logits_to_keep else {})).logits
+            return logprobs(logits[:, -keep:-1], labels)
         lora_ref = model is ref and args.actor_lora_rank  # the actor with its adapter off
         lm = causal_lm(actor if lora_ref else model)
         with actor.module.disable_adapter() if lora_ref else contextlib.nullcontext():
