@@ -191,6 +191,20 @@ def adapter_off(model, peft_model, normalize=False):
     return forward
 
 
+@contextlib.contextmanager
+def head_gives_logprobs(lm, targets):
+    """Within: lm's lm_head returns log p(target) for each hidden state it is given, from kernels.linear_logprobs
+    (targets (B, T) aligned with the positions; the head receives the last k of them), not the (B, k, V) logits. The
+    model's own forward runs, DeepSpeed's hooks on the head included: ZeRO-3 gathers its weight for this call and for
+    its backward, as for any layer."""
+    head = lm.get_output_embeddings()
+    head.forward = lambda hidden: linear_logprobs(hidden, head.weight, targets[:, targets.size(1) - hidden.size(1) :])
+    try:
+        yield
+    finally:
+        del head.forward  # the class's forward again
+
+
 def causal_lm(model):
     """The Hugging Face causal LM inside a DeepSpeed engine and/or a PEFT wrapper (LoRA layers stay in it)."""
     model = getattr(model, "module", model)
@@ -247,7 +261,7 @@ def main():
         "when they fit in free device memory)")  # fmt: skip
     add("--fused_logprobs", action="store_true",
         help="actor, reference and PTX log-probs straight from the last hidden state (kernels/linear_logprobs.py): "
-        "the (B, T, V) logits and their gradient never exist; one more lm_head GEMM in backward, ZeRO<=2")  # fmt: skip
+        "the (B, T, V) logits and their gradient never exist; one more lm_head GEMM in backward")  # fmt: skip
     add("--kl_coeff", type=float, help="beta of the KL shaping (default 0.01 PPO-Lag, 0.02 PPO and reward shaping)")
     add("--clip_range_ratio", type=float, default=0.2, help="PPO ratio clip epsilon")
     add("--clip_range_score", type=float, default=50.0, help="clip on every per-token shaped reward and cost")
@@ -331,9 +345,6 @@ def main():
     offload_param, offload_optimizer = args.offload in ("parameter", "all"), args.offload in ("optimizer", "all")
     if offload_param and args.zero_stage != 3 or offload_optimizer and args.zero_stage == 0:
         parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
-    if args.fused_logprobs and args.zero_stage == 3:  # ZeRO-3 gathers the lm_head's weight only inside its forward
-        parser.error("--fused_logprobs reads the lm_head's weight outside its forward, which ZeRO-3 partitions: use "
-                     "--zero_stage 2 or less, or drop --fused_logprobs")
     if args.reward_shaping and not use_cost:
         parser.error("--reward_shaping shapes R - lambda * C: pass --cost_model_name_or_path")
     lora.check_arguments(parser, args, "actor_")
@@ -527,13 +538,13 @@ def main():
     backbones = ["actor + ref"] if args.actor_lora_rank else ["actor", "ref"]  # full models in memory, by role
     # transformers' causal LMs can apply the lm_head to the last k positions only: the prompt's logits are never needed
     logits_to_keep = "logits_to_keep" in inspect.signature(causal_lm(actor).forward).parameters
-    if args.fused_logprobs:  # logits must be exactly hidden @ W^T: a plain linear head, no bias, no scaling
+    if args.fused_logprobs:  # the model's logits must be its lm_head's output, hidden @ W^T: no bias, no scaling
         lm = causal_lm(actor)
-        head, scaled = lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
-        if not isinstance(head, torch.nn.Linear) or head.bias is not None or scaled or lm.get_decoder() is lm:
+        head, config = lm.get_output_embeddings(), lm.config
+        scaled = getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) != 1.0
+        if not isinstance(head, torch.nn.Linear) or head.bias is not None or scaled:
             raise SystemExit(f"error: --fused_logprobs needs logits = last hidden state @ lm_head.weight^T, which "
-                             f"{type(lm).__name__} does not compute (a bias, a scaled head or no separate decoder): "
-                             "drop --fused_logprobs")  # fmt: skip
+                             f"{type(lm).__name__} does not compute (a biased or scaled head): drop --fused_logprobs")
 
     def own_tokenizer(name):
         """The score model's tokenizer if it cannot read the actor's token ids (another vocabulary, EOS or chat
@@ -630,15 +641,13 @@ def main():
         hidden state and the lm_head's weight, without the logits."""
         labels = inputs.get("labels", inputs["input_ids"])[:, P:]
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        if not args.fused_logprobs:  # logits only where they predict a label, where the model can skip the rest
-            keep = labels.size(1) + 1  # positions P - 1 .. T - 1 (the last predicts nothing and is dropped)
-            logits = model(**inputs, use_cache=False, **({"logits_to_keep": keep} if logits_to_keep else {})).logits
-            return logprobs(logits[:, -keep:-1], labels)
-        lora_ref = model is ref and args.actor_lora_rank  # the actor with its adapter off
-        lm = causal_lm(actor if lora_ref else model)
-        with actor.module.disable_adapter() if lora_ref else contextlib.nullcontext():
-            hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state  # after the final norm
-            return linear_logprobs(hidden[:, P - 1 : -1], lm.get_output_embeddings().weight, labels)
+        keep = labels.size(1) + 1  # positions P - 1 .. T - 1 (the last predicts nothing and is dropped)
+        inputs.update(use_cache=False, **({"logits_to_keep": keep} if logits_to_keep else {}))  # skip prompt logits
+        if not args.fused_logprobs:
+            return logprobs(model(**inputs).logits[:, -keep:-1], labels)
+        targets = torch.nn.functional.pad(labels, (P - 1, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
+        with head_gives_logprobs(causal_lm(actor if model is ref and args.actor_lora_rank else model), targets):
+            return model(**inputs).logits[:, -keep:-1]  # the "logits" are log p(target) now: (B, L)
 
     def policy_logp(model, seq, attention_mask, P):
         """log pi(y_t | x, y_<t) for the response tokens: (B, L) fp32."""
