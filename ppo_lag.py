@@ -34,7 +34,6 @@ Launch:
 """
 
 import argparse
-import contextlib
 import inspect
 import itertools
 import json
@@ -73,7 +72,8 @@ from data import (
     stop_ids,
     toy_metrics,
 )
-from kernels import gae, linear_logprobs, logprobs
+from kernels import gae, logprobs
+from kernels.linear_logprobs import causal_lm, fused_head_problem, head_gives_logprobs
 
 SAMPLES_PER_LOG = 4  # rollout samples written to samples.jsonl at each metrics line (the first one printed)
 
@@ -189,26 +189,6 @@ def adapter_off(model, peft_model, normalize=False):
         return out
 
     return forward
-
-
-@contextlib.contextmanager
-def head_gives_logprobs(lm, targets):
-    """Within: lm's lm_head returns log p(target) for each hidden state it is given, from kernels.linear_logprobs
-    (targets (B, T) aligned with the positions; the head receives the last k of them), not the (B, k, V) logits. The
-    model's own forward runs, DeepSpeed's hooks on the head included: ZeRO-3 gathers its weight for this call and for
-    its backward, as for any layer."""
-    head = lm.get_output_embeddings()
-    head.forward = lambda hidden: linear_logprobs(hidden, head.weight, targets[:, targets.size(1) - hidden.size(1) :])
-    try:
-        yield
-    finally:
-        del head.forward  # the class's forward again
-
-
-def causal_lm(model):
-    """The Hugging Face causal LM inside a DeepSpeed engine and/or a PEFT wrapper (LoRA layers stay in it)."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "disable_adapter") else model
 
 
 def str2bool(text):
@@ -538,13 +518,9 @@ def main():
     backbones = ["actor + ref"] if args.actor_lora_rank else ["actor", "ref"]  # full models in memory, by role
     # transformers' causal LMs can apply the lm_head to the last k positions only: the prompt's logits are never needed
     logits_to_keep = "logits_to_keep" in inspect.signature(causal_lm(actor).forward).parameters
-    if args.fused_logprobs:  # the model's logits must be its lm_head's output, hidden @ W^T: no bias, no scaling
-        lm = causal_lm(actor)
-        head, config = lm.get_output_embeddings(), lm.config
-        scaled = getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) != 1.0
-        if not isinstance(head, torch.nn.Linear) or head.bias is not None or scaled:
-            raise SystemExit(f"error: --fused_logprobs needs logits = last hidden state @ lm_head.weight^T, which "
-                             f"{type(lm).__name__} does not compute (a biased or scaled head): drop --fused_logprobs")
+    if args.fused_logprobs and (problem := fused_head_problem(actor)):
+        raise SystemExit(f"error: --fused_logprobs needs logits = last hidden state @ lm_head.weight^T, but {problem}: "
+                         "drop --fused_logprobs")
 
     def own_tokenizer(name):
         """The score model's tokenizer if it cannot read the actor's token ids (another vocabulary, EOS or chat
@@ -646,7 +622,7 @@ def main():
         if not args.fused_logprobs:
             return logprobs(model(**inputs).logits[:, -keep:-1], labels)
         targets = torch.nn.functional.pad(labels, (P - 1, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
-        with head_gives_logprobs(causal_lm(actor if model is ref and args.actor_lora_rank else model), targets):
+        with head_gives_logprobs(actor if model is ref and args.actor_lora_rank else model, targets):
             return model(**inputs).logits[:, -keep:-1]  # the "logits" are log p(target) now: (B, L)
 
     def policy_logp(model, seq, attention_mask, P):

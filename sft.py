@@ -63,6 +63,7 @@ from data import (
     stop_ids,
 )
 from kernels import cross_entropy
+from kernels.linear_logprobs import fused_head_problem, head_gives_logprobs
 
 # ----------------------------------------------------------------------------------------------------------------
 # The math
@@ -123,6 +124,8 @@ def main():
     parser.add_argument("--lr_warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
     parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decay (not on biases and norms)")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--fused_logprobs", action="store_true", help="the loss straight from the last hidden state "
+                        "(kernels/linear_logprobs.py): no (B, T, V) logits nor their gradient")  # fmt: skip
     # logging
     parser.add_argument("--output_dir", required=True, help="final HF folder (written via <output_dir>.partial)")
     parser.add_argument("--logging_steps", type=int, default=10, help="optimizer steps between metrics lines")
@@ -279,6 +282,9 @@ def main():
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if args.fused_logprobs and (problem := fused_head_problem(model)):
+        raise SystemExit(f"error: --fused_logprobs needs logits = last hidden state @ lm_head.weight^T, but {problem}: "
+                         "drop --fused_logprobs")
     if args.lora_rank:  # the base frozen; the optimizer sees the adapters only
         model = lora.add_lora(model, args, "", args.model_name_or_path)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]  # matrices decay; biases, norms not
@@ -332,15 +338,26 @@ def main():
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, step)
 
+    def loss_of(batch):
+        """The batch's masked next-token cross-entropy: from the logits (B, T, V), or with --fused_logprobs from the
+        log-probs the lm_head gives for one forward (kernels.head_gives_logprobs), the same number."""
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if not args.fused_logprobs:
+            return sft_loss(engine(**inputs).logits, batch["labels"])
+        targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # t predicts t + 1
+        with head_gives_logprobs(engine, targets):
+            logp = engine(**inputs).logits  # (B, T), 0 where the target is ignored
+        keep = targets != IGNORE_INDEX
+        return -(logp * keep).sum() / keep.sum().clamp(min=1)  # kernels.cross_entropy's mean
+
     def evaluate():
         engine.eval()
         totals = torch.zeros(2, device=engine.device)  # (sum of token losses, answer tokens)
         with torch.no_grad():
             for batch in rollout.progress(eval_loader, desc="eval", unit="batch"):  # rank 0, terminal (rollout.py)
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
-                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-                totals += torch.stack([sft_loss(logits, batch["labels"]).float() * n, n.float()])
+                totals += torch.stack([loss_of(batch).float() * n, n.float()])
         dist.all_reduce(totals)
         engine.train()
         loss = totals[0] / totals[1]
@@ -397,8 +414,7 @@ def main():
                     bar = rollout.progress(total=steps_to_line * accum - micro_step % accum, desc="train", unit="mb")
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 # 1) forward and masked next-token cross-entropy
-                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = sft_loss(logits, batch["labels"])  # logits (B, T, V)
+                loss = loss_of(batch)
                 # 2) backward and (on boundaries) optimizer + LR step
                 engine.backward(loss)
                 engine.step()

@@ -4,6 +4,7 @@
     cross_entropy(logits, labels, ignore_index=-100) -> scalar    the SFT / PTX loss, built on logprobs
     linear_logprobs(hidden, weight, labels, temperature=1.0) -> (B, T) fp32   the same from the last hidden state
                                                                   and the lm_head weight, the logits never whole
+    head_gives_logprobs(model, targets): a context in which a causal LM's forward returns those as its .logits
     gae(rewards, values, mask, gamma, lam) -> (advantages, returns)
     end_scores(hidden, attention_mask, weight, bias=None, return_all=False) -> (B, D) [, (B, T, D)]
 
@@ -16,10 +17,10 @@ them with the code every peer uses.
 from kernels._dispatch import use_triton
 from kernels.end_scores import end_scores, end_scores_ref
 from kernels.gae import gae, gae_ref
-from kernels.linear_logprobs import linear_logprobs, linear_logprobs_ref
+from kernels.linear_logprobs import fused_head_problem, head_gives_logprobs, linear_logprobs, linear_logprobs_ref
 from kernels.logprobs import cross_entropy, logprobs, logprobs_ref
 
 __all__ = [
-    "cross_entropy", "end_scores", "end_scores_ref", "gae", "gae_ref", "linear_logprobs", "linear_logprobs_ref",
-    "logprobs", "logprobs_ref", "use_triton",
+    "cross_entropy", "end_scores", "end_scores_ref", "fused_head_problem", "gae", "gae_ref", "head_gives_logprobs",
+    "linear_logprobs", "linear_logprobs_ref", "logprobs", "logprobs_ref", "use_triton",
 ]  # fmt: skip

@@ -16,6 +16,7 @@ full-speed GEMMs; CPU: the torch fallback's own chunk size, whose GEMMs are at s
 the weight's dtype (each GEMM accumulates in fp32 inside; bf16 rounds once per chunk). No bias (lm_heads have none).
 """
 
+import contextlib
 import importlib
 
 import torch
@@ -102,3 +103,44 @@ def linear_logprobs(
     budget = CHUNK_BYTES["cuda" if hidden.is_cuda else "cpu"]
     rows = rows or chunk_rows(weight.size(0), hidden.element_size(), budget)
     return _LinearLogProbs.apply(hidden, weight, labels, float(temperature), int(rows))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Wiring into a Hugging Face causal LM: its lm_head gives log-probs instead of logits for one forward.
+
+
+def causal_lm(model):
+    """The Hugging Face model inside a DeepSpeed engine and/or a PEFT wrapper (LoRA layers stay in it)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "disable_adapter") else model
+
+
+def fused_head_problem(model) -> str | None:
+    """Why the model's logits are not exactly `last hidden state @ lm_head.weight^T` (None when they are): a bias, or
+    a scaling after the head (Gemma's soft-capping, Cohere's logit scale), which the fused path would leave out."""
+    lm = causal_lm(model)
+    head, config = lm.get_output_embeddings(), lm.config
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return f"{type(lm).__name__}'s output layer is not a bias-free linear layer"
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) != 1.0:
+        return f"{type(lm).__name__} scales its logits after the output layer"
+    return None
+
+
+@contextlib.contextmanager
+def head_gives_logprobs(model, targets, temperature=1.0):
+    """Within: the model's lm_head returns log p(target) (B, k) fp32 for the k hidden states it is given (the last k
+    positions: transformers' logits_to_keep), from `linear_logprobs`, instead of the (B, k, V) logits; so
+    `model(...).logits` is that. targets (B, T): position t's target (the token at t + 1; outside [0, V): 0, no
+    gradient). The model's own forward runs, DeepSpeed's hooks on the head included: ZeRO-3 gathers its weight for
+    the call and again for its backward, as for any layer. `model` may be wrapped (engine, PEFT)."""
+    head = causal_lm(model).get_output_embeddings()
+
+    def forward(hidden):
+        return linear_logprobs(hidden, head.weight, targets[:, targets.size(1) - hidden.size(1) :], temperature)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward  # the class's forward again

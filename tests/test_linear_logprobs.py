@@ -138,3 +138,42 @@ def test_chunk_rows():
     assert chunk_rows(128256, 2, 256 * 2**20) == 1024  # 1046 rows of bf16 logits, down to whole 64-row tiles
     assert chunk_rows(32000, 4, 2**20) == 8  # fewer than 64 fit: as many as fit
     assert chunk_rows(10**9, 4, 2**20) == 1
+
+
+def tiny_llama(**config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, **config))  # fmt: skip
+
+
+def test_head_gives_logprobs(path):
+    """Inside the context the model's forward returns next-token log-probs as .logits (all positions, or the last k
+    with logits_to_keep), equal to the logits path, gradients included; outside, logits again."""
+    from kernels import head_gives_logprobs, logprobs
+
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 9))
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1
+    want = logprobs(model(input_ids=ids).logits[:, :-1], ids[:, 1:])
+    (want_grad,) = torch.autograd.grad(want.sum(), model.model.norm.weight)
+    with head_gives_logprobs(model, targets):
+        got = model(input_ids=ids).logits  # (2, 9)
+        last = model(input_ids=ids, logits_to_keep=4).logits  # positions 5..8
+    close(got[:, :-1], want, 1e-5, "log-probs")
+    assert got.shape == (2, 9) and (got[:, -1] == 0).all()  # the last position has no target
+    close(last, got[:, -4:], 1e-5, "log-probs of the last 4 positions")
+    (grad,) = torch.autograd.grad(got.sum(), model.model.norm.weight)
+    close(grad, want_grad, 1e-4, "gradient through the model")
+    assert model(input_ids=ids).logits.shape == (2, 9, 97)  # the head's own forward is back
+
+
+def test_fused_head_problem():
+    from kernels import fused_head_problem
+
+    assert fused_head_problem(tiny_llama()) is None
+    model = tiny_llama()
+    model.lm_head = torch.nn.Linear(16, 97, bias=True)
+    assert "bias-free linear" in fused_head_problem(model)
+    assert "scales its logits" in fused_head_problem(tiny_llama(logit_scale=0.5))

@@ -122,9 +122,17 @@ def test_single_process_run_learns_saves_and_reloads(toy_base, tmp_path):
 
 
 def test_zero3_run_matches_zero0(toy_base, tmp_path):
+    """ZeRO-3 gives ZeRO-0's losses and weights; so does ZeRO-3 with --fused_logprobs (the loss from log-probs the
+    lm_head gives, whose weight ZeRO-3 gathers through its hooks), eval loss included."""
     run_script([sys.executable, *sft_args(toy_base, tmp_path / "z0", "--max_steps", "4")])
     run_script([sys.executable, *sft_args(toy_base, tmp_path / "z3", "--max_steps", "4", "--zero_stage", "3")])
     assert metrics(tmp_path / "z3")[0] == pytest.approx(metrics(tmp_path / "z0")[0], abs=1e-4)
+    run_script([sys.executable, *sft_args(toy_base, tmp_path / "fused", "--max_steps", "4", "--zero_stage", "3",
+                                          "--fused_logprobs")])  # fmt: skip
+    (losses, evals), (want_losses, want_evals) = metrics(tmp_path / "fused"), metrics(tmp_path / "z0")
+    assert losses == pytest.approx(want_losses, abs=1e-4)
+    assert len(evals) >= 1 and [e["eval/loss"] for e in evals] == pytest.approx([e["eval/loss"] for e in want_evals],
+                                                                                abs=1e-4)  # fmt: skip
     from safetensors.torch import load_file
 
     z0, z3 = load_file(tmp_path / "z0" / "model.safetensors"), load_file(tmp_path / "z3" / "model.safetensors")
