@@ -21,7 +21,9 @@ The Triton forward has two algorithms for that pass, one program per row either 
   loads streaming; NO GPU figure exists for it yet.
 On CUDA with a real vocabulary (V >= TUNE_MIN_V) the GPU itself picks the algorithm, slice width and warp count:
 `triton.autotune` times `tuning_candidates()` on the first call per (V, dtype), on that call's tensors (seconds:
-24 kernels to compile; time a warmed-up call), and keeps the fastest for the process (`chosen_configs()`).
+24 kernels to compile; time a warmed-up call), and keeps the fastest for the process (`chosen_configs()`); the
+timings go to triton's cache directory, so later runs on the machine (a resume) pick the same config without timing.
+NANO_AUTOTUNE=0 keeps the fixed config on a GPU too (the same summation order on every machine).
 Smaller V, and the interpreter on CPU (which cannot time), use the fixed `launch_config`. Every candidate
 computes the same sums in another order: results agree to fp32 rounding.
 Both algorithms start the max at the most negative finite fp32, so masked (-inf) logits, even a whole leading
@@ -187,13 +189,15 @@ def tuning_candidates(backward=False):
     return [{"LANEWISE": lw, "BLOCK_V": block, "num_warps": warps} for lw in (False, True) for block, warps in pairs]
 
 
-def _tuner(kernel, candidates, **options):
+def _tuner(kernel, candidates, cache_results=True, **options):
     """`kernel` autotuned over `candidates`, keyed by V (and, as triton always does, the tensors' dtypes). Both
     kernels only store into their outputs (no accumulation), so the timing runs leave correct results behind."""
     configs = [
         triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"]) for c in candidates
     ]
-    return triton.autotune(configs=configs, key=["V"], **options)(kernel)
+    # cache_results: the timings are written to triton's cache directory and read back by later processes, so a
+    # resumed or repeated run on the same machine picks the same config and sums in the same order as the first
+    return triton.autotune(configs=configs, key=["V"], cache_results=cache_results, **options)(kernel)
 
 
 _fwd_tuned = _tuner(_logprobs_fwd_kernel, tuning_candidates())
@@ -201,8 +205,11 @@ _bwd_tuned = _tuner(_logprobs_bwd_kernel, tuning_candidates(backward=True))
 
 
 def autotunes(logits):
-    """The rule: autotune on CUDA, for real vocabularies, never in the interpreter (it cannot time anything)."""
-    return logits.is_cuda and logits.size(-1) >= TUNE_MIN_V and os.environ.get("TRITON_INTERPRET") != "1"
+    """The rule: autotune on CUDA, for real vocabularies, never in the interpreter (it cannot time anything), and not
+    with NANO_AUTOTUNE=0 (the fixed config: the same summation order on every machine)."""
+    if os.environ.get("NANO_AUTOTUNE") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return logits.is_cuda and logits.size(-1) >= TUNE_MIN_V
 
 
 def chosen_configs():

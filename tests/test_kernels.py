@@ -309,8 +309,10 @@ def test_autotuner_plumbing(monkeypatch):
         return [1000.0 - len(runs)] * len(quantiles)
 
     fwd, bwd = LP.tuning_candidates(), LP.tuning_candidates(backward=True)
-    monkeypatch.setattr(LP, "_fwd_tuned", LP._tuner(LP._logprobs_fwd_kernel, fwd, do_bench=fake_bench))
-    monkeypatch.setattr(LP, "_bwd_tuned", LP._tuner(LP._logprobs_bwd_kernel, bwd, do_bench=fake_bench))
+    # no disk cache here: a second run of the suite would read the first one's pick and time nothing
+    tuner = lambda kernel, candidates: LP._tuner(kernel, candidates, do_bench=fake_bench, cache_results=False)  # noqa: E731
+    monkeypatch.setattr(LP, "_fwd_tuned", tuner(LP._logprobs_fwd_kernel, fwd))
+    monkeypatch.setattr(LP, "_bwd_tuned", tuner(LP._logprobs_bwd_kernel, bwd))
     monkeypatch.setattr(LP, "autotunes", lambda logits: logits.size(-1) >= LP.TUNE_MIN_V)  # CPU allowed, here only
     torch.manual_seed(12)
     V = LP.TUNE_MIN_V + 8
@@ -327,6 +329,25 @@ def test_autotuner_plumbing(monkeypatch):
     assert LP.chosen_configs() == {f"forward V={V} bfloat16": fwd[-1], f"backward V={V} bfloat16": bwd[-1]}
     logprobs(logits, labels)  # the same key: no second tuning
     assert len(runs) == len(fwd) + len(bwd)
+
+
+def test_autotune_rule(monkeypatch):
+    """Tuned: CUDA tensors of a real vocabulary; not in the interpreter, not below TUNE_MIN_V, not with
+    NANO_AUTOTUNE=0 (the fixed config, the same summation order on every machine)."""
+    from types import SimpleNamespace
+
+    def fake(is_cuda, V):
+        return SimpleNamespace(is_cuda=is_cuda, size=lambda dim: V)
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("NANO_AUTOTUNE", raising=False)
+    assert LP.autotunes(fake(True, 128256)) and not LP.autotunes(fake(True, LP.TUNE_MIN_V - 1))
+    assert not LP.autotunes(fake(False, 128256))
+    monkeypatch.setenv("NANO_AUTOTUNE", "0")
+    assert not LP.autotunes(fake(True, 128256))
+    monkeypatch.setenv("NANO_AUTOTUNE", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not LP.autotunes(fake(True, 128256))
 
 
 @pytest.mark.skipif(ON_GPU, reason="CPU only: on a GPU, CPU tensors take the torch path")
