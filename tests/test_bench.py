@@ -115,3 +115,20 @@ def test_actor_memory_rows():
         ratio = float(fused_row[-1].rstrip("x"))
         assert ratio > 2 and float(logits_row[-1]) > float(fused_row[-2]), proc.stdout
     assert proc.stdout.count("target: fused peak <= 1/4") == 2
+
+
+def test_fused_logprobs_on_a_tied_model(saved, tmp_path):
+    """The bench model ties its lm_head to the embedding (as Llama-3.2-1B and SmolLM2 do): --fused_logprobs under
+    ZeRO-3, where the one tied weight is gathered by two modules' hooks, gives the logits path's numbers."""
+    assert json.loads((saved / "actor" / "config.json").read_text())["tie_word_embeddings"]
+    rows = {}
+    for name, extra in (("logits", []), ("fused", ["--fused_logprobs", "--zero_stage", "3"])):
+        run_script([sys.executable, "ppo_lag.py", "--actor_model_name_or_path", str(saved / "actor"),
+                    "--reward_model_name_or_path", str(saved / "reward"), "--train_datasets",
+                    f"prompts:1.0:{saved / 'prompts.jsonl'}", "--max_length", "48", "--max_steps", "2",
+                    "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "2", "--actor_lr", "1e-3",
+                    "--output_dir", str(tmp_path / name), *extra])  # fmt: skip
+        rows[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows["logits"], rows["fused"], strict=True):
+        for key in ("train/reward", "train/kl", "loss/actor", "loss/reward_critic"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
