@@ -11,7 +11,9 @@ avoids the fp32 copies; this removes the logits themselves. Rows (b, t) go throu
 
 so the extra memory is two (R, V) chunks (Z_c and G_c) plus B*T fp32 numbers (out and the saved log-sum-exp), and
 the price is one more H_c W^T per chunk in backward (the lm_head's forward FLOPs once more), paid instead of writing
-and re-reading the logits and their gradient. R is set so that one chunk holds CHUNK_BYTES (GPU: large enough for
+and re-reading the logits and their gradient. With a frozen head (no dW: a LoRA actor) there is no such price: since
+G = g (onehot - softmax) / temperature scales each row by g, forward keeps U = G W at g = 1 (as small as H) and
+backward is dH = g U. R is set so that one chunk holds CHUNK_BYTES (GPU: large enough for
 full-speed GEMMs; CPU: the torch fallback's own chunk size, whose GEMMs are at speed much sooner). dW sums the chunks in
 the weight's dtype (each GEMM accumulates in fp32 inside; bf16 rounds once per chunk). No bias (lm_heads have none).
 """
@@ -47,26 +49,39 @@ def _kernels(x):
 
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, rows):
+    def forward(ctx, hidden, weight, labels, temperature, rows, frozen_head):
         D = hidden.size(-1)
         h, y = hidden.reshape(-1, D), labels.reshape(-1)  # (N, D), (N,): a copy only if hidden is not contiguous
-        fwd, _ = _kernels(h)
+        fwd, bwd = _kernels(h)
         out = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
         lse = torch.empty_like(out)
         keep_lse = use_triton(h)  # the torch fallback recomputes softmax in backward and returns no log-sum-exp
+        # A frozen head (a LoRA actor): dH = g * U with U = (onehot - softmax) W / temperature, which needs no g, so
+        # U is made here from the logits at hand and backward is one multiply: no recomputed GEMM at all
+        u = torch.empty_like(h) if frozen_head else None
         for r0 in range(0, h.size(0), rows):
             z = (h[r0 : r0 + rows] @ weight.t())[None]  # (1, R, V): the only logits alive
             o, s = fwd(z, y[r0 : r0 + rows][None], 1.0 / temperature)
             out[r0 : r0 + rows] = o[0]
             if keep_lse:
                 lse[r0 : r0 + rows] = s[0]
+            if frozen_head:
+                ones = torch.ones_like(o)
+                torch.mm(bwd(z, y[r0 : r0 + rows][None], s, ones, 1.0 / temperature)[0], weight, out=u[r0 : r0 + rows])
             del z
-        ctx.save_for_backward(h, weight, y, lse if keep_lse else None)
-        ctx.temperature, ctx.rows, ctx.shape = temperature, rows, hidden.shape
+        if frozen_head:
+            ctx.save_for_backward(u)
+        else:
+            ctx.save_for_backward(h, weight, y, lse if keep_lse else None)
+        ctx.temperature, ctx.rows, ctx.shape, ctx.frozen_head = temperature, rows, hidden.shape, frozen_head
         return out.view(labels.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.frozen_head:
+            (u,) = ctx.saved_tensors
+            dh = (grad_out.reshape(-1, 1).float() * u).to(u.dtype)
+            return dh.view(ctx.shape), None, None, None, None, None
         h, weight, y, lse = ctx.saved_tensors
         _, bwd = _kernels(h)
         g = grad_out.reshape(-1).float()
@@ -85,7 +100,7 @@ class _LinearLogProbs(torch.autograd.Function):
             if need_w:
                 dw.addmm_(G.t(), h_c)
             del G
-        return (dh.view(ctx.shape) if need_h else None), dw, None, None, None
+        return (dh.view(ctx.shape) if need_h else None), dw, None, None, None, None
 
 
 def linear_logprobs(
@@ -102,7 +117,8 @@ def linear_logprobs(
     assert weight.dtype == hidden.dtype, f"hidden is {hidden.dtype} but the lm_head weight is {weight.dtype}"
     budget = CHUNK_BYTES["cuda" if hidden.is_cuda else "cpu"]
     rows = rows or chunk_rows(weight.size(0), hidden.element_size(), budget)
-    return _LinearLogProbs.apply(hidden, weight, labels, float(temperature), int(rows))
+    frozen_head = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+    return _LinearLogProbs.apply(hidden, weight, labels, float(temperature), int(rows), frozen_head)
 
 
 # ----------------------------------------------------------------------------------------------------------

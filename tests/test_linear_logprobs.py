@@ -35,7 +35,7 @@ def path(request, monkeypatch):
 def reference(hidden, weight, labels, temperature, grad):
     """float64: the whole logits, log_softmax, gather; labels outside [0, V) give 0. Returns (out, dh, dw)."""
     h = hidden.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()  # always: the reference's dW is ignored for a frozen head
     V = w.size(0)
     valid = (labels >= 0) & (labels < V)
     lp = torch.log_softmax(h @ w.t() / temperature, -1).gather(-1, labels.clamp(0, V - 1)[..., None])[..., 0] * valid
@@ -52,13 +52,14 @@ def close(got, want, rtol, what):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("rows", [4, 7, 64])  # several chunks with a partial last one; one chunk for all 14 rows
-def test_matches_reference(path, dtype, temperature, rows):
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained-head", "frozen-head"])  # frozen: dH made in forward
+def test_matches_reference(path, dtype, temperature, rows, frozen):
     g = torch.Generator().manual_seed(0)
     B, T, D, V = 2, 8, 16, 300
     base = torch.randn(B, T + 1, D, generator=g)
     hidden = base.to(dtype)[:, :-1].requires_grad_()  # non-contiguous, as `hidden[:, P - 1 : -1]` is
     hidden.retain_grad()
-    weight = (torch.randn(V, D, generator=g) / D**0.5 * 3).to(dtype).requires_grad_()
+    weight = (torch.randn(V, D, generator=g) / D**0.5 * 3).to(dtype).requires_grad_(not frozen)
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[0, 2], labels[1, -1] = -100, V  # ignored: 0 and no gradient
     grad = torch.randn(B, T, generator=g)
@@ -71,7 +72,8 @@ def test_matches_reference(path, dtype, temperature, rows):
     rtol = 1e-5 if dtype == torch.float32 else 3e-2
     close(out, want, rtol if dtype == torch.float32 else 1e-2, "log-probs")
     close(hidden.grad, dh, rtol, "d hidden")
-    close(weight.grad, dw, rtol, "d weight")
+    if not frozen:
+        close(weight.grad, dw, rtol, "d weight")
     assert out[0, 2] == 0 and out[1, -1] == 0
 
 
@@ -177,3 +179,27 @@ def test_fused_head_problem():
     model.lm_head = torch.nn.Linear(16, 97, bias=True)
     assert "bias-free linear" in fused_head_problem(model)
     assert "scales its logits" in fused_head_problem(tiny_llama(logit_scale=0.5))
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_frozen_head_backward_has_no_gemm(path):
+    """A frozen head's backward is one multiply (dH = g U): no matrix product, while a trained head's recomputes
+    the logits and forms dH and dW (3 products per chunk)."""
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 6))
+    for frozen, products in ((True, 0), (False, 3 * 3)):
+        weight = torch.randn(40, 8, requires_grad=not frozen)
+        out = linear_logprobs(hidden, weight, labels, rows=4)  # 12 rows: 3 chunks
+        with CountOps() as ops:
+            out.sum().backward()
+        gemms = [n for n in ops.names if n.split(".")[0].rstrip("_") in ("mm", "addmm", "matmul", "bmm")]
+        assert len(gemms) == products, (frozen, gemms, [n for n in ops.names if "mm" in n or "mul" in n])
