@@ -241,7 +241,7 @@ def main():
         "when they fit in free device memory)")  # fmt: skip
     add("--fused_logprobs", action="store_true",
         help="actor, reference and PTX log-probs straight from the last hidden state (kernels/linear_logprobs.py): "
-        "the (B, T, V) logits and their gradient never exist; one more lm_head GEMM in backward")  # fmt: skip
+        "the (B, T, V) logits and their gradient never exist; a trained head: one more GEMM in backward")  # fmt: skip
     add("--kl_coeff", type=float, help="beta of the KL shaping (default 0.01 PPO-Lag, 0.02 PPO and reward shaping)")
     add("--clip_range_ratio", type=float, default=0.2, help="PPO ratio clip epsilon")
     add("--clip_range_score", type=float, default=50.0, help="clip on every per-token shaped reward and cost")
@@ -613,8 +613,8 @@ def main():
 
     def token_logp(model, inputs, P):
         """log p(x_t | x_<t) for t >= P of inputs["input_ids"] (B, T) -> (B, T - P) fp32; labels outside the
-        vocabulary (-100) give 0. Logits then the streaming log-prob kernel; with --fused_logprobs the decoder's last
-        hidden state and the lm_head's weight, without the logits."""
+        vocabulary (-100) give 0. The logits of the positions that predict them, then the streaming log-prob kernel;
+        with --fused_logprobs the lm_head itself gives the log-probs for that forward (kernels.head_gives_logprobs)."""
         labels = inputs.get("labels", inputs["input_ids"])[:, P:]
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
         keep = labels.size(1) + 1  # positions P - 1 .. T - 1 (the last predicts nothing and is dropped)
