@@ -72,7 +72,7 @@ from data import (
     stop_ids,
     toy_metrics,
 )
-from kernels import gae, logprobs
+from kernels import gae, logprobs, mean_nll
 from kernels.linear_logprobs import causal_lm, fused_head_problem, head_gives_logprobs
 
 SAMPLES_PER_LOG = 4  # rollout samples written to samples.jsonl at each metrics line (the first one printed)
@@ -188,6 +188,7 @@ def adapter_off(model, peft_model, normalize=False):
             out = type(out)(*(score_model.normalizer.normalize(x, score_model.score_type) for x in out))
         return out
 
+    forward.module = peft_model  # what it runs, for code that reaches inside (kernels.head_gives_logprobs)
     return forward
 
 
@@ -622,7 +623,7 @@ def main():
         if not args.fused_logprobs:
             return logprobs(model(**inputs).logits[:, -keep:-1], labels)
         targets = torch.nn.functional.pad(labels, (P - 1, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
-        with head_gives_logprobs(actor if model is ref and args.actor_lora_rank else model, targets):
+        with head_gives_logprobs(model, targets):
             return model(**inputs).logits[:, -keep:-1]  # the "logits" are log p(target) now: (B, L)
 
     def policy_logp(model, seq, attention_mask, P):
@@ -808,9 +809,8 @@ def main():
                         if ptx is not None:
                             ptx_batch = {k: v.to(device) for k, v in next(ptx_iter).items()}
                             ptx_drawn += 1
-                            keep = ptx_batch["labels"][:, 1:] != IGNORE_INDEX  # the answer tokens
-                            lp = token_logp(actor, ptx_batch, 1)  # 0 where ignored
-                            ptx_loss = -(lp * keep).sum() / keep.sum().clamp(min=1)  # kernels.cross_entropy's mean
+                            lp = token_logp(actor, ptx_batch, 1)  # the answer tokens' log-probs, 0 elsewhere
+                            ptx_loss = mean_nll(lp, ptx_batch["labels"][:, 1:], IGNORE_INDEX)
                             loss = loss + args.ptx_coeff * ptx_loss
                             stats["loss/ptx"].append(ptx_loss.detach())
                         actor.backward(loss)  # DeepSpeed scales by gradient_accumulation_steps, steps at the boundary

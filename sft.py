@@ -62,7 +62,7 @@ from data import (
     save_chat_template,
     stop_ids,
 )
-from kernels import cross_entropy
+from kernels import cross_entropy, mean_nll
 from kernels.linear_logprobs import fused_head_problem, head_gives_logprobs
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,9 +346,7 @@ def main():
             return sft_loss(engine(**inputs).logits, batch["labels"])
         targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # t predicts t + 1
         with head_gives_logprobs(engine, targets):
-            logp = engine(**inputs).logits  # (B, T), 0 where the target is ignored
-        keep = targets != IGNORE_INDEX
-        return -(logp * keep).sum() / keep.sum().clamp(min=1)  # kernels.cross_entropy's mean
+            return mean_nll(engine(**inputs).logits, targets, IGNORE_INDEX)  # the "logits" are log p(target): (B, T)
 
     def evaluate():
         engine.eval()

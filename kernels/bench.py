@@ -407,20 +407,27 @@ def _seconds(fn, device):
     return time.perf_counter() - t0, out
 
 
+def llama_config(args, max_positions, **special_tokens):
+    """The rollout model's shape from the flags (--hidden ... --vocab), embeddings tied as in Llama-3.2-1B."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=True, **special_tokens,
+    )  # fmt: skip
+
+
 def rollout_bench(args):
     """Generation tok/s with each KV cache beside forward+backward tok/s over the same batch, and their ratio."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     import rollout
 
     gpu, dt = args.device == "cuda", DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     B, P, N = args.batch, args.prompt, args.new_tokens
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=rollout.CACHE_BUCKET * -(-(P + N) // rollout.CACHE_BUCKET),
-        tie_word_embeddings=True, pad_token_id=0, bos_token_id=None, eos_token_id=None,  # no EOS: full answers
-    )  # fmt: skip
+    max_positions = rollout.CACHE_BUCKET * -(-(P + N) // rollout.CACHE_BUCKET)
+    config = llama_config(args, max_positions, pad_token_id=0, bos_token_id=None, eos_token_id=None)  # no EOS
     torch.manual_seed(0)
     with torch.device(args.device):  # built where it runs: a 1.24B model initialises in seconds on a GPU
         model = LlamaForCausalLM(config).to(dt).eval()
@@ -486,18 +493,14 @@ def actor_memory(args):
     sequences of --actor_len tokens) on the rollout model's shape: the logits path (lm_head, then kernels.logprobs:
     ppo_lag.py's default) against log-probs from the last hidden state (kernels.linear_logprobs: --fused_logprobs),
     with and without gradient checkpointing. Peak: above the model's weights, weight gradients included."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     gpu, dt = args.device == "cuda", DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     if not gpu and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # RSS follows the live tensors (peak_memory)
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20), "TRITON_INTERPRET": "0"}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     B, T = args.actor_batch, args.actor_len
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=T, tie_word_embeddings=True, pad_token_id=0,
-    )  # fmt: skip
+    config = llama_config(args, T, pad_token_id=0)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = LlamaForCausalLM(config).to(dt).train()
@@ -581,7 +584,7 @@ def save_model(args):
     and DIR/prompts.jsonl (4 x --batch prompts of exactly --prompt tokens: 4 rollouts of --batch)."""
     import shutil
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     import rollout
     from score_model import ScoreModel
@@ -597,12 +600,8 @@ def save_model(args):
     for name in ("actor", "reward", "cost"):  # a folder from an earlier shape may hold other shard files
         shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max_length, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+    config = llama_config(args, max_length, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     torch.manual_seed(0)
     with torch.device(args.device):  # built where it runs: a 1.24B model initialises in seconds on a GPU
         model = LlamaForCausalLM._from_config(config, dtype=dt)

@@ -54,8 +54,8 @@ class _LinearLogProbs(torch.autograd.Function):
         h, y = hidden.reshape(-1, D), labels.reshape(-1)  # (N, D), (N,): a copy only if hidden is not contiguous
         fwd, bwd = _kernels(h)
         out = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
-        lse = torch.empty_like(out)
-        keep_lse = use_triton(h)  # the torch fallback recomputes softmax in backward and returns no log-sum-exp
+        # the log-sum-exp per row for backward; the torch fallback recomputes softmax there and returns none
+        lse = torch.empty_like(out) if use_triton(h) else None
         # A frozen head (a LoRA actor): dH = g * U with U = (onehot - softmax) W / temperature, which needs no g, so
         # U is made here from the logits at hand and backward is one multiply: no recomputed GEMM at all
         u = torch.empty_like(h) if frozen_head else None
@@ -63,7 +63,7 @@ class _LinearLogProbs(torch.autograd.Function):
             z = (h[r0 : r0 + rows] @ weight.t())[None]  # (1, R, V): the only logits alive
             o, s = fwd(z, y[r0 : r0 + rows][None], 1.0 / temperature)
             out[r0 : r0 + rows] = o[0]
-            if keep_lse:
+            if lse is not None:
                 lse[r0 : r0 + rows] = s[0]
             if frozen_head:
                 ones = torch.ones_like(o)
@@ -72,7 +72,7 @@ class _LinearLogProbs(torch.autograd.Function):
         if frozen_head:
             ctx.save_for_backward(u)
         else:
-            ctx.save_for_backward(h, weight, y, lse if keep_lse else None)
+            ctx.save_for_backward(h, weight, y, lse)
         ctx.temperature, ctx.rows, ctx.shape, ctx.frozen_head = temperature, rows, hidden.shape, frozen_head
         return out.view(labels.shape)
 

@@ -331,4 +331,11 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     """
     keep = labels != ignore_index
     lp = logprobs(logits, torch.where(keep, labels, 0))  # ignored labels are clamped for the gather ...
-    return -(lp * keep).sum() / keep.sum().clamp(min=1)  # ... and masked out of the mean
+    return mean_nll(lp, labels, ignore_index)  # ... and masked out of the mean
+
+
+def mean_nll(logp: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """-mean of the log-probs (B, T) over labels != ignore_index; 0 for an all-ignored batch. The reduction of
+    `cross_entropy`, for log-probs that come from elsewhere (kernels.linear_logprobs)."""
+    keep = labels != ignore_index
+    return -(logp * keep).sum() / keep.sum().clamp(min=1)
