@@ -64,11 +64,74 @@ def _stop(message: str) -> NoReturn:
 
 def _paths(output_dir) -> tuple[Path, Path, Path, Path]:
     out = Path(os.path.normpath(output_dir))  # "out/" and "out" name the same siblings
+    if out.is_symlink():  # a link to a folder elsewhere: the run writes beside its target, and the link stays
+        out = Path(os.path.realpath(out))
     return out, Path(f"{out}.partial"), Path(f"{out}.old"), Path(f"{out}.lock")
 
 
 def is_complete(folder) -> bool:
     return (Path(folder) / "arguments.json").is_file()
+
+
+def _ours(folder: Path) -> bool:
+    """A folder the swap may replace: empty, or written by one of our stages (a model: arguments.json; an arena:
+    summary.json)."""
+    return not any(folder.iterdir()) or is_complete(folder) or (folder / "summary.json").is_file()
+
+
+def _input_paths(args_dict: dict) -> dict[str, Path]:
+    """flag -> resolved path of every existing file or folder a run reads (models, data files, configs), LoRA
+    adapters' base models included."""
+
+    def strings(value):  # a flag's value: a string, or a list of dataset specs (name, {"path": ..., ...})
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, list | tuple | dict):
+            for item in value.values() if isinstance(value, dict) else value:
+                yield from strings(item)
+
+    found = {}
+    for name, value in (args_dict or {}).items():
+        for text in strings(value):
+            if name == "output_dir" or not text or not os.path.exists(text):
+                continue
+            found[f"--{name} {text}"] = Path(os.path.realpath(text))
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                base = json.loads((Path(text) / "adapter_config.json").read_text())["base_model_name_or_path"]
+                if base and os.path.exists(base):
+                    found[f"--{name} {text} (its base model {base})"] = Path(os.path.realpath(base))
+    return found
+
+
+def check_output_dir(output_dir: str, args_dict: dict | None = None) -> None:
+    """Before any slow work: one line and exit 1 unless the final swap may replace output_dir, i.e. it is new, empty
+    or a stage's output, and neither the current folder, nor an input of the run, nor a folder holding one."""
+    out = _paths(output_dir)[0]
+    real, here = Path(os.path.realpath(out)), Path(os.getcwd()).resolve()
+    if real == here or real in here.parents:
+        raise SystemExit(
+            f"error: --output_dir {output_dir!r} is the current folder or one above it, which the final swap cannot "
+            "replace; pass a folder of its own, such as output/run"
+        )
+    for flag, path in _input_paths(args_dict).items():
+        if real == path or real in path.parents:
+            raise SystemExit(
+                f"error: --output_dir {output_dir} holds the run's input {flag}, which the final swap would delete; "
+                "pass another --output_dir"
+            )
+    if out.is_dir() and not _ours(out):
+        raise SystemExit(
+            f"error: --output_dir {output_dir} is a folder that no stage of ours wrote (it has no arguments.json or "
+            "summary.json), and the final swap would delete its files; pass a new or empty folder"
+        )
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder, or a link (to a folder) without touching its target."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,24 +204,27 @@ atexit.register(lambda: [release_output(str(lock).removesuffix(".lock")) for loc
 
 
 def _swap(partial: Path, out: Path, old: Path, pause: float = 0.0) -> None:
+    for junk in partial.glob("best-*"):  # score_model.py --save_best: a best copy whose deletion a kill cut short
+        shutil.rmtree(junk)
     if out.exists():
-        if old.exists():
-            shutil.rmtree(old)  # a stale copy: out is there, so a model always remains
+        if old.exists() or old.is_symlink():
+            _remove(old)  # a stale copy: out is there, so a model always remains
         os.rename(out, old)
     if pause:  # test hook: a test kills the process here, inside the window
         print("swap: pausing", flush=True)
         time.sleep(pause)
     os.rename(partial, out)
-    shutil.rmtree(old, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        _remove(old)
 
 
 def _recover(out: Path, partial: Path, old: Path) -> None:
     if is_complete(partial):
         print(f"{partial} holds the complete model of a run whose final swap was interrupted: publishing it")
         _swap(partial, out, old)
-    elif old.exists():
+    elif old.exists() or old.is_symlink():
         if is_complete(out):
-            shutil.rmtree(old)
+            _remove(old)
         elif out.exists():
             raise SystemExit(f"error: {out} is incomplete and {old} holds the previous model; move one of them away")
         else:
@@ -166,13 +232,22 @@ def _recover(out: Path, partial: Path, old: Path) -> None:
             print(f"restored {out} from {old}: an interrupted swap had moved it aside")
 
 
-def _clean(partial: Path, keep: bool) -> None:
-    """Delete what a killed run left in `partial`. With `keep` (resuming) and a resumable checkpoint there, only the
+def _clean(partial: Path, keep: bool | str) -> None:
+    """Delete what a killed run left in `partial`. With `keep` (resuming: "auto" or a checkpoint's path; "auto" first
+    deletes damaged checkpoints, newest first, with a line each) and a resumable checkpoint there, only the
     unfinished parts go (*.tmp, folders without arguments.json, a half-written final model's files); the complete
     folders (checkpoints, score_model.py's --save_best copy best-<step>/), metrics.jsonl, samples.jsonl and
     tensorboard/ stay."""
     if not partial.exists():
         return
+    if keep == "auto":  # a damaged newest checkpoint: the one before it, else a fresh start
+        marked = [p for p in partial.glob("checkpoint-*") if p.name[11:].isdigit() and is_complete(p)]
+        for path in sorted(marked, key=lambda p: int(p.name[11:]), reverse=True):
+            if problem := checkpoint_problem(path):
+                rest = [step for step in checkpoints(partial) if step < int(path.name[11:])]
+                then = f"resuming from checkpoint-{max(rest)}" if rest else "no earlier checkpoint: starting over"
+                print(f"{path} is damaged ({problem}): deleting it, {then}")
+                _delete(path)
     saved = checkpoints(partial)
     if saved and not keep:
         print(f"discarding {len(saved)} checkpoint(s) in {partial} (--resume_from_checkpoint none): starting over")
@@ -193,10 +268,11 @@ def prepare_output(output_dir: str, args_dict: dict | None = None, resume: str =
     try:
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(20, "a file, not a folder", str(out))
+        check_output_dir(output_dir, args_dict)
         out.parent.mkdir(parents=True, exist_ok=True)
         _take_lock(out, lock, args_dict)
         _recover(out, partial, old)
-        _clean(partial, keep=resume != "none")
+        _clean(partial, keep=resume if resume != "none" else False)
         partial.mkdir(exist_ok=True)
     except OSError as e:
         reason = f"{e.strerror}: {e.filename}"
@@ -231,14 +307,57 @@ RESUME_IGNORED = ("output_dir", "logging_steps", "save_interval", "save_total_li
                   "log_type", "log_project", "local_rank")  # fmt: skip
 
 
+MANIFEST = "manifest.json"  # in each checkpoint: every file's size, written just before arguments.json
+
+
+def checkpoint_problem(folder) -> str | None:
+    """What keeps a checkpoint folder from being resumed, from the files resume reads (None: it is whole): its
+    arguments.json and loop_state.json must parse, and every file its manifest lists must be there at its size."""
+    folder = Path(folder)
+    for name in ("arguments.json", "loop_state.json"):
+        try:
+            json.loads((folder / name).read_text())
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except (OSError, ValueError) as e:
+            return f"{name} is unreadable ({type(e).__name__})"
+    if not (folder / MANIFEST).is_file():  # written by an earlier version: the marker files are all there is
+        return None
+    try:
+        sizes = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__})"
+    for name, size in sizes.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size:,} bytes, {size:,} were written"
+    return None
+
+
 def is_resumable(folder) -> bool:
-    return (Path(folder) / "loop_state.json").is_file() and is_complete(folder)
+    return is_complete(folder) and checkpoint_problem(folder) is None
 
 
 def checkpoints(partial) -> dict[int, Path]:
     """The resumable checkpoint-<step> folders in `partial`, by step."""
     found = {int(p.name[11:]): p for p in Path(partial).glob("checkpoint-*") if p.name[11:].isdigit()}
     return {step: path for step, path in sorted(found.items()) if is_resumable(path)}
+
+
+def link_copy(src, dst) -> None:
+    """Put src's files into dst (made if missing; files already there are replaced) as hard links, copies where a link
+    cannot be made, arguments.json last: dst looks complete only once it is. src is left as it was."""
+    src, dst = Path(src), Path(dst)
+    for file in sorted((f for f in src.rglob("*") if f.is_file()), key=lambda f: f.name == "arguments.json"):
+        target = dst / file.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        try:
+            os.link(file, target)
+        except OSError:  # another file system, or links not supported
+            shutil.copy2(file, target)
 
 
 def _delete(path: Path) -> None:
@@ -262,10 +381,15 @@ def _choose(partial: Path, resume: str, args_dict: dict, ignored: set, world_siz
     if resume == "none" or resume == "auto" and not saved:
         return None
     folder = saved[max(saved)] if resume == "auto" else Path(resume)
-    if not is_resumable(folder):
+    if not is_complete(folder) or not (folder / "loop_state.json").is_file():
         raise SystemExit(
             f"error: --resume_from_checkpoint {resume} is not a complete checkpoint (a checkpoint-<step> folder "
             "with loop_state.json and arguments.json, written with --save_interval); pass one, auto or none"
+        )
+    if problem := checkpoint_problem(folder):
+        raise SystemExit(
+            f"error: --resume_from_checkpoint {resume} is damaged: {problem}; pass an earlier checkpoint, auto "
+            "(the newest whole one) or none"
         )
     state = json.loads((folder / "loop_state.json").read_text())
     if state["world_size"] != world_size:
@@ -348,11 +472,13 @@ def _set_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(
-    partial, step: int, engines: dict, state: dict, write_model, args_dict: dict, save_total_limit=None, rank_state=None
-) -> Path:
+    partial, step: int, engines: dict, state: dict, write_model, args_dict: dict, save_total_limit=None,
+    rank_state=None, folders=None,
+) -> Path:  # fmt: skip
     """Every rank, at an optimizer-step boundary, after the weights check (and the ZeRO-3 gather write_model needs):
     write `partial/checkpoint-<step>.tmp` (each engine's DeepSpeed checkpoint, each rank's RNG states, the HF model
-    via write_model(folder) on rank 0, loop_state.json = `state` + every rank's `rank_state`, arguments.json last),
+    via write_model(folder) on rank 0, `folders` {name: folder} linked in as <name>/ (score_model.py's best model as of
+    this step), loop_state.json = `state` + every rank's `rank_state`, manifest.json, arguments.json last),
     rename it to checkpoint-<step>, keep the newest `save_total_limit` checkpoints. Both states must be JSON-able."""
     import torch
     import torch.distributed as dist
@@ -371,10 +497,14 @@ def save_checkpoint(
     dist.all_gather_object(rank_states, rank_state or {})
     if rank == 0:
         write_model(tmp)
+        for name, folder in (folders or {}).items():
+            link_copy(folder, tmp / name)
         loop = {"step": step, "world_size": world_size, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), **state}
         (tmp / "loop_state.json").write_text(json.dumps({**loop, "rank_state": rank_states}, indent=1))
-    dist.barrier()  # every rank's files are down before the completeness marker
+    dist.barrier()  # every rank's files are down before the manifest and the completeness marker
     if rank == 0:
+        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"files": sizes}, indent=1))
         (tmp / "arguments.json").write_text(json.dumps(args_dict, indent=2, default=str))
         if final.exists():  # left by an older run of this step: replaced
             _delete(final)
@@ -495,6 +625,14 @@ def _check_adapter(root: Path, kind: str, name: str, fail) -> None:
         fail("is a score model's LoRA adapter, not a causal LM's", "pass a policy (an adapter of sft.py/ppo_lag.py)")
     if kind == "score_model" and not is_score:
         fail("is a causal LM's LoRA adapter, with no score head", "it needs a model trained by score_model.py")
+    if is_score:
+        try:
+            config = json.loads((root / "config.json").read_text())
+        except ValueError as e:
+            fail(f"has an unreadable config.json ({type(e).__name__}: {e})", "save the adapter again")
+        flag = name.split()[0] if name.startswith("--") else ""
+        role = "cost" if "cost" in flag else "reward" if "reward" in flag else "score"
+        _check_score_type(config, kind, role, fail)
     if not base:
         fail("is a LoRA adapter folder that names no base model", "set base_model_name_or_path in adapter_config.json")
     check_model_folder(base, "any" if is_score else "causal_lm", f"{name} is a LoRA adapter; its base model")
@@ -537,7 +675,19 @@ def check_model_folder(path: str, kind: str, flag: str | None = None) -> None:
     arch = (config.get("architectures") or ["?"])[0]
     if kind == "causal_lm" and is_score:
         fail(f"is a score model ({arch}), not a causal LM", "pass a policy: a base model or one from sft.py/ppo_lag.py")
+    role = "cost" if "cost" in (flag or "") else "reward" if "reward" in (flag or "") else "score"
     if kind == "score_model" and not is_score:
-        role = "cost" if "cost" in (flag or "") else "reward" if "reward" in (flag or "") else "score"
         what = f"a causal LM ({arch})" if arch.endswith("ForCausalLM") else f"a model ({arch})"
         fail(f"is {what} with no score head", f"it needs a {role} model trained by score_model.py")
+    _check_score_type(config, kind, role, fail)
+
+
+def _check_score_type(config: dict, kind: str, role: str, fail) -> None:
+    """A reward model passed as the cost model (or the other way round): refused from the score_type it was saved
+    with (score_model.py --score_type)."""
+    trained = config.get("score_type")
+    if kind == "score_model" and role in ("reward", "cost") and trained in ("reward", "cost") and trained != role:
+        fail(
+            f"is a {trained} model (score_type {trained} in its config.json), not a {role} model",
+            f"pass a model trained with score_model.py --score_type {role} (are the reward and cost models swapped?)",
+        )

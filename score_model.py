@@ -60,6 +60,8 @@ from checkpoint import (
     check_model_folder,
     find_resume,
     interrupted,
+    is_complete,
+    link_copy,
     load_checkpoint,
     prepare_output,
     publish,
@@ -610,6 +612,15 @@ def main():
         best = state["best"]
         running = torch.tensor(state["running"], device=engine.device)  # the sums since the last metrics line
         best_dir = partial / state["best_dir"] if state["best_dir"] else None
+        if master_process:  # the best model as of the checkpoint; a later best of the killed run is found again
+            for path in partial.glob("best-*"):
+                if path != best_dir:
+                    shutil.rmtree(path)
+            if best_dir and not is_complete(best_dir):
+                if not is_complete(resume_dir / "best"):
+                    raise SystemExit(f"error: {resume_dir} has no copy of {best_dir.name}; pass an earlier "
+                                     "--resume_from_checkpoint, or none to start over")
+                link_copy(resume_dir / "best", best_dir)
     t0 = time.time()
     try:  # Ctrl-C: one line, exit 130, the .partial left in place
         if eval_loader and resume_dir is None:  # step 0 (as the anchor): the untrained model's eval, to compare the
@@ -681,7 +692,8 @@ def main():
                     state = {"epoch": epoch, "position": position, "micro_step": micro_step, "best": best,
                              "best_dir": best_dir and best_dir.name}
                     save_checkpoint(partial, step, {"model": engine}, state, model_writer(), vars(args),
-                                    args.save_total_limit, rank_state={"running": running.tolist()})
+                                    args.save_total_limit, rank_state={"running": running.tolist()},
+                                    folders=best_dir and {"best": best_dir})
                     t0 += time.time() - t_save
                 if step == total_steps:
                     break
@@ -692,10 +704,9 @@ def main():
         # the final model: the last one, or the best checkpoint's files moved up (arguments.json last)
         if not args.save_best:
             save(partial, eval_pairs)
-        elif master_process:
-            for f in sorted(best_dir.iterdir(), key=lambda f: f.name == "arguments.json"):
-                os.replace(f, partial / f.name)
-            best_dir.rmdir()
+        elif master_process:  # linked, so a kill at any instant leaves best-<step>/ whole for the re-run
+            link_copy(best_dir, partial)
+            shutil.rmtree(best_dir)  # partial is complete: a kill here leaves junk that publish deletes
     except KeyboardInterrupt:
         interrupted(step, partial)
 
