@@ -81,7 +81,7 @@ def _ours(folder: Path) -> bool:
 
 def _input_paths(args_dict: dict) -> dict[str, Path]:
     """flag -> resolved path of every existing file or folder a run reads (models, data files, configs), LoRA
-    adapters' base models included."""
+    adapters' base models included; not the checkpoint it resumes from (read at start, replaced with the rest)."""
 
     def strings(value):  # a flag's value: a string, or a list of dataset specs (name, {"path": ..., ...})
         if isinstance(value, str):
@@ -93,7 +93,7 @@ def _input_paths(args_dict: dict) -> dict[str, Path]:
     found = {}
     for name, value in (args_dict or {}).items():
         for text in strings(value):
-            if name == "output_dir" or not text or not os.path.exists(text):
+            if name in ("output_dir", "resume_from_checkpoint") or not text or not os.path.exists(text):
                 continue
             found[f"--{name} {text}"] = Path(os.path.realpath(text))
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):

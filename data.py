@@ -1054,8 +1054,9 @@ def toy_vocabulary() -> list[str]:
 def write_model_folder(model, tokenizer, arguments: dict, output_dir: str) -> None:
     """Save a base model folder as the stages save theirs: written whole in <output_dir>.partial (arguments.json
     last), then swapped into place (checkpoint.publish: an existing folder is replaced, never lost on the way)."""
-    from checkpoint import publish
+    from checkpoint import check_output_dir, publish
 
+    check_output_dir(output_dir, arguments)
     partial = Path(f"{os.path.normpath(output_dir)}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # what a killed earlier call left
     model.save_pretrained(partial)
