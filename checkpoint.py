@@ -310,6 +310,28 @@ RESUME_IGNORED = ("output_dir", "logging_steps", "save_interval", "save_total_li
 MANIFEST = "manifest.json"  # in each checkpoint: every file's size, written just before arguments.json
 
 
+_digests: dict[tuple, str] = {}
+
+
+def data_files(args_dict: dict) -> dict[str, str]:
+    """path -> sha256 of every file among a run's inputs (not folders: models are checked as models): the data files
+    of its dataset specs, a prompt file, a chat template file. In each checkpoint's manifest, checked on resume."""
+    import hashlib
+
+    found = {}
+    for path in sorted({str(p) for p in _input_paths(args_dict).values() if p.is_file()}):
+        stat = os.stat(path)
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if key not in _digests:  # hashed once per process, again only when the file changes
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            _digests[key] = digest.hexdigest()
+        found[path] = _digests[key]
+    return found
+
+
 def checkpoint_problem(folder) -> str | None:
     """What keeps a checkpoint folder from being resumed, from the files resume reads (None: it is whole): its
     arguments.json and loop_state.json must parse, and every file its manifest lists must be there at its size."""
@@ -412,6 +434,15 @@ def _choose(partial: Path, resume: str, args_dict: dict, ignored: set, world_siz
             f"error: cannot resume from {folder}: flags differ from the run that saved it: {', '.join(differ)}; "
             "re-run with the saved flags, or pass --resume_from_checkpoint none to start over"
         )
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # no manifest: an earlier version's checkpoint
+        saved_files = json.loads((folder / MANIFEST).read_text())["data_files"]
+        changed = [f for f, digest in data_files(args_dict).items() if saved_files.get(f, digest) != digest]
+        if changed:
+            raise SystemExit(
+                f"error: cannot resume from {folder}: {', '.join(changed)} changed since it was saved (the resumed "
+                "run would continue in another data order); put the file back, or pass --resume_from_checkpoint none "
+                "to start over"
+            )
     for later, path in saved.items():  # an older checkpoint was chosen: the steps after it will be trained again
         if later > state["step"]:
             print(f"deleting {path}: the run continues from step {state['step']}")
@@ -504,7 +535,7 @@ def save_checkpoint(
     dist.barrier()  # every rank's files are down before the manifest and the completeness marker
     if rank == 0:
         sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({"files": sizes}, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps({"files": sizes, "data_files": data_files(args_dict)}, indent=1))
         (tmp / "arguments.json").write_text(json.dumps(args_dict, indent=2, default=str))
         if final.exists():  # left by an older run of this step: replaced
             _delete(final)

@@ -315,3 +315,24 @@ def test_save_best_killed_between_a_new_best_and_the_next_checkpoint(toy_models,
     stdout = ok(run(args))
     assert "resumed from step 4" in stdout
     assert same_weights(out, best_straight) and not list(out.glob("best-*"))
+
+
+def test_a_data_file_changed_since_the_checkpoint_is_refused(toy_models, tmp_path):
+    """A train file edited between the kill and the re-run would silently resume into another data order."""
+    data = tmp_path / "alpaca.jsonl"
+    text = "".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i} ."}) + "\n" for i in range(40))
+    data.write_text(text)
+    args = sft(toy_models / "base", tmp_path / "sft", "--save_interval", "1")
+    args[args.index("toy-sft:0.02")] = f"alpaca:1:{data}"
+    proc = subprocess.Popen([PY, *map(str, args)], cwd=ROOT, env=stage_env(NANO_CHECKPOINT_PAUSE="2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("checkpoint: pausing"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.communicate(timeout=60)
+    data.write_text(text + json.dumps({"instruction": "Say more.", "output": "more ."}) + "\n")
+    line = error_line(run(args))
+    assert f"{data} changed since it was saved" in line and "--resume_from_checkpoint none" in line
+    data.write_text(text)  # put back: the run resumes
+    assert "resumed from step 2" in ok(run(args))
