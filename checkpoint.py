@@ -666,6 +666,8 @@ def _check_adapter(root: Path, kind: str, name: str, fail) -> None:
         _check_score_type(config, kind, role, fail)
     if not base:
         fail("is a LoRA adapter folder that names no base model", "set base_model_name_or_path in adapter_config.json")
+    if os.path.realpath(base) == os.path.realpath(root):  # an adapter once saved over its own base model
+        fail("is a LoRA adapter that names itself as its base model", "its base weights are gone: train it again")
     check_model_folder(base, "any" if is_score else "causal_lm", f"{name} is a LoRA adapter; its base model")
 
 

@@ -110,6 +110,12 @@ def test_the_input_model_and_its_parent_are_refused(toy_models, tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(par / "base")}))
     assert "(its base model" in refused(par / "base", {"model_name_or_path": str(adapter)})
+    # an adapter that an earlier version saved over its base names itself: one line, not a RecursionError
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(adapter)}))
+    (adapter / "adapter_model.safetensors").write_bytes((toy_models / "base" / "model.safetensors").read_bytes())
+    shutil.copy(toy_models / "base" / "tokenizer.json", adapter)
+    with pytest.raises(SystemExit, match="names itself as its base model"):
+        checkpoint.check_model_folder(str(adapter), "causal_lm", "--model_name_or_path")
     # data files (a dataset spec's path) count as inputs
     (par / "data.jsonl").write_text("{}\n")
     spec = [("toy-sft", {"proportion": 1.0, "path": str(par / "data.jsonl")})]
