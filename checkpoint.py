@@ -24,14 +24,15 @@ What a re-run recovers, under the lock, before it starts (the states a kill duri
                                 resumes (--resume_from_checkpoint auto or PATH), the rest is deleted
 A complete model is deleted only by the swap that puts a newer complete one in its place.
 
-Resume (issue 12; /work/briefs/resume_api.md is the contract). `--save_interval N` writes, on every rank,
-OUT.partial/checkpoint-<step>.tmp/ and renames it to checkpoint-<step>/ once whole:
+Resume. `--save_interval N` writes, on every rank, OUT.partial/checkpoint-<step>.tmp/ and renames it to
+checkpoint-<step>/ once whole:
     deepspeed/<name>/        each trained engine's DeepSpeed checkpoint: weights, optimizer, LR scheduler, ZeRO shards
     rng_state_<rank>.pth     the python, numpy, torch and CUDA generators of each rank
     loop_state.json          the loop's position and state (step, epoch, position in the epoch, lambda, windows...)
     the HF model files       so an intermediate policy can be evaluated or chatted with
+    manifest.json            every file's size and the run's data files' sha256
     arguments.json           last: the completeness marker
-A re-run finds the newest one (find_resume), refuses when a flag that changes the result differs or the world size
+A re-run finds the newest whole one (a damaged one, by its manifest, is named and skipped) (find_resume), refuses when a flag that changes the result differs or the world size
 does, restores engines, RNG and loop state (load_checkpoint) and continues where the checkpoint was taken.
 """
 

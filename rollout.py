@@ -5,7 +5,7 @@
 
 1. A static KV cache with compiled decoding. The default DynamicCache grows by concatenation every token and each
    decode step (B new tokens) is a few hundred small kernel launches: a 1.24B Llama at batch 64 sampled 1,265 tok/s
-   on an H200, 12,983 tok/s with `cache_implementation="static"` (issue 13). With a static cache on CUDA,
+   on an H200, 12,983 tok/s with `cache_implementation="static"`. With a static cache on CUDA,
    transformers compiles the decode step itself (torch.compile of the forward, mode "reduce-overhead": CUDA graphs)
    and keeps the compiled callable on the model. The prefill runs eagerly, so prompt lengths never recompile (the
    tests check it; no prompt-length buckets are needed). What would recompile is the cache's shape: its length is

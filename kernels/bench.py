@@ -10,7 +10,7 @@ Baselines: log-probs = full `log_softmax(logits.float())` + `gather` (safe-rlhf,
 ColossalChat), and the same two lines under `torch.compile` (row "compile": the strongest peer a user gets for
 free; its compile time is excluded from the timings and printed beside the row); GAE = the per-step Python loop;
 end-score = per-token linear head + a per-row `nonzero()`; lm_head+logprobs (forward + backward from the last hidden
-state: issue 13's stretch) = `hidden @ W^T` then the peer's log-probs, beside "unfused" (`hidden @ W^T` then
+state) = `hidden @ W^T` then the peer's log-probs, beside "unfused" (`hidden @ W^T` then
 kernels.logprobs: ppo_lag.py's default) and ours, kernels.linear_logprobs (ppo_lag.py --fused_logprobs); its GB/s
 column counts only hidden, weight and their gradients (the call is GEMM-bound), so read its time and memory.
 Columns: time per call (the best of --repeats: other processes on a shared CPU only ever add time), effective
@@ -394,7 +394,7 @@ def ppo_memory(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rollout: generation vs training time of one policy (issue 13).
+# Rollout: generation vs training time of one policy.
 
 
 def _seconds(fn, device):
@@ -694,7 +694,7 @@ def main():
         ("logprobs fwd", (4, 512, 32000) if q else (8, 1024, 32000), "fp32"),  # the CPU memory target
         ("logprobs fwd", (1, 1024, 128256) if q else (4, 2048, 128256), "bf16"),
         ("logprobs fwd+bwd", (4, 512, 32000) if q else (8, 1024, 32000), "bf16"),
-        # issue 13's stretch shape on a GPU (B, T, hidden, vocab); a CPU gets a smaller one (its GEMMs are slow)
+        # the full shape on a GPU (B, T, hidden, vocab); a CPU gets a smaller one (its GEMMs are slow)
         ("lm_head+logprobs", (2, 512, 256, 32000) if q else (8, 2048, 2048, 128256) if gpu else (4, 1024, 256, 32000),
          "bf16"),
         ("gae", (64, 512) if q else (64, 2048), "fp32"),
@@ -741,13 +741,13 @@ def main():
     tuned = importlib.import_module("kernels.logprobs").chosen_configs()  # (kernels.logprobs is the function)
     for key, config in tuned.items():  # on a GPU: what the log-prob autotuner picked (its time is in "first call")
         print(f"log-prob kernel autotuned: {key}: {config}")
-    # the targets of issue 3
+    # the speed targets
     print()
     checks = []
     for (name, shape, dtype), row in results.items():
         (tp, mp, nbytes), (to, mo, _) = row["peer"], row["ours"]
         label = f"{name} {'x'.join(map(str, shape))} {dtype}"
-        if gpu and name == "logprobs fwd+bwd":  # issue 13, item 3, read literally: time(compile) / time(ours)
+        if gpu and name == "logprobs fwd+bwd":  # the target read literally: time(compile) / time(ours)
             checks.append((f"{label}: >= 2.5x torch.compile's speed", row["compile"][0] >= 2.5 * to))
         if not gpu and name == "logprobs fwd" and dtype == "fp32" and shape == (8, 1024, 32000):
             checks.append((f"{label}: torch fallback peak <= 1/8 of the baseline's", mp >= 8 * mo))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 13 in one run (under 8 minutes on one H100/H200), from the repository root:
+# The GPU checks in one run (under 8 minutes on one H100/H200), from the repository root:
 #
 #   bash scripts/gpu_check.sh            # on the GPU machine: device, tests, kernel bench, rollout bench, actor memory,
 #                                        # PPO steps on the 1.24B model, toy PPO runs (each cache, fused log-probs)
@@ -83,11 +83,11 @@ if [ "$mode" = all ]; then
     timeout "$(limit 150)" $PY kernels/bench.py --rollout --train_micro_batch 16 \
         || echo "ROLLOUT BENCH FAILED OR TIMED OUT (rc $?)"
 
-    step "actor micro-batch memory: 1.24B, bf16, 8 x 2048 tokens, logits path vs --fused_logprobs (issue 13 stretch)"
+    step "actor micro-batch memory: 1.24B, bf16, 8 x 2048 tokens, logits path vs --fused_logprobs"
     timeout "$(limit 60)" $PY kernels/bench.py --actor_memory || echo "ACTOR MEMORY BENCH FAILED OR TIMED OUT (rc $?)"
 fi
 
-# The per-phase split of a real ppo_lag.py step on the rollout bench's model (issue 13, item 2): a random Llama of
+# The per-phase split of a real ppo_lag.py step on the rollout bench's model: a random Llama of
 # the 1.24B shape (kernels/bench.py --save_model: the toy tokenizer padded to its 128,256-word vocabulary, reward and
 # cost models on its backbone), 3 PPO-Lag steps of 64 prompts x (128 prompt + 256 new tokens), bf16, static cache,
 # PPO micro-batches of 16. The prompts are toy requests lengthened with toy words to exactly 128 tokens in the

@@ -1,4 +1,4 @@
-"""The fault battery of issue 11, one section per case in the issue's order: each fault as a new user meets it ends in
+"""The first fault battery, one section per case (numbered as in the battery): each fault as a new user meets it ends in
 one line on stderr that names the flag, file or folder and the fix, and a non-zero exit (or, for broken JSONL lines,
 in a counted skip): never a traceback, never exit 0 with a wrong or missing result, never a lost or non-finite model.
 

@@ -454,7 +454,7 @@ def test_old_logprobs_in_eval_mode(toy_models, tmp_path):
 # them in the same commit: REGEN_GOLDEN=1 pytest tests/test_ppo_lag.py -k golden -s prints the new values.
 GOLDEN_KEYS = ("train/reward", "train/cost", "train/kl", "loss/actor", "loss/reward_critic", "loss/cost_critic",
                "train/lambda", "train/episode_cost")  # fmt: skip
-# Regenerated for issue 12 (resume): the data loaders no longer draw from the global RNG, which shifted the sampling
+# Regenerated when resume came in: the data loaders no longer draw from the global RNG, which shifted the sampling
 # stream by one number (with that draw put back by hand, the previous values came out exactly).
 GOLDEN_PPO_LAG = [
     [-0.518742, 0.157074, 0.0, 0.164955, 0.609873, 0.459826, 1.081704, 0.157074],

@@ -1,4 +1,4 @@
-"""Resume after a kill (issue 12). For sft.py and ppo_lag.py (PPO-Lag with a cost model, PTX, a wrapping episode-cost
+"""Resume after a kill. For sft.py and ppo_lag.py (PPO-Lag with a cost model, PTX, a wrapping episode-cost
 window) on the toy world: run N steps uninterrupted; run the same command with --save_interval, SIGKILL it (every
 process) right after the checkpoint at N/2 is in place, run the same command again: the final weights equal the
 uninterrupted run's bitwise, and so do the metrics lines after the resume point (lambda and J_C included). Then the

@@ -689,7 +689,7 @@ def test_ctrl_c_stops_with_one_line(toy_base, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# resume after a kill (issue 12): the same model, bitwise, and the same metrics lines after the resume point
+# resume after a kill: the same model, bitwise, and the same metrics lines after the resume point
 
 
 def test_resume_after_kill_lands_on_the_same_model(toy_base, tmp_path):
