@@ -32,8 +32,9 @@ checkpoint-<step>/ once whole:
     the HF model files       so an intermediate policy can be evaluated or chatted with
     manifest.json            every file's size and the run's data files' sha256
     arguments.json           last: the completeness marker
-A re-run finds the newest whole one (a damaged one, by its manifest, is named and skipped) (find_resume), refuses when a flag that changes the result differs or the world size
-does, restores engines, RNG and loop state (load_checkpoint) and continues where the checkpoint was taken.
+A re-run finds the newest whole one (find_resume; a damaged one, by its manifest, is named and skipped), refuses when
+a flag that changes the result, a data file or the world size differs, restores engines, RNG and loop state
+(load_checkpoint) and continues where the checkpoint was taken.
 """
 
 import atexit
