@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
-from conftest import ROOT, stage_env
+from conftest import ROOT, signal_at, stage_env
 
 PY = sys.executable
 
@@ -48,6 +48,14 @@ def sft(base, out, *extra):
         "--gradient_accumulation_steps 1 --lr 3e-3 --lr_scheduler_type constant --lr_warmup_ratio 0 --logging_steps 1"
     )
     return ["sft.py", "--model_name_or_path", base, *flags.split(), "--output_dir", out, *extra]
+
+
+def kill_after_checkpoint(args, step: int) -> None:
+    """Run `args` until checkpoint-<step> is in place (the pause hook), then SIGKILL it."""
+    proc = subprocess.Popen([PY, *map(str, args)], cwd=ROOT, env=stage_env(NANO_CHECKPOINT_PAUSE=str(step)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    signal_at(proc, "checkpoint: pausing", signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, f"the run never paused after checkpoint-{step}"
 
 
 def same_weights(a, b) -> bool:
@@ -188,16 +196,7 @@ def killed_sft(toy_models, tmp_path_factory):
     """sft.py with a checkpoint every step, SIGKILLed right after checkpoint-3; and the same run uninterrupted."""
     root = tmp_path_factory.mktemp("killed_sft")
     ok(run(sft(toy_models / "base", root / "full")))
-    proc = subprocess.Popen(
-        [PY, *map(str, sft(toy_models / "base", root / "killed", "--save_interval", "1"))],
-        cwd=ROOT, env=stage_env(NANO_CHECKPOINT_PAUSE="3"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    for line in proc.stdout:
-        if line.startswith("checkpoint: pausing"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.communicate(timeout=60)
-    assert proc.returncode == -9, "the run never paused after checkpoint-3"
+    kill_after_checkpoint(sft(toy_models / "base", root / "killed", "--save_interval", "1"), 3)
     return root
 
 
@@ -306,13 +305,7 @@ def test_save_best_killed_between_a_new_best_and_the_next_checkpoint(toy_models,
     checkpoint-8, with checkpoint-8 taken away): checkpoint-4 names a best the run has since replaced. The re-run
     restores that best from checkpoint-4's copy and ends on the uninterrupted run's model."""
     out, args = tmp_path / "cm", score_args(toy_models / "base", tmp_path / "cm")
-    proc = subprocess.Popen([PY, *map(str, args)], cwd=ROOT, env=stage_env(NANO_CHECKPOINT_PAUSE="8"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    for line in proc.stdout:
-        if line.startswith("checkpoint: pausing"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.communicate(timeout=60)
+    kill_after_checkpoint(args, 8)
     partial = tmp_path / "cm.partial"
     shutil.rmtree(partial / "checkpoint-8")
     recorded = json.loads((partial / "checkpoint-4" / "loop_state.json").read_text())["best_dir"]
@@ -330,13 +323,7 @@ def test_a_data_file_changed_since_the_checkpoint_is_refused(toy_models, tmp_pat
     data.write_text(text)
     args = sft(toy_models / "base", tmp_path / "sft", "--save_interval", "1")
     args[args.index("toy-sft:0.02")] = f"alpaca:1:{data}"
-    proc = subprocess.Popen([PY, *map(str, args)], cwd=ROOT, env=stage_env(NANO_CHECKPOINT_PAUSE="2"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    for line in proc.stdout:
-        if line.startswith("checkpoint: pausing"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.communicate(timeout=60)
+    kill_after_checkpoint(args, 2)
     data.write_text(text + json.dumps({"instruction": "Say more.", "output": "more ."}) + "\n")
     line = error_line(run(args))
     assert f"{data} changed since it was saved" in line and "--resume_from_checkpoint none" in line
