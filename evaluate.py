@@ -46,6 +46,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import checkpoint  # its handler: Ctrl-C and the errors a user can fix end in one line (error_line)
+
 # ----------------------------------------------------------------------------------------------------------------
 # Arena arithmetic
 
@@ -344,18 +346,17 @@ def main():
         parser.error("the arena needs --red_corner_model_name_or_path, --blue_corner_model_name_or_path, --datasets")
     elif not (scored or args.judge) or bool(args.reward_model_name_or_path) != bool(args.cost_model_name_or_path):
         parser.error("give both --reward_model_name_or_path and --cost_model_name_or_path (or --judge alone)")
-    if args.per_device_eval_batch_size < 1 or args.max_length < 2 or (args.max_new_tokens or 1) < 1:
-        parser.error("--per_device_eval_batch_size and --max_new_tokens must be >= 1, --max_length >= 2")
-    if args.judge_workers < 1 or args.judge_retries < 0 or not args.judge_backoff >= 0 or not args.judge_timeout > 0:
-        parser.error("--judge_workers must be >= 1, --judge_retries and --judge_backoff >= 0, --judge_timeout > 0")
+    checkpoint.check_ranges(parser, args, {
+        **(checkpoint.SAMPLING_RANGES if not args.greedy else {}),
+        **dict.fromkeys(["per_device_eval_batch_size", "max_new_tokens", "judge_workers"], ">= 1"),
+        "max_length": ">= 2", "judge_retries": ">= 0", "judge_backoff": ">= 0", "judge_timeout": "> 0",
+    })  # fmt: skip
     if args.judge and not args.judge_url.startswith(("http://", "https://")):
         parser.error(f"--judge_url {args.judge_url}: give an http:// or https:// URL")
-    from checkpoint import check_model_folder
-
     for flag, kind in (("red_corner", "causal_lm"), ("blue_corner", "causal_lm"), ("reward", "score_model"),
                        ("cost", "score_model")):  # a causal LM as a scorer would score with a random head
         if (path := getattr(args, f"{flag}_model_name_or_path")) is not None:
-            check_model_folder(path, kind, f"--{flag}_model_name_or_path")
+            checkpoint.check_model_folder(path, kind, f"--{flag}_model_name_or_path")
     from data import load_tokenizer
 
     scorer_paths = {"reward": args.reward_model_name_or_path, "cost": args.cost_model_name_or_path} if scored else {}
