@@ -105,7 +105,11 @@ class RawDataset:
             if isinstance(record, BrokenLine):
                 reason, broken = "broken JSON line", broken or record
             else:
-                sample = self.to_sample(record)
+                try:
+                    sample = self.to_sample(record)
+                except ValueError as e:  # a label that is no label: every sample would be wrong, not one skipped
+                    raise ValueError(f"{path or self.HUB_ID}: record {len(self.samples) + sum(skipped.values()) + 1}"
+                                     f": {e}; fix the file") from None
                 reason = "unparseable" if sample is None else malformed(sample)
                 if sample is None and unparsed is None:
                     unparsed = record
@@ -163,6 +167,17 @@ def option_problem(name: str, path: str | None, revision: str | None, field: str
     if field is not None and (not field or not cls.FIELD_CHOICE):
         return f"#{field}: only the prompts dataset takes a #FIELD (the field that holds the prompt)"
     return None
+
+
+def label(value, field: str, ids: bool = False) -> bool | int:
+    """A boolean label (ids: a response id, 0 or 1) as a JSON, CSV or Parquet file may hold it: true/false, 1/0, or
+    either as text. bool("false") is True: text labels are read, not cast; anything else is a ValueError."""
+    text = str(value).strip().lower()
+    if not ids and text in ("true", "false"):
+        return text == "true"
+    if text in ("0", "1", "0.0", "1.0") and not isinstance(value, list | dict):
+        return int(float(text)) if ids else text.startswith("1")
+    raise ValueError(f"field {field} is {value!r}, not {'a response id (0 or 1)' if ids else 'true/false or 1/0'}")
 
 
 def variant(base: type[RawDataset], name: str, *aliases: str, **attrs) -> type[RawDataset]:
@@ -376,8 +391,10 @@ class PKUSafeRLHF(RawDataset):
         if any(r.get(k) is None for k in self.KEYS):
             return None
         sample = RawSample(input=r["prompt"], answer=r["response_0"], other_answer=r["response_1"],
-                           better=int(r["better_response_id"]) == 0, safer=int(r["safer_response_id"]) == 0,
-                           is_safe=bool(r["is_response_0_safe"]), is_other_safe=bool(r["is_response_1_safe"]))
+                           better=label(r["better_response_id"], "better_response_id", ids=True) == 0,
+                           safer=label(r["safer_response_id"], "safer_response_id", ids=True) == 0,
+                           is_safe=label(r["is_response_0_safe"], "is_response_0_safe"),
+                           is_other_safe=label(r["is_response_1_safe"], "is_response_1_safe"))
         for i, side in ((0, ""), (1, "other_")):  # v1: a severity level and {category: bool} per response
             if r.get(f"response_{i}_severity_level") is not None:
                 sample[f"{side}severity"] = int(r[f"response_{i}_severity_level"])
@@ -709,10 +726,32 @@ def save_chat_template(tokenizer, chat_template: str, output_dir: str) -> None:
 
 
 def load_tokenizer(path: str, padding_side: str = "right", chat_template: str = "anchor"):
-    """The tokenizer of a model folder, checked for an EOS token and for the chat template it will render with."""
+    """The tokenizer of a model folder, checked for an EOS token and for the chat template it will render with; and,
+    from the folder's config.json, that transformers knows the model and its embeddings have a row for every id."""
+    import transformers
     from transformers import AutoTokenizer
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
+    config_file = Path(path) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}  # a hub id: from_pretrained checks
+    if (model_type := config.get("model_type")) not in (None, *CONFIG_MAPPING_NAMES) and "auto_map" not in config:
+        raise ValueError(f"{config_file} names model_type {model_type!r}, which transformers "
+                         f"{transformers.__version__} does not know; correct it (e.g. llama) or upgrade transformers")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
+    except Exception:  # a cut or damaged JSON file: name it (the parser's message names neither it nor a fix)
+        for file in sorted(Path(path).glob("*.json")) if Path(path).is_dir() else []:
+            try:
+                json.loads(file.read_text())
+            except ValueError as e:
+                raise ValueError(f"{file} is not valid JSON ({e}): it is cut or damaged; copy it again from the "
+                                 "model it came from") from None
+        raise
+    rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    if rows and len(tokenizer) > rows:  # an id past the embedding matrix: an IndexError deep in the first forward
+        raise ValueError(f"the tokenizer at {path} has {len(tokenizer)} tokens but the model's embeddings have "
+                         f"{rows} rows (vocab_size in {config_file}): pass the tokenizer the model was trained with, "
+                         "or resize the embeddings (resize_token_embeddings) and save the model again")
     if tokenizer.eos_token is None:
         raise ValueError(f"tokenizer at {path} has no EOS token; set eos_token in its tokenizer_config.json")
     set_chat_template(tokenizer, chat_template)
@@ -746,14 +785,15 @@ class TokenizedDataset(torch.utils.data.Dataset):
     DROP_REASON = "prompt leaves no room for an answer"
 
     def __init__(self, specs, tokenizer, max_length: int = 512, seed: int = 42, chat_template: str = "anchor"):
-        self.tokenizer, self.max_length, self.truncated = tokenizer, max_length, 0
+        self.tokenizer, self.max_length, self.truncated, self.identical = tokenizer, max_length, 0, 0
         self.chat_template = set_chat_template(tokenizer, chat_template)  # "anchor" or "model"
         samples = load_samples(specs, seed)
         self.data = [d for d in map(self.preprocess, samples) if d is not None]
         dropped = len(samples) - len(self.data)
         if self.truncated or dropped:
+            same = f"; {self.identical:,} of them pairs the truncation made identical" if self.identical else ""
             print(f"{type(self).__name__}: {len(self.data):,} samples, {self.truncated:,} truncated to "
-                  f"max_length {max_length}, {dropped:,} dropped ({self.DROP_REASON})")
+                  f"max_length {max_length}, {dropped:,} dropped ({self.DROP_REASON}{same})")
         if not self.data:
             raise ValueError(f"no sample fits max_length {max_length}; raise --max_length")
 
@@ -785,6 +825,17 @@ class TokenizedDataset(torch.utils.data.Dataset):
         pair = self.conversation([*as_turns(input), answer])
         return None if pair is None else pair[0]
 
+    def pair_ids(self, input, first: str, second: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The two answers' answer_ids, or None when either has no room or the truncation to max_length made them
+        the same tokens (a pair with nothing to compare: dropped and counted, as identical answers are)."""
+        a, b = self.answer_ids(input, first), self.answer_ids(input, second)
+        if a is None or b is None:
+            return None
+        if torch.equal(a, b):
+            self.identical += 1
+            return None
+        return a, b
+
     def padded(self, seqs: list[torch.Tensor], left: bool = False) -> dict:
         """input_ids (B,T) padded with the pad token, attention_mask (B,T) True on real tokens."""
         return {"input_ids": pad(seqs, self.tokenizer.pad_token_id, left),
@@ -812,8 +863,8 @@ class PreferenceDataset(TokenizedDataset):
 
     def preprocess(self, s: RawSample):
         better, worse = (s["answer"], s["other_answer"]) if s["better"] else (s["other_answer"], s["answer"])
-        a, b = self.answer_ids(s["input"], better), self.answer_ids(s["input"], worse)
-        return None if a is None or b is None else {"better_input_ids": a, "worse_input_ids": b}
+        pair = self.pair_ids(s["input"], better, worse)
+        return None if pair is None else {"better_input_ids": pair[0], "worse_input_ids": pair[1]}
 
     def collate(self, batch):
         return self.padded([b["better_input_ids"] for b in batch] + [b["worse_input_ids"] for b in batch])
@@ -826,10 +877,9 @@ class SafetyPreferenceDataset(TokenizedDataset):
     def preprocess(self, s: RawSample):
         first, second = (s["answer"], s["is_safe"]), (s["other_answer"], s["is_other_safe"])
         (safer, safer_safe), (unsafer, unsafer_safe) = (first, second) if s["safer"] else (second, first)
-        a, b = self.answer_ids(s["input"], safer), self.answer_ids(s["input"], unsafer)
-        if a is None or b is None:
+        if (pair := self.pair_ids(s["input"], safer, unsafer)) is None:
             return None
-        return {"safer_input_ids": a, "unsafer_input_ids": b,
+        return {"safer_input_ids": pair[0], "unsafer_input_ids": pair[1],
                 "safer_sign": -1 if safer_safe else 1, "unsafer_sign": -1 if unsafer_safe else 1}
 
     def collate(self, batch):

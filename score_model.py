@@ -21,7 +21,8 @@ Deviations from the anchor (safe-rlhf):
     statistics as the anchor's), so a ScoreModel in train mode elsewhere leaves its statistics alone.
  3. --save_best keeps the best eval checkpoint (accuracy; sign accuracy for cost models) instead of the last.
  4. A client torch AdamW (betas 0.9/0.95, no decay on biases and norms), as in sft.py.
- 5. Token-wise, a pair that truncation made identical has an empty span and adds 0 (the anchor stops on an assert).
+ 5. A pair that truncation to --max_length made identical is dropped and counted (data.py), as identical answers are;
+    the anchor trains on it (sequence-wise) or stops on an assert (token-wise, where its span would be empty).
  6. The output folder follows checkpoint.py's protocol: locked for the run, written to <output_dir>.partial (the best
     eval model as checkpoint-<step>/ until the end) and swapped into place atomically; a non-finite metric or weight
     stops the run before anything is saved.
