@@ -93,6 +93,7 @@ def main():
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     interactive = sys.stdin.isatty() and args.prompt is None
+    sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 (a pipe, a terminal's paste) become U+FFFD
     colour = lambda name, text: f"{COLOURS[name]}{text}\033[0m" if sys.stdout.isatty() else text  # noqa: E731
     if interactive:  # not in a pipe: importing readline may write an escape sequence to stdout
         with contextlib.suppress(ImportError):
@@ -110,6 +111,10 @@ def main():
             AutoModelForCausalLM.from_pretrained, path, dtype=torch.bfloat16 if args.bf16 else torch.float32
         )
         model = model.to(device).eval()
+        if not checkpoint.weights_finite(model):  # else a traceback from inside sampling, at the first message
+            flag = flags.get(name, "--model_name_or_path")
+            raise SystemExit(f"error: {flag} {path} has non-finite weights (NaN or inf), so it cannot answer; pass "
+                             "a model whose weights are finite (re-run the stage that wrote it, or use a checkpoint)")
         context = getattr(model.config, "max_position_embeddings", None) or 2048
         max_new = min(args.max_new_tokens, context // 2)
         tok = tokenizers[name]

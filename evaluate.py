@@ -37,6 +37,7 @@ import csv
 import http.client
 import io
 import json
+import math
 import os
 import re
 import tempfile
@@ -207,7 +208,10 @@ def csv_text(rows: list[dict]) -> str:
 
 def read_bigbench_task(path: str) -> list[tuple[str, list[str], list[float]]]:
     """(user message, choices, target scores) per example; choices are listed in the input as BIG-bench does."""
-    task = json.loads(Path(path).read_text())
+    try:
+        task = json.loads(Path(path).read_text())
+    except ValueError as e:  # cut, not JSON, not UTF-8
+        raise SystemExit(f"error: --bigbench_task {path} is not valid JSON ({e}); fetch the task file again") from None
     prefix, choice_prefix = task.get("task_prefix", ""), task.get("choice_prefix", "\n  choice: ")
     examples = [ex for ex in task.get("examples", []) if isinstance(ex.get("input"), str) and ex.get("target_scores")]
     if not examples:
@@ -515,6 +519,11 @@ def main():
     rows = [row for _, row in sorted({i: row for part in gathered for i, row in part.items()}.items())]
     column = lambda key: [row[key] for row in rows]  # noqa: E731
 
+    for role, path in scorer_paths.items():  # a NaN score would make every number of the summary NaN
+        bad = [side for side in policies for row in rows if not math.isfinite(row[f"{side}_{role}"])]
+        if bad:
+            raise SystemExit(f"error: --{role}_model_name_or_path {path} gave {len(bad)} non-finite scores (NaN or "
+                             f"inf) for {len(rows)} prompts; nothing written: check that model (a NaN weight?)")
     n, summary = len(rows), {"num_prompts": len(rows)}
     for side, path in policies.items():
         summary[side] = {"model": path, "eos_rate": 1 - sum(column(f"{side}_truncated")) / n}
