@@ -500,7 +500,7 @@ def _failed_write(e: BaseException) -> OSError | None:
                     os.fsync(f.fileno())
         except OSError as err:
             if err.errno in _WRITE_ERRORS:
-                return OSError(err.errno, f"{err.strerror} (writing failed with {type(e).__name__})", str(partial))
+                return OSError(err.errno, f"{err.strerror}, so a write failed ({type(e).__name__})", str(partial))
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink(missing_ok=True)
@@ -516,9 +516,9 @@ def error_line(e: BaseException) -> str | None:
     e = e if isinstance(e, OSError) and e.errno else _failed_write(e)
     if e is None:
         return None
-    where = f": {e.filename}" if e.filename else ""
+    where = f"{e.filename}: " if e.filename else ""
     fix = FIXES.get(e.errno, "check the path, its permissions and its file system")
-    return f"error: {e.strerror} [{errno.errorcode.get(e.errno, e.errno)}]{where}; {fix}"
+    return f"error: {where}{e.strerror} [{errno.errorcode.get(e.errno, e.errno)}]; {fix}"
 
 
 def _excepthook(kind, value, tb) -> None:
@@ -526,7 +526,7 @@ def _excepthook(kind, value, tb) -> None:
     if line is None:
         _previous_excepthook(kind, value, tb)
     elif _master() or not isinstance(value, KeyboardInterrupt):  # Ctrl-C reaches every rank: one line is enough
-        print(line, file=sys.stderr, flush=True)
+        print(line, file=sys.__stderr__, flush=True)  # past torch.distributed's hook, which prefixes "[rank0]: "
 
 
 # Installed when an entry point imports this module, which each does first, before its slow imports (torch,

@@ -356,6 +356,9 @@ def load_samples(specs: list[tuple[str, dict]], seed: int = 42) -> list[RawSampl
     for name, opts in specs:
         raw = RawDataset.load(name, opts.get("path"), opts.get("revision"), opts.get("field"))
         n, p = len(raw), opts.get("proportion", 1.0)
+        if n and round(p * n) == 0:  # the data is fine: the proportion is too small for it
+            raise ValueError(f"dataset spec {name}:{p:g} selects no record: {p:g} x {n:,} records rounds to 0; pass a "
+                             f"proportion of at least {1 / n:.2g}")
         whole, rest = divmod(round(p * n), n) if n else (0, 0)
         indices = list(range(n)) * whole + sorted(rng.sample(range(n), rest))
         out.extend(raw[i] for i in indices)
