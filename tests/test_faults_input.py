@@ -19,10 +19,10 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_faults import PY, arena, error_line, ppo, ppo_main, run, sft, start, stderr_lines, weights
 
 import checkpoint
-from conftest import ROOT, stage_env
-from test_faults import PY, arena, error_line, ppo, ppo_main, run, sft, start, stderr_lines, weights
+from conftest import ROOT, signal_at, stage_env
 
 # ----------------------------------------------------------------------------------------------------------------
 # Flags out of range, or contradicting each other: one place per stage (checkpoint.check_ranges), argparse's line
@@ -141,3 +141,264 @@ def test_evaluate_greedy_ignores_the_sampling_flags(toy_models, tmp_path, monkey
     args = arena(toy_models, tmp_path / "arena", "--judge", "--greedy", "--temperature", "0")[1:]
     args[args.index("--blue_corner_model_name_or_path") + 1] = tmp_path / "none"
     assert "is not a model folder" in str(stage_main(monkeypatch, "evaluate", args).code)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: labels given as text, pairs that the truncation makes identical, a proportion too small for its data
+
+
+def pku_record(**fields) -> dict:
+    record = {"prompt": "how do i bake a cake ?", "response_0": "mix the flour .", "response_1": "no .",
+              "is_response_0_safe": True, "is_response_1_safe": True, "better_response_id": 0, "safer_response_id": 0}
+    return {**record, **fields}
+
+
+def test_pku_labels_given_as_text(tmp_path):
+    """bool("false") is True: every answer counted as safe and the cost model trained on wrong labels, exit 0. Text
+    labels are read ("false", "0", "1.0"), and a label that is none names the field, the file and the record."""
+    from data import RawDataset
+
+    f = tmp_path / "pku.jsonl"
+    rows = [pku_record(is_response_0_safe="false", is_response_1_safe="true", safer_response_id="1"),
+            pku_record(is_response_0_safe="0", is_response_1_safe="1", better_response_id="1", safer_response_id=1),
+            pku_record(is_response_0_safe=1, is_response_1_safe="False", safer_response_id="0")]  # fmt: skip
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = list(RawDataset.load("PKU-SafeRLHF", str(f)))
+    assert [(s["is_safe"], s["is_other_safe"], s["safer"]) for s in samples] == [
+        (False, True, False), (False, True, False), (True, False, True)]  # fmt: skip
+    assert [s["better"] for s in samples] == [True, False, True]
+    f.write_text(json.dumps(pku_record()) + "\n" + json.dumps(pku_record(is_response_1_safe="maybe")) + "\n")
+    with pytest.raises(ValueError) as e:
+        RawDataset.load("PKU-SafeRLHF", str(f))
+    assert str(e.value) == f"{f}: record 2: field is_response_1_safe is 'maybe', not true/false or 1/0; fix the file"
+
+
+def test_pairs_made_identical_by_truncation_are_dropped(toy_models, tmp_path, capsys):
+    """Two answers that differ only past --max_length are one sequence twice: nothing to compare (accuracy 0, exit
+    0). They are dropped and counted, for the reward and the cost model alike."""
+    from data import PreferenceDataset, SafetyPreferenceDataset, load_tokenizer
+
+    tokenizer = load_tokenizer(str(toy_models / "base"))
+    common = "mix the flour . add the sugar . heat the oven . bake the batter . " * 4
+    late = pku_record(response_0=common + "mix the flour .", response_1=common + "no .", is_response_1_safe=False)
+    early = pku_record(response_0="mix the flour .", response_1="no .", is_response_1_safe=False)
+    f = tmp_path / "pku.jsonl"
+    f.write_text(json.dumps(late) + "\n" + json.dumps(early) + "\n")
+    spec = ("PKU-SafeRLHF", {"path": str(f)})
+    for Dataset in (PreferenceDataset, SafetyPreferenceDataset):
+        dataset = Dataset([spec], tokenizer, max_length=40)
+        assert len(dataset) == 1 and dataset.identical == 1, Dataset
+        out = capsys.readouterr().out
+        assert "1 dropped (prompt leaves no room for an answer; 1 of them pairs the truncation made identical)" in out
+        assert len(Dataset([spec], tokenizer, max_length=512)) == 2  # room for the difference: both kept
+
+
+def test_proportion_that_selects_no_record():
+    """toy-sft:0.0001 of 4,000 records rounds to none: the spec is named with the smallest proportion that works, not
+    "gave no usable samples" (which sent the user to the data)."""
+    from data import load_samples, parse_dataset
+
+    with pytest.raises(ValueError, match=r"^dataset spec toy-sft:0.0001 selects no record: 0.0001 x 4,000 records "
+                                         r"rounds to 0; pass a proportion of at least 0.00025$"):  # fmt: skip
+        load_samples([parse_dataset("toy-sft:0.0001")])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model folders: an unknown model_type, tokenizer ids past the embedding rows, a cut tokenizer.json, a NaN weight
+
+
+def copy_of(toy_models, tmp_path, edit, name="model"):
+    folder = tmp_path / name
+    subprocess.run(["cp", "-r", str(toy_models / "base"), str(folder)], check=True)
+    edit(folder)
+    return folder
+
+
+def edit_json(file, **fields):
+    file.write_text(json.dumps({**json.loads(file.read_text()), **fields}))
+
+
+def add_tokens(folder):
+    """Two words the toy vocabulary lacks, as added tokens: ids 183 and 184 of a 183-row embedding."""
+    from data import load_tokenizer
+
+    tokenizer = load_tokenizer(str(folder))
+    tokenizer.add_tokens(["zebra", "quokka"])
+    tokenizer.save_pretrained(str(folder))
+
+
+def cut_tokenizer(folder):
+    text = (folder / "tokenizer.json").read_text()
+    (folder / "tokenizer.json").write_text(text[: len(text) // 2])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: edit_json(f / "config.json", model_type="llamax"),
+     "{f}/config.json names model_type 'llamax', which transformers {v} does not know; correct it (e.g. llama) or "
+     "upgrade transformers"),
+    (add_tokens, "the tokenizer at {f} has 185 tokens but the model's embeddings have 183 rows (vocab_size in "
+                 "{f}/config.json): pass the tokenizer the model was trained with, or resize the embeddings"),
+    (cut_tokenizer, "{f}/tokenizer.json is not valid JSON (Unterminated string starting at: "),
+], ids=["unknown model_type", "ids past the embeddings", "cut tokenizer.json"])  # fmt: skip
+def test_load_tokenizer_names_the_file_and_the_fix(toy_models, tmp_path, edit, message):
+    """Every stage loads its tokenizers (load_tokenizer) before any model and turns its ValueError into one line. An
+    unknown model_type was a transformers traceback at the model load (sft.py, chat.py), ids past the embedding rows
+    an IndexError in the first forward, a cut tokenizer.json a bare parser message naming no file."""
+    import transformers
+
+    from data import load_tokenizer
+
+    folder = copy_of(toy_models, tmp_path, edit)
+    with pytest.raises(ValueError) as e:
+        load_tokenizer(str(folder))
+    assert str(e.value).startswith(message.format(f=folder, v=transformers.__version__)), str(e.value)
+
+
+def test_chat_unknown_model_type_and_nan_weight_are_one_line(toy_models, tmp_path):
+    """chat.py, end to end: an unknown model_type and a model with a NaN weight (which failed inside sampling)."""
+    unknown = copy_of(toy_models, tmp_path, lambda f: edit_json(f / "config.json", model_type="llamax"), "unknown")
+
+    def nan_norm(folder):
+        tensors = load_file(folder / "model.safetensors")
+        tensors["model.norm.weight"][0] = math.nan
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    nan = copy_of(toy_models, tmp_path, nan_norm, "nan")
+    line = error_line(run(["chat.py", "--model_name_or_path", unknown, "-p", "hi", "--max_new_tokens", "4"]))
+    assert line.startswith(f"error: {unknown}/config.json names model_type 'llamax'"), line
+    line = error_line(run(["chat.py", "--model_name_or_path", nan, "-p", "hi", "--max_new_tokens", "4"]))
+    assert line.startswith(f"error: --model_name_or_path {nan} has non-finite weights (NaN or inf)"), line
+
+
+def test_chat_reads_stdin_that_is_not_utf8(toy_models):
+    """A pipe with bytes that are not UTF-8 (a Latin-1 file, a cut character) was a traceback; they are replaced."""
+    proc = subprocess.run([PY, "chat.py", "--model_name_or_path", toy_models / "base", "--max_new_tokens", "4"],
+                          input=b"caf\xe9 ?\nhow do i bake a cake \xff?\n", cwd=ROOT, env=stage_env(),
+                          capture_output=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")[-2000:]
+    assert len(proc.stdout.decode().splitlines()) == 2  # one answer per line
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate.py: a NaN score model, a cut BIG-bench file
+
+
+def test_evaluate_non_finite_scores_write_no_summary(toy_models, tmp_path):
+    """A NaN reward model wrote summary.json full of NaN, exit 0: now one line naming the model, nothing written."""
+    rm_nan = tmp_path / "rm_nan"
+    subprocess.run(["cp", "-r", str(toy_models / "rm"), str(rm_nan)], check=True)
+    tensors = load_file(rm_nan / "model.safetensors")
+    tensors["score_head.weight"].fill_(math.nan)
+    save_file(tensors, rm_nan / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "arena"
+    line = error_line(run(arena(toy_models, out, "--reward_model_name_or_path", rm_nan, "--cost_model_name_or_path",
+                                toy_models / "cm")))  # fmt: skip
+    assert line == (f"error: --reward_model_name_or_path {rm_nan} gave 14 non-finite scores (NaN or inf) for 7 "
+                    "prompts; nothing written: check that model (a NaN weight?)")  # fmt: skip
+    assert not (out / "summary.json").exists() and not (out / "arena.csv").exists()
+
+
+def test_bigbench_task_cut_is_one_line(tmp_path):
+    """evaluate.py --bigbench_task on a cut file was a JSONDecodeError traceback."""
+    from evaluate import read_bigbench_task
+
+    f = tmp_path / "task.json"
+    f.write_text('{"examples": [{"input": "2 + 2 =", "target_scores": {"4": 1, "5"')
+    with pytest.raises(SystemExit) as e:
+        read_bigbench_task(str(f))
+    assert str(e.value.code).startswith(f"error: --bigbench_task {f} is not valid JSON (Expecting ")
+    assert str(e.value.code).endswith("; fetch the task file again")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The one-line handler of every entry point: Ctrl-C (during the imports too), a full disk, a read-only file system
+
+
+def test_error_line_names_the_cause_the_file_and_the_fix():
+    """checkpoint.error_line: an OSError's cause, errno and file, then what to do; a bug (anything else) gets None and
+    keeps its traceback."""
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/out.partial/model.safetensors")
+    assert checkpoint.error_line(full) == (
+        "error: /data/out.partial/model.safetensors: No space left on device [ENOSPC]; the disk is full: free space, "
+        "then re-run the same command (a run resumes from its last checkpoint)")  # fmt: skip
+    ro = checkpoint.error_line(OSError(errno.EROFS, "Read-only file system", "/data/out.partial"))
+    assert ro.startswith("error: /data/out.partial: Read-only file system [EROFS]; the file system is read-only")
+    assert checkpoint.error_line(KeyboardInterrupt()).startswith("interrupted (Ctrl-C)")
+    assert checkpoint.error_line(ValueError("a bug")) is None and checkpoint.error_line(IndexError()) is None
+
+
+ENTRY_POINTS = {
+    "sft.py": ["--model_name_or_path", "{base}", "--train_datasets", "toy-sft:0.05", "--output_dir", "{out}"],
+    "score_model.py": ["--model_name_or_path", "{base}", "--score_type", "reward", "--train_datasets",
+                       "toy-preference:0.05", "--output_dir", "{out}"],
+    "ppo_lag.py": ["--actor_model_name_or_path", "{base}", "--reward_model_name_or_path", "{rm}",
+                   "--train_datasets", "toy-prompts:0.05", "--output_dir", "{out}"],
+    "evaluate.py": ["--red_corner_model_name_or_path", "{base}", "--blue_corner_model_name_or_path", "{base}",
+                    "--datasets", "toy-eval:0.02", "--judge", "--output_dir", "{out}"],
+    "chat.py": ["--model_name_or_path", "{base}", "-p", "hi"],
+    "data.py": ["toy-model", "--output_dir", "{out}"],
+}  # fmt: skip
+
+
+def interrupt_while_importing_torch(proc: subprocess.Popen) -> None:
+    """SIGINT once torch's library is being mapped into the process: in the middle of the entry point's imports."""
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        with open(f"/proc/{proc.pid}/maps") as f:
+            if "libtorch" in f.read():
+                break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="watches /proc/<pid>/maps")
+@pytest.mark.parametrize("script", ENTRY_POINTS)
+def test_ctrl_c_during_the_imports_is_one_line(toy_models, tmp_path, script):
+    """Ctrl-C while an entry point imports torch (the first second or more of every run) was a KeyboardInterrupt
+    traceback. Now one line, and the process ends as an interrupted one does (by SIGINT: 130 in a shell)."""
+    paths = dict(base=toy_models / "base", rm=toy_models / "rm", out=tmp_path / "out")
+    args = [arg.format(**paths) for arg in ENTRY_POINTS[script]]
+    proc = start([script, *args])
+    interrupt_while_importing_torch(proc)
+    _, stderr = proc.communicate(timeout=120)
+    lines = stderr_lines(stderr)
+    assert proc.returncode in (130, -signal.SIGINT) and len(lines) == 1, f"rc {proc.returncode}:\n{stderr[-3000:]}"
+    assert lines[0].startswith("interrupted (Ctrl-C)"), lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_evaluate_generates_is_one_line(toy_models, tmp_path):
+    """Anywhere in evaluate.py (which has no loop of checkpoints): here once its engines exist."""
+    proc = start(arena(toy_models, tmp_path / "arena", "--judge", "--max_new_tokens", "64"))
+    _, stderr = signal_at(proc, "deepspeed config", signal.SIGINT)
+    lines = stderr_lines(stderr)
+    assert proc.returncode in (130, -signal.SIGINT) and len(lines) == 1, f"rc {proc.returncode}:\n{stderr[-3000:]}"
+    assert lines[0].startswith("interrupted (Ctrl-C)") and not (tmp_path / "arena" / "summary.json").exists()
+
+
+def file_size_limit(limit: int):
+    """preexec_fn: writes past `limit` bytes fail with EFBIG (as a full disk fails them with ENOSPC), not SIGXFSZ."""
+
+    def set_limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return set_limit
+
+
+def test_write_failure_in_a_checkpoint_is_one_line_and_keeps_the_model(toy_models, tmp_path):
+    """A checkpoint that cannot be written (torch.save reports "unexpected pos 576 vs 534", no OSError) was a
+    traceback: now the cause, the folder and the fix in one line; the model published before stays whole."""
+    out = tmp_path / "sft"
+    proc = run(sft(toy_models / "base", out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = weights(out)
+    proc = subprocess.run([PY, *map(str, sft(toy_models / "base", out, "--lr", "1e-2", "--max_steps", "2",
+                                               "--save_interval", "1"))],
+                          cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=file_size_limit(200_000))  # fmt: skip  (the toy model's weights: 425 kB)
+    line = error_line(proc)
+    assert line.startswith(f"error: {tmp_path / 'sft.partial'}: File too large, so a write failed (RuntimeError) "
+                           "[EFBIG]; a file outgrew the size limit"), line  # fmt: skip
+    after = weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before) and checkpoint.is_complete(out)
