@@ -133,6 +133,9 @@ def main():
         ids = torch.tensor([tokenize(tok, prompt, template)["input_ids"]], device=device)  # (1, P)
         if ids.shape[1] > bot["budget"]:
             return note(f"(message too long: {ids.shape[1]} tokens > {bot['budget']}; not sent)")
+        if (top := int(ids.max())) >= bot["model"].get_input_embeddings().num_embeddings:  # else an IndexError
+            return note(f"(the token {tok.convert_ids_to_tokens(top)!r} has no embedding row in {bot['name']}'s model; "
+                        "not sent)")
         if args.verbose:
             note(f"[{bot['name']} prompt] {prompt}")
         if interactive or arena:

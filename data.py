@@ -728,6 +728,17 @@ def save_chat_template(tokenizer, chat_template: str, output_dir: str) -> None:
 # Tokenized datasets and collators
 
 
+FIT_VOCAB = ("pass the tokenizer the model was trained with, or resize the embeddings (resize_token_embeddings) and "
+             "save the model again")
+
+
+def embedding_rows(path: str) -> int | None:
+    """The embedding rows of a model folder, from its config.json (None for a hub id or a LoRA adapter folder)."""
+    file = Path(path) / "config.json"
+    config = json.loads(file.read_text()) if path and file.is_file() else {}
+    return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+
+
 def load_tokenizer(path: str, padding_side: str = "right", chat_template: str = "anchor"):
     """The tokenizer of a model folder, checked for an EOS token and for the chat template it will render with; and,
     from the folder's config.json, that transformers knows the model and its embeddings have a row for every id."""
@@ -750,11 +761,10 @@ def load_tokenizer(path: str, padding_side: str = "right", chat_template: str = 
                 raise ValueError(f"{file} is not valid JSON ({e}): it is cut or damaged; copy it again from the "
                                  "model it came from") from None
         raise
-    rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    if rows and len(tokenizer) > rows:  # an id past the embedding matrix: an IndexError deep in the first forward
-        raise ValueError(f"the tokenizer at {path} has {len(tokenizer)} tokens but the model's embeddings have "
-                         f"{rows} rows (vocab_size in {config_file}): pass the tokenizer the model was trained with, "
-                         "or resize the embeddings (resize_token_embeddings) and save the model again")
+    rows = embedding_rows(path)  # an id past them: an IndexError deep in the first forward (added tokens: the data)
+    if rows and tokenizer.vocab_size > rows:
+        raise ValueError(f"the tokenizer at {path} has {tokenizer.vocab_size} tokens but the model's embeddings have "
+                         f"{rows} rows (vocab_size in {config_file}): {FIT_VOCAB}")
     if tokenizer.eos_token is None:
         raise ValueError(f"tokenizer at {path} has no EOS token; set eos_token in its tokenizer_config.json")
     set_chat_template(tokenizer, chat_template)
@@ -799,6 +809,11 @@ class TokenizedDataset(torch.utils.data.Dataset):
                   f"max_length {max_length}, {dropped:,} dropped ({self.DROP_REASON}{same})")
         if not self.data:
             raise ValueError(f"no sample fits max_length {max_length}; raise --max_length")
+        rows = embedding_rows(tokenizer.name_or_path)  # a token added to the tokenizer but not to the model
+        top = max(int(v.max()) for d in self.data for k, v in d.items() if k.endswith("input_ids"))
+        if rows and top >= rows:
+            raise ValueError(f"the data has the token {tokenizer.convert_ids_to_tokens(top)!r} (id {top}), past the "
+                             f"{rows} embedding rows of {tokenizer.name_or_path}: {FIT_VOCAB}")
 
     def __len__(self):
         return len(self.data)

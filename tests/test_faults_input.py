@@ -236,10 +236,11 @@ def cut_tokenizer(folder):
     (lambda f: edit_json(f / "config.json", model_type="llamax"),
      "{f}/config.json names model_type 'llamax', which transformers {v} does not know; correct it (e.g. llama) or "
      "upgrade transformers"),
-    (add_tokens, "the tokenizer at {f} has 185 tokens but the model's embeddings have 183 rows (vocab_size in "
-                 "{f}/config.json): pass the tokenizer the model was trained with, or resize the embeddings"),
+    (lambda f: edit_json(f / "config.json", vocab_size=100),
+     "the tokenizer at {f} has 183 tokens but the model's embeddings have 100 rows (vocab_size in {f}/config.json): "
+     "pass the tokenizer the model was trained with, or resize the embeddings"),
     (cut_tokenizer, "{f}/tokenizer.json is not valid JSON (Unterminated string starting at: "),
-], ids=["unknown model_type", "ids past the embeddings", "cut tokenizer.json"])  # fmt: skip
+], ids=["unknown model_type", "a tokenizer larger than the embeddings", "cut tokenizer.json"])  # fmt: skip
 def test_load_tokenizer_names_the_file_and_the_fix(toy_models, tmp_path, edit, message):
     """Every stage loads its tokenizers (load_tokenizer) before any model and turns its ValueError into one line. An
     unknown model_type was a transformers traceback at the model load (sft.py, chat.py), ids past the embedding rows
@@ -252,6 +253,24 @@ def test_load_tokenizer_names_the_file_and_the_fix(toy_models, tmp_path, edit, m
     with pytest.raises(ValueError) as e:
         load_tokenizer(str(folder))
     assert str(e.value).startswith(message.format(f=folder, v=transformers.__version__)), str(e.value)
+
+
+def test_data_with_a_token_past_the_embeddings(toy_models, tmp_path):
+    """Tokens added to the tokenizer but not to the model: a training stage's data that uses one stops at loading,
+    naming the token (an IndexError in the first forward before); unused ones are no fault."""
+    from data import SupervisedDataset, load_tokenizer
+
+    folder = copy_of(toy_models, tmp_path, add_tokens)
+    f = tmp_path / "sft.json"
+    f.write_text(json.dumps([{"instruction": "how do i bake a cake ?", "output": "mix the flour ."}]))
+    tokenizer = load_tokenizer(str(folder))  # 185 tokens, 183 rows: fine while the two new ones are unused
+    assert len(SupervisedDataset([("alpaca", {"path": str(f)})], tokenizer, max_length=64)) == 1
+    f.write_text(json.dumps([{"instruction": "how do i bake a zebra ?", "output": "mix the quokka ."}]))
+    with pytest.raises(ValueError) as e:
+        SupervisedDataset([("alpaca", {"path": str(f)})], tokenizer, max_length=64)
+    assert str(e.value) == (f"the data has the token 'quokka' (id 184), past the 183 embedding rows of {folder}: pass "
+                            "the tokenizer the model was trained with, or resize the embeddings "
+                            "(resize_token_embeddings) and save the model again")  # fmt: skip
 
 
 def test_chat_unknown_model_type_and_nan_weight_are_one_line(toy_models, tmp_path):
