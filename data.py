@@ -732,11 +732,12 @@ FIT_VOCAB = ("pass the tokenizer the model was trained with, or resize the embed
              "save the model again")
 
 
-def embedding_rows(path: str) -> int | None:
-    """The embedding rows of a model folder, from its config.json (None for a hub id or a LoRA adapter folder)."""
+def model_limit(path: str, key: str) -> int | None:
+    """A size from a model folder's config.json (or its text_config): "vocab_size", the embedding rows, or
+    "max_position_embeddings"; None for a hub id or a LoRA adapter folder."""
     file = Path(path) / "config.json"
     config = json.loads(file.read_text()) if path and file.is_file() else {}
-    return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    return config.get(key) or config.get("text_config", {}).get(key)
 
 
 def load_tokenizer(path: str, padding_side: str = "right", chat_template: str = "anchor"):
@@ -761,7 +762,7 @@ def load_tokenizer(path: str, padding_side: str = "right", chat_template: str = 
                 raise ValueError(f"{file} is not valid JSON ({e}): it is cut or damaged; copy it again from the "
                                  "model it came from") from None
         raise
-    rows = embedding_rows(path)  # an id past them: an IndexError deep in the first forward (added tokens: the data)
+    rows = model_limit(path, "vocab_size")  # an id past them: an IndexError in the first forward (added ones: the data)
     if rows and tokenizer.vocab_size > rows:
         raise ValueError(f"the tokenizer at {path} has {tokenizer.vocab_size} tokens but the model's embeddings have "
                          f"{rows} rows (vocab_size in {config_file}): {FIT_VOCAB}")
@@ -809,11 +810,16 @@ class TokenizedDataset(torch.utils.data.Dataset):
                   f"max_length {max_length}, {dropped:,} dropped ({self.DROP_REASON}{same})")
         if not self.data:
             raise ValueError(f"no sample fits max_length {max_length}; raise --max_length")
-        rows = embedding_rows(tokenizer.name_or_path)  # a token added to the tokenizer but not to the model
-        top = max(int(v.max()) for d in self.data for k, v in d.items() if k.endswith("input_ids"))
-        if rows and top >= rows:
+        seqs = [v for d in self.data for k, v in d.items() if k.endswith("input_ids")]
+        rows, top = model_limit(tokenizer.name_or_path, "vocab_size"), max(int(ids.max()) for ids in seqs)
+        if rows and top >= rows:  # a token added to the tokenizer but not to the model
             raise ValueError(f"the data has the token {tokenizer.convert_ids_to_tokens(top)!r} (id {top}), past the "
                              f"{rows} embedding rows of {tokenizer.name_or_path}: {FIT_VOCAB}")
+        positions, longest = model_limit(tokenizer.name_or_path, "max_position_embeddings"), max(map(len, seqs))
+        if positions and longest > positions:  # learned positions: an IndexError; rotary ones: untrained angles
+            raise ValueError(f"--max_length {max_length} lets through samples of {longest} tokens, beyond the "
+                             f"{positions} positions of {tokenizer.name_or_path} (max_position_embeddings in its "
+                             f"config.json): pass --max_length {positions} or less")
 
     def __len__(self):
         return len(self.data)

@@ -421,3 +421,18 @@ def test_write_failure_in_a_checkpoint_is_one_line_and_keeps_the_model(toy_model
                            "[EFBIG]; a file outgrew the size limit"), line  # fmt: skip
     after = weights(out)
     assert all(torch.equal(before[k], after[k]) for k in before) and checkpoint.is_complete(out)
+
+
+def test_data_longer_than_the_model_positions(toy_models, tmp_path):
+    """--max_length beyond the model's positions was accepted: a learned position table fails with an IndexError, a
+    rotary one trains angles it never saw. A sample that would go past them stops the data with the longest allowed."""
+    from data import SupervisedDataset, load_tokenizer
+
+    tokenizer = load_tokenizer(str(toy_models / "base"))  # max_position_embeddings 128
+    f = tmp_path / "sft.json"
+    f.write_text(json.dumps([{"instruction": "how do i bake a cake ?", "output": "mix the flour . " * 40}]))
+    spec = ("alpaca", {"path": str(f)})
+    assert len(SupervisedDataset([spec], tokenizer, max_length=128)[0]["input_ids"]) == 128  # truncated: fine
+    with pytest.raises(ValueError, match=r"^--max_length 512 lets through samples of 1\d\d tokens, beyond the 128 "
+                                         r"positions of .*: pass --max_length 128 or less$"):  # fmt: skip
+        SupervisedDataset([spec], tokenizer, max_length=512)
