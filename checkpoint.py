@@ -472,10 +472,10 @@ def check_ranges(parser, args, ranges: dict[str, str]) -> None:
 
 
 FIXES = {  # errno -> what to do about it
-    errno.ENOSPC: "the disk is full: free space, then re-run the same command (a run resumes from its last checkpoint)",
-    errno.EDQUOT: "the disk quota is used up: free space, then re-run the same command (a run resumes)",
+    errno.ENOSPC: "the disk is full: free space, then re-run the same command (it resumes from a checkpoint, if any)",
+    errno.EDQUOT: "the disk quota is used up: free space, then re-run the same command (it resumes if it can)",
     errno.EFBIG: "a file outgrew the size limit of the file system or of `ulimit -f`: raise it or write elsewhere, "
-    "then re-run the same command (a run resumes)",
+    "then re-run the same command (it resumes if it can)",
     errno.EROFS: "the file system is read-only: make it writable or pass another --output_dir, then re-run",
     errno.EACCES: "fix its permissions or pass another folder",
     errno.EPERM: "fix its permissions or pass another folder",

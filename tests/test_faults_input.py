@@ -339,7 +339,7 @@ def test_error_line_names_the_cause_the_file_and_the_fix():
     full = OSError(errno.ENOSPC, "No space left on device", "/data/out.partial/model.safetensors")
     assert checkpoint.error_line(full) == (
         "error: /data/out.partial/model.safetensors: No space left on device [ENOSPC]; the disk is full: free space, "
-        "then re-run the same command (a run resumes from its last checkpoint)")  # fmt: skip
+        "then re-run the same command (it resumes from a checkpoint, if any)")  # fmt: skip
     ro = checkpoint.error_line(OSError(errno.EROFS, "Read-only file system", "/data/out.partial"))
     assert ro.startswith("error: /data/out.partial: Read-only file system [EROFS]; the file system is read-only")
     assert checkpoint.error_line(KeyboardInterrupt()).startswith("interrupted (Ctrl-C)")
