@@ -33,6 +33,10 @@ OUT.partial/checkpoint-<step>.tmp/ and renames it to checkpoint-<step>/ once who
     arguments.json           last: the completeness marker
 A re-run finds the newest one (find_resume), refuses when a flag that changes the result differs or the world size
 does, restores engines, RNG and loop state (load_checkpoint) and continues where the checkpoint was taken.
+
+Every entry point imports this module first: its command-line section checks flag ranges (check_ranges, with the
+tables the stages share) and installs the handler that ends a run on an error the user can fix (Ctrl-C, a full disk,
+a read-only file system) with one line (error_line) instead of a traceback.
 """
 
 import atexit
@@ -459,10 +463,8 @@ def check_ranges(parser, args, ranges: dict[str, str]) -> None:
         if bounds[0] in "[(":
             low, high = (float(x) for x in bounds[1:-1].split(","))
             above = low <= value if bounds[0] == "[" else low < value
-            ok, rule = (
-                above and (value <= high if bounds[-1] == "]" else value < high),
-                rule.replace(bounds, f"in {bounds}"),
-            )
+            ok = above and (value <= high if bounds[-1] == "]" else value < high)
+            rule = rule.replace(bounds, f"in {bounds}")
         else:
             op, bound = bounds.split()
             ok = value >= float(bound) if op == ">=" else value > float(bound)
