@@ -732,11 +732,19 @@ FIT_VOCAB = ("pass the tokenizer the model was trained with, or resize the embed
              "save the model again")
 
 
+def model_config(path: str) -> dict:
+    """A model folder's config.json ({} for a hub id or a LoRA adapter folder, which have none here)."""
+    file = Path(path) / "config.json"
+    try:
+        return json.loads(file.read_text()) if path and file.is_file() else {}
+    except ValueError as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): it is cut or damaged; save the model again") from None
+
+
 def model_limit(path: str, key: str) -> int | None:
     """A size from a model folder's config.json (or its text_config): "vocab_size", the embedding rows, or
-    "max_position_embeddings"; None for a hub id or a LoRA adapter folder."""
-    file = Path(path) / "config.json"
-    config = json.loads(file.read_text()) if path and file.is_file() else {}
+    "max_position_embeddings"; None where the folder has no config.json."""
+    config = model_config(path)
     return config.get(key) or config.get("text_config", {}).get(key)
 
 
@@ -747,8 +755,7 @@ def load_tokenizer(path: str, padding_side: str = "right", chat_template: str = 
     from transformers import AutoTokenizer
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    config_file = Path(path) / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}  # a hub id: from_pretrained checks
+    config, config_file = model_config(path), Path(path) / "config.json"  # a hub id: from_pretrained checks
     if (model_type := config.get("model_type")) not in (None, *CONFIG_MAPPING_NAMES) and "auto_map" not in config:
         raise ValueError(f"{config_file} names model_type {model_type!r}, which transformers "
                          f"{transformers.__version__} does not know; correct it (e.g. llama) or upgrade transformers")
