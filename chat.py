@@ -20,11 +20,10 @@ available) instead of a rich UI.
 import argparse
 import contextlib
 import functools
-import math
 import sys
 
+import checkpoint  # its handler: Ctrl-C and the errors a user can fix end in one line (error_line)
 import lora
-from checkpoint import check_model_folder
 
 HELP = (
     "commands: /help | /reset: new conversation | /clear: clear the screen too | /regenerate: answer the last "
@@ -76,11 +75,12 @@ def main():
     if bool(args.model_name_or_path) == arena or (arena and not (red and blue)):
         parser.error("give --model_name_or_path, or both --red_corner_ and --blue_corner_model_name_or_path")
     paths = {"red": red, "blue": blue} if arena else {"assistant": args.model_name_or_path}
-    if args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf:
-        parser.error("--max_new_tokens must be >= 1 and --temperature finite and >= 0")
+    # a temperature of 0 answers greedily (the sampling flags are then unused)
+    ranges = {**checkpoint.SAMPLING_RANGES, "temperature": "finite and >= 0", "max_new_tokens": ">= 1"}
+    checkpoint.check_ranges(parser, args, ranges)
     flags = {"red": "--red_corner_model_name_or_path", "blue": "--blue_corner_model_name_or_path"}
     for name, path in paths.items():  # one line, not a random lm_head and gibberish
-        check_model_folder(path, "causal_lm", flags.get(name, "--model_name_or_path"))
+        checkpoint.check_model_folder(path, "causal_lm", flags.get(name, "--model_name_or_path"))
 
     import torch
     import transformers
@@ -93,6 +93,7 @@ def main():
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     interactive = sys.stdin.isatty() and args.prompt is None
+    sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 (a pipe, a terminal's paste) become U+FFFD
     colour = lambda name, text: f"{COLOURS[name]}{text}\033[0m" if sys.stdout.isatty() else text  # noqa: E731
     if interactive:  # not in a pipe: importing readline may write an escape sequence to stdout
         with contextlib.suppress(ImportError):
@@ -110,6 +111,10 @@ def main():
             AutoModelForCausalLM.from_pretrained, path, dtype=torch.bfloat16 if args.bf16 else torch.float32
         )
         model = model.to(device).eval()
+        if not checkpoint.weights_finite(model):  # else a traceback from inside sampling, at the first message
+            flag = flags.get(name, "--model_name_or_path")
+            raise SystemExit(f"error: {flag} {path} has non-finite weights (NaN or inf), so it cannot answer; pass "
+                             "a model whose weights are finite (re-run the stage that wrote it, or use a checkpoint)")
         context = getattr(model.config, "max_position_embeddings", None) or 2048
         max_new = min(args.max_new_tokens, context // 2)
         tok = tokenizers[name]
@@ -128,6 +133,9 @@ def main():
         ids = torch.tensor([tokenize(tok, prompt, template)["input_ids"]], device=device)  # (1, P)
         if ids.shape[1] > bot["budget"]:
             return note(f"(message too long: {ids.shape[1]} tokens > {bot['budget']}; not sent)")
+        if (top := int(ids.max())) >= bot["model"].get_input_embeddings().num_embeddings:  # else an IndexError
+            return note(f"(the token {tok.convert_ids_to_tokens(top)!r} has no embedding row in {bot['name']}'s model; "
+                        "not sent)")
         if args.verbose:
             note(f"[{bot['name']} prompt] {prompt}")
         if interactive or arena:

@@ -35,10 +35,15 @@ checkpoint-<step>/ once whole:
 A re-run finds the newest whole one (find_resume; a damaged one, by its manifest, is named and skipped), refuses when
 a flag that changes the result, a data file or the world size differs, restores engines, RNG and loop state
 (load_checkpoint) and continues where the checkpoint was taken.
+
+Every entry point imports this module first: its command-line section checks flag ranges (check_ranges, with the
+tables the stages share) and installs the handler that ends a run on an error the user can fix (Ctrl-C, a full disk,
+a read-only file system) with one line (error_line) instead of a traceback.
 """
 
 import atexit
 import contextlib
+import errno
 import json
 import math
 import os
@@ -594,6 +599,107 @@ def weights_finite(module) -> bool:
 
     flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in module.parameters()]
     return bool(torch.stack(flags).all()) if flags else True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line: each flag's range checked in one place, and one line for the errors a user can fix
+
+# the ranges of the flags the training stages share (each stage adds its own)
+LOOP_RANGES = {**dict.fromkeys(["max_length", "epochs", "max_steps", "per_device_train_batch_size",
+                                "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
+                                "save_total_limit"], ">= 1"),
+               "eval_interval": ">= 0", "save_interval": ">= 0"}  # fmt: skip
+# the sampling flags of ppo_lag.py, evaluate.py and chat.py (a temperature of 0 is greedy where a stage allows it)
+SAMPLING_RANGES = {"temperature": "> 0", "top_p": "(0, 1]", "repetition_penalty": "> 0"}
+
+
+def check_ranges(parser, args, ranges: dict[str, str]) -> None:
+    """argparse's one line (exit 2) for the first flag out of its range. `ranges`: flag -> "> 0", ">= 1", or an
+    interval "[0, 1]", "(0, 1]" (a square bracket includes its end), as the line will say it; "finite and > 0" says
+    so too, though NaN and inf are refused whatever the rule. An unset flag (None) passes, and so does one the stage
+    does not have (a stage may use part of a shared table)."""
+    for name, rule in ranges.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        bounds = rule.removeprefix("finite and ")
+        if bounds[0] in "[(":
+            low, high = (float(x) for x in bounds[1:-1].split(","))
+            above = low <= value if bounds[0] == "[" else low < value
+            ok = above and (value <= high if bounds[-1] == "]" else value < high)
+            rule = rule.replace(bounds, f"in {bounds}")
+        else:
+            op, bound = bounds.split()
+            ok = value >= float(bound) if op == ">=" else value > float(bound)
+        if not (ok and math.isfinite(value)):
+            rule = rule if math.isfinite(value) or rule.startswith("finite") else f"finite and {rule}"
+            parser.error(f"--{name} must be {rule}, got {value}")
+
+
+FIXES = {  # errno -> what to do about it
+    errno.ENOSPC: "the disk is full: free space, then re-run the same command (it resumes from a checkpoint, if any)",
+    errno.EDQUOT: "the disk quota is used up: free space, then re-run the same command (it resumes if it can)",
+    errno.EFBIG: "a file outgrew the size limit of the file system or of `ulimit -f`: raise it or write elsewhere, "
+    "then re-run the same command (it resumes if it can)",
+    errno.EROFS: "the file system is read-only: make it writable or pass another --output_dir, then re-run",
+    errno.EACCES: "fix its permissions or pass another folder",
+    errno.EPERM: "fix its permissions or pass another folder",
+}
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _failed_write(e: BaseException) -> OSError | None:
+    """torch.save and safetensors report a failed write without an OSError (torch says "unexpected pos 576 vs 534"):
+    when this process holds an output folder and 1 MiB can no longer be written into its .partial, that is the
+    cause. The old model at the output folder is untouched: only the swap replaces it."""
+    if not isinstance(e, Exception):
+        return None
+    for lock in list(_held):
+        partial = Path(f"{str(lock).removesuffix('.lock')}.partial")
+        probe = partial / ".write_probe"
+        try:
+            if partial.is_dir():
+                with open(probe, "wb") as f:
+                    f.write(bytes(1 << 20))
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as err:
+            if err.errno in _WRITE_ERRORS:
+                return OSError(err.errno, f"{err.strerror}, so a write failed ({type(e).__name__})", str(partial))
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
+    return None
+
+
+def error_line(e: BaseException) -> str | None:
+    """The one line an entry point ends with for an error the user can fix: an interrupt, an OSError (its cause and
+    file: disk full, a read-only file system, permissions), a write that failed for one of those; None for the rest,
+    which are bugs and keep their traceback."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); nothing half-written was published: re-run the same command to continue"
+    e = e if isinstance(e, OSError) and e.errno else _failed_write(e)
+    if e is None:
+        return None
+    where = f"{e.filename}: " if e.filename else ""
+    fix = FIXES.get(e.errno, "check the path, its permissions and its file system")
+    return f"error: {where}{e.strerror} [{errno.errorcode.get(e.errno, e.errno)}]; {fix}"
+
+
+def _excepthook(kind, value, tb) -> None:
+    line = error_line(value)
+    if line is None:
+        _previous_excepthook(kind, value, tb)
+    elif _master() or not isinstance(value, KeyboardInterrupt):  # Ctrl-C reaches every rank: one line is enough
+        print(line, file=sys.__stderr__, flush=True)  # past torch.distributed's hook, which prefixes "[rank0]: "
+
+
+# Installed when an entry point imports this module, which each does first, before its slow imports (torch,
+# transformers, deepspeed): from then on an exception that ends the process goes through error_line. The interpreter
+# then exits with 1, or, after Ctrl-C, by SIGINT (130 in a shell), running the atexit hooks either way (the lock).
+_previous_excepthook = sys.excepthook
+if sys.excepthook is sys.__excepthook__:
+    sys.excepthook = _excepthook
 
 
 # ----------------------------------------------------------------------------------------------------------------

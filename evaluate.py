@@ -37,6 +37,7 @@ import csv
 import http.client
 import io
 import json
+import math
 import os
 import re
 import tempfile
@@ -45,6 +46,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import checkpoint  # its handler: Ctrl-C and the errors a user can fix end in one line (error_line)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arena arithmetic
@@ -205,7 +208,10 @@ def csv_text(rows: list[dict]) -> str:
 
 def read_bigbench_task(path: str) -> list[tuple[str, list[str], list[float]]]:
     """(user message, choices, target scores) per example; choices are listed in the input as BIG-bench does."""
-    task = json.loads(Path(path).read_text())
+    try:
+        task = json.loads(Path(path).read_text())
+    except ValueError as e:  # cut, not JSON, not UTF-8
+        raise SystemExit(f"error: --bigbench_task {path} is not valid JSON ({e}); fetch the task file again") from None
     prefix, choice_prefix = task.get("task_prefix", ""), task.get("choice_prefix", "\n  choice: ")
     examples = [ex for ex in task.get("examples", []) if isinstance(ex.get("input"), str) and ex.get("target_scores")]
     if not examples:
@@ -344,18 +350,17 @@ def main():
         parser.error("the arena needs --red_corner_model_name_or_path, --blue_corner_model_name_or_path, --datasets")
     elif not (scored or args.judge) or bool(args.reward_model_name_or_path) != bool(args.cost_model_name_or_path):
         parser.error("give both --reward_model_name_or_path and --cost_model_name_or_path (or --judge alone)")
-    if args.per_device_eval_batch_size < 1 or args.max_length < 2 or (args.max_new_tokens or 1) < 1:
-        parser.error("--per_device_eval_batch_size and --max_new_tokens must be >= 1, --max_length >= 2")
-    if args.judge_workers < 1 or args.judge_retries < 0 or not args.judge_backoff >= 0 or not args.judge_timeout > 0:
-        parser.error("--judge_workers must be >= 1, --judge_retries and --judge_backoff >= 0, --judge_timeout > 0")
+    checkpoint.check_ranges(parser, args, {
+        **(checkpoint.SAMPLING_RANGES if not args.greedy else {}),
+        **dict.fromkeys(["per_device_eval_batch_size", "max_new_tokens", "judge_workers"], ">= 1"),
+        "max_length": ">= 2", "judge_retries": ">= 0", "judge_backoff": ">= 0", "judge_timeout": "> 0",
+    })  # fmt: skip
     if args.judge and not args.judge_url.startswith(("http://", "https://")):
         parser.error(f"--judge_url {args.judge_url}: give an http:// or https:// URL")
-    from checkpoint import check_model_folder
-
     for flag, kind in (("red_corner", "causal_lm"), ("blue_corner", "causal_lm"), ("reward", "score_model"),
                        ("cost", "score_model")):  # a causal LM as a scorer would score with a random head
         if (path := getattr(args, f"{flag}_model_name_or_path")) is not None:
-            check_model_folder(path, kind, f"--{flag}_model_name_or_path")
+            checkpoint.check_model_folder(path, kind, f"--{flag}_model_name_or_path")
     from data import load_tokenizer
 
     scorer_paths = {"reward": args.reward_model_name_or_path, "cost": args.cost_model_name_or_path} if scored else {}
@@ -514,6 +519,11 @@ def main():
     rows = [row for _, row in sorted({i: row for part in gathered for i, row in part.items()}.items())]
     column = lambda key: [row[key] for row in rows]  # noqa: E731
 
+    for role, path in scorer_paths.items():  # a NaN score would make every number of the summary NaN
+        bad = [side for side in policies for row in rows if not math.isfinite(row[f"{side}_{role}"])]
+        if bad:
+            raise SystemExit(f"error: --{role}_model_name_or_path {path} gave {len(bad)} non-finite scores (NaN or "
+                             f"inf) for {len(rows)} prompts; nothing written: check that model (a NaN weight?)")
     n, summary = len(rows), {"num_prompts": len(rows)}
     for side, path in policies.items():
         summary[side] = {"model": path, "eos_rate": 1 - sum(column(f"{side}_truncated")) / n}

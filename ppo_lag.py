@@ -33,6 +33,10 @@ Launch:
   torchrun --nproc_per_node 8 ppo_lag.py ...            deepspeed --hostfile H ppo_lag.py ...
 """
 
+# first, before the slow imports: from here on Ctrl-C and the errors a user can fix end in one line (error_line)
+import checkpoint
+
+# isort: split
 import argparse
 import inspect
 import itertools
@@ -310,19 +314,29 @@ def main():
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             parser.error(f"--{name} must be a finite number, got {value}")
-    limits = {  # flag: (lowest allowed value, strictly above it?)
-        **dict.fromkeys(["epochs", "update_iters", "num_return_sequences", "per_device_prompt_batch_size",
-                         "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                         "logging_steps", "episode_cost_window_size", "max_steps", "save_total_limit"], (1, False)),
+    checkpoint.check_ranges(parser, args, {
+        **checkpoint.LOOP_RANGES,
+        **checkpoint.SAMPLING_RANGES,  # temperature 0 is refused: PPO needs sampled answers, not greedy ones
+        **dict.fromkeys(["update_iters", "num_return_sequences", "per_device_prompt_batch_size",
+                         "episode_cost_window_size"], ">= 1"),
         **dict.fromkeys(["actor_lr", "critic_lr", "lambda_lr", "lambda_init", "kl_coeff", "ptx_coeff",
-                         "lambda_update_delay_steps"], (0, False)),
-        **dict.fromkeys(["temperature", "lambda_max", "clip_range_ratio", "clip_range_score", "clip_range_value"],
-                        (0, True)),  # temperature 0 is refused: PPO needs sampled answers, not greedy ones
-    }  # fmt: skip
-    for name, (low, strict) in limits.items():
-        value = getattr(args, name)
-        if value is not None and (value <= low if strict else value < low):
-            parser.error(f"--{name} must be {'>' if strict else '>='} {low}, got {value}")
+                         "lambda_update_delay_steps", "actor_weight_decay", "critic_weight_decay", "pid_kp", "pid_ki",
+                         "pid_kd"], ">= 0"),
+        **dict.fromkeys(["lambda_max", "clip_range_ratio", "clip_range_score", "clip_range_value"], "> 0"),
+        **dict.fromkeys(["gamma", "gae_lambda", "actor_lr_warmup_ratio", "critic_lr_warmup_ratio"], "[0, 1]"),
+    })  # fmt: skip
+    if args.reward_shaping:  # lambda stays --lambda_init: the flags of the multiplier's update would be ignored
+        rule = ("lambda_update", "lambda_lr", "lambda_max", "lambda_update_delay_steps", "pid_kp", "pid_ki", "pid_kd")
+        ignored = [f"--{k} {getattr(args, k)}" for k in rule if getattr(args, k) != parser.get_default(k)]
+        if ignored:
+            parser.error(f"--reward_shaping keeps lambda fixed at --lambda_init, so {', '.join(ignored)} would be "
+                         "ignored: drop it, or drop --reward_shaping for the Lagrangian")  # fmt: skip
+    elif lagrangian and args.lambda_init > args.lambda_max:
+        parser.error(f"--lambda_init {args.lambda_init} is above --lambda_max {args.lambda_max}: lambda would start "
+                     "outside its bound; lower --lambda_init or raise --lambda_max")  # fmt: skip
+    elif lagrangian and args.lambda_init == 0 and args.lambda_update == "sgd-log" and args.lambda_lr > 0:
+        parser.error("--lambda_init 0 can never move under --lambda_update sgd-log (its step is proportional to "
+                     "lambda): start from a small one such as --lambda_init 0.01, or use --lambda_update pid")
     offload_param, offload_optimizer = args.offload in ("parameter", "all"), args.offload in ("optimizer", "all")
     if offload_param and args.zero_stage != 3 or offload_optimizer and args.zero_stage == 0:
         parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")

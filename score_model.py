@@ -21,7 +21,8 @@ Deviations from the anchor (safe-rlhf):
     statistics as the anchor's), so a ScoreModel in train mode elsewhere leaves its statistics alone.
  3. --save_best keeps the best eval checkpoint (accuracy; sign accuracy for cost models) instead of the last.
  4. A client torch AdamW (betas 0.9/0.95, no decay on biases and norms), as in sft.py.
- 5. Token-wise, a pair that truncation made identical has an empty span and adds 0 (the anchor stops on an assert).
+ 5. A pair that truncation to --max_length made identical is dropped and counted (data.py), as identical answers are;
+    the anchor trains on it (sequence-wise) or stops on an assert (token-wise, where its span would be empty).
  6. The output folder follows checkpoint.py's protocol: locked for the run, written to <output_dir>.partial (the best
     eval model as checkpoint-<step>/ until the end) and swapped into place atomically; a non-finite metric or weight
     stops the run before anything is saved.
@@ -35,6 +36,10 @@ Launch (the tiny preset's reward model: ~25 s on 2 CPU cores, ~91% pair accuracy
     deepspeed --hostfile hostfile score_model.py <same flags>   # multi-node
 """
 
+# first, before the slow imports: from here on Ctrl-C and the errors a user can fix end in one line (error_line)
+import checkpoint
+
+# isort: split
 import argparse
 import contextlib
 import io
@@ -396,10 +401,10 @@ def main():
     add("--ds_config", default=str(Path(__file__).with_name("ds_config.json")), help="DeepSpeed JSON")
     add("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored")
     args = parser.parse_args()
-    for name in ("max_length", "epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
-                 "gradient_accumulation_steps", "logging_steps", "max_steps", "save_total_limit"):
-        if (value := getattr(args, name)) is not None and value < 1:
-            parser.error(f"--{name} must be >= 1, got {value}")
+    ranges = {**checkpoint.LOOP_RANGES, "lr": "finite and > 0", "lr_warmup_ratio": "[0, 1]",
+              "weight_decay": "finite and >= 0", "regularization": "finite and >= 0",
+              "normalizer_momentum": "[0, 1]"}  # fmt: skip
+    checkpoint.check_ranges(parser, args, ranges)  # the anchor skips a negative --regularization: refused here
     if args.eval_split_ratio is not None and (args.eval_datasets or not 0 < args.eval_split_ratio < 1):
         parser.error("--eval_split_ratio must be in (0, 1) and cannot be combined with --eval_datasets")
     if (args.save_best or args.plot_histogram) and not (args.eval_datasets or args.eval_split_ratio):
@@ -409,11 +414,6 @@ def main():
     offload_param, offload_optimizer = args.offload in ("parameter", "all"), args.offload in ("optimizer", "all")
     if offload_param and args.zero_stage != 3 or offload_optimizer and args.zero_stage == 0:
         parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
-    if not (0 < args.lr < math.inf and 0 <= args.lr_warmup_ratio <= 1 and 0 <= args.weight_decay < math.inf):
-        parser.error("--lr must be finite and > 0, --lr_warmup_ratio in [0, 1], --weight_decay finite and >= 0")
-    if not (0 <= args.regularization < math.inf and 0 <= args.normalizer_momentum <= 1):
-        parser.error("--regularization must be finite and >= 0 (the anchor skips a negative one), "
-                     "--normalizer_momentum in [0, 1]")
     lora.check_arguments(parser, args)
     if args.save_adapter_only and not args.lora_rank:
         parser.error("--save_adapter_only saves a LoRA adapter: pass --lora_rank > 0")
