@@ -11,35 +11,19 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_faults import PY, error_line, run
 
 import checkpoint
 from conftest import ROOT, signal_at, stage_env
-
-PY = sys.executable
-
-
-def run(args, timeout=300, **extra_env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PY, *map(str, args)], cwd=ROOT, env=stage_env(**extra_env), capture_output=True, text=True, timeout=timeout
-    )
 
 
 def ok(proc) -> str:
     assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
-
-
-def error_line(proc) -> str:
-    lines = [s for s in proc.stderr.splitlines() if s.strip() and "real_accelerator" not in s]
-    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (
-        f"rc {proc.returncode}:\n{proc.stdout[-999:]}\n{proc.stderr[-3000:]}"
-    )
-    return lines[0]
 
 
 def sft(base, out, *extra):
