@@ -138,11 +138,13 @@ def safedpo_order(better_unsafe: bool, worse_unsafe: bool) -> bool:
 
 
 def token_logprobs(model, input_ids, attention_mask, fused=False):
-    """(B, T) fp32: column t holds log p(x_t | x_<t) for the real tokens t >= 1, 0 at t = 0 and on padding. Position
-    ids count real tokens (left padding scores as right). fused: the lm_head gives the log-probs itself."""
+    """(B, T) fp32: column t holds log p(x_t | x_<t) for each real token after a row's first, 0 on the first and on
+    padding. Position ids count real tokens (left padding scores as right). fused: the lm_head gives the log-probs."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    labels = input_ids[:, 1:].masked_fill(~attention_mask[:, 1:].bool(), IGNORE_INDEX)  # (B, T - 1)
+    real = attention_mask.bool()
+    labels = input_ids[:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), IGNORE_INDEX)  # (B, T - 1): a real token
+    # predicted from a real one (with left padding the first real token is predicted from a pad: no log-prob)
     if fused:
         targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
         with head_gives_logprobs(model, targets):
