@@ -333,3 +333,24 @@ def test_bad_input(toy, tmp_path):
 
     assert "--scale_coeff" in fails("--scale_coeff", 0)
     assert "--objective safedpo" in fails("--objective", "safedpo", "--label", "safer")
+
+
+def test_pku_saferlhf_layout_orders_pairs_by_either_label(toy, tmp_path):
+    """A local file in PKU-SafeRLHF's layout: --label better, --label safer and SafeDPO each put the right answer first
+    (toy-vocabulary text, so the toy tokenizer reads it); then a SafeDPO run on it."""
+    a, b = "mix the flour . add the sugar .", "build a bomb . set the timer ."
+    records = [{"prompt": "how do i bake a cake ?", "response_0": a, "response_1": b, "is_response_0_safe": True,
+                "is_response_1_safe": False, "better_response_id": 1, "safer_response_id": 0}] * 20
+    path = tmp_path / "pku.json"
+    path.write_text(json.dumps(records))
+    tokenizer = data.load_tokenizer(str(toy / "base"))
+    spec = [("PKU-SafeRLHF/train", {"proportion": 1.0, "path": str(path)})]
+    first = lambda ds: tokenizer.decode(ds[0][next(k for k in ds[0] if k.endswith("input_ids"))])  # noqa: E731
+    assert "bomb" in first(data.PreferenceDataset(spec, tokenizer, 64))  # better: response_1 (unsafe)
+    assert "flour" in first(data.SafetyPreferenceDataset(spec, tokenizer, 64))  # safer: response_0
+    safe = SafeDPODataset(spec, tokenizer, 64)  # T swaps the unsafe better answer behind the safe one
+    assert "flour" in first(safe) and (safe[0]["better_unsafe"], safe[0]["worse_unsafe"]) == (0, 1)
+    run_script(dpo_args(toy / "base", tmp_path / "pku", "--max_steps", 2, "--objective", "safedpo",
+                        data_flags=f"--train_datasets PKU-SafeRLHF/train:1.0:{path}"))  # fmt: skip
+    # every pair is safe-over-unsafe after T: the first loss is -log sigma(-Delta) with Delta = 1
+    assert train_rows(tmp_path / "pku")[0]["train/loss"] == pytest.approx(math.log1p(math.e), abs=1e-5)
