@@ -19,7 +19,7 @@ from test_resume import assert_same_weights, finish, kill_at_pause, rows, start,
 
 import data
 from conftest import SHARED_DATA, run_script
-from dpo import SafeDPODataset, dpo_loss, pair_spans, safedpo_margin, safedpo_order, token_logprobs
+from dpo import SafeDPODataset, dpo_loss, drop_identical, pair_spans, safedpo_margin, safedpo_order, token_logprobs
 
 PY = sys.executable
 LOG2 = math.log(2.0)
@@ -354,3 +354,13 @@ def test_pku_saferlhf_layout_orders_pairs_by_either_label(toy, tmp_path):
                         data_flags=f"--train_datasets PKU-SafeRLHF/train:1.0:{path}"))  # fmt: skip
     # every pair is safe-over-unsafe after T: the first loss is -log sigma(-Delta) with Delta = 1
     assert train_rows(tmp_path / "pku")[0]["train/loss"] == pytest.approx(math.log1p(math.e), abs=1e-5)
+
+
+def test_pairs_truncated_to_identical_are_dropped_and_counted(toy, tmp_path):
+    tokenizer = data.load_tokenizer(str(toy / "base"))
+    ds = data.PreferenceDataset([("toy-preference", {"proportion": 0.02, "path": None})], tokenizer, 20)
+    same = sum(torch.equal(d["better_input_ids"], d["worse_input_ids"]) for d in ds.data)
+    assert same > 0 and drop_identical(ds) == same
+    assert not any(torch.equal(d["better_input_ids"], d["worse_input_ids"]) for d in ds.data)
+    proc = run_script(dpo_args(toy / "base", tmp_path / "short", "--max_steps", 2, "--max_length", 20))
+    assert f"train: {same} pairs dropped (identical after tokenisation at max_length 20)" in proc.stdout
