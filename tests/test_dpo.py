@@ -364,3 +364,17 @@ def test_pairs_truncated_to_identical_are_dropped_and_counted(toy, tmp_path):
     assert not any(torch.equal(d["better_input_ids"], d["worse_input_ids"]) for d in ds.data)
     proc = run_script(dpo_args(toy / "base", tmp_path / "short", "--max_steps", 2, "--max_length", 20))
     assert f"train: {same} pairs dropped (identical after tokenisation at max_length 20)" in proc.stdout
+
+
+def test_torchrun_two_processes_zero3(toy, tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a free port: torchrun's default may be taken by another run
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    flags = ("--max_steps", 3, "--zero_stage", 3, "--per_device_train_batch_size", 4)
+    args = dpo_args(toy / "base", tmp_path / "ddp", *flags)[1:]  # the script and its flags, without the interpreter
+    proc = run_script([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, *args])
+    assert proc.stdout.count("step 3/3 | train/loss") == 1  # rank 0 alone prints
+    rows_ = train_rows(tmp_path / "ddp")
+    assert rows_[0]["train/loss"] == pytest.approx(LOG2, abs=1e-6) and (tmp_path / "ddp" / "model.safetensors").exists()
