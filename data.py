@@ -1116,6 +1116,29 @@ variant(ToySafetyPreference, "toy-safety-preference/test", SEED=102, N=500, NOIS
 variant(ToyPrompts, "toy-eval", "toy-prompts/test", SEED=4, N=400, PHRASINGS=EVAL_PHRASINGS)
 
 
+class ToySafeRLHF(ToyWorld):
+    """Pairs with both labels, as PKU-SafeRLHF has them: `better` from oracle_reward, `safer` and `is_safe` from
+    oracle_cost (5% noise on each preference), for objectives that read both (SafeDPO). Half the prompts harmful."""
+
+    NAME, ALIASES, SEED, N, NOISE, HARMFUL_SHARE = "toy-safe-rlhf", ("toy-safe-rlhf/train",), 5, 8000, 0.05, 0.5
+
+    def make(self, rng, prompt, topic):
+        while True:
+            a, b = toy_noisy_answer(rng, topic), toy_noisy_answer(rng, topic)
+            (ra, rb), (ca, cb) = (oracle_reward(prompt, a), oracle_reward(prompt, b)), (oracle_cost(prompt, a),
+                                                                                        oracle_cost(prompt, b))
+            if ra != rb:
+                better = (ra > rb) != (rng.random() < self.NOISE)
+                safer = better if ca == cb else (ca < cb) != (rng.random() < self.NOISE)  # a cost tie: no safety view
+                return RawSample(input=prompt, answer=a, other_answer=b, better=better, safer=safer,
+                                 is_safe=ca <= 0, is_other_safe=cb <= 0)
+
+    to_sample = ToySafetyPreference.to_sample  # a noisy `safer` that contradicts the signs is flipped back
+
+
+variant(ToySafeRLHF, "toy-safe-rlhf/test", SEED=105, N=500, NOISE=0.0, PHRASINGS=EVAL_PHRASINGS)
+
+
 def toy_metrics(prompts: list[str], responses: list[str]) -> dict | None:
     """Oracle helpfulness on benign prompts and harmful rate on harmful ones, or None if not all prompts are toy."""
     topics = [toy_topic(p) for p in prompts]

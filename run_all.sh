@@ -4,6 +4,7 @@
 #   bash run_all.sh tiny       # the toy world on a laptop CPU, in minutes (what `make demo` runs; the default)
 #   bash run_all.sh llama-7b   # the anchor's reference run on one 8-GPU node (LLAMA_7B=/path/to/llama-7b)
 #   bash run_all.sh smol       # a real chat model (SmolLM2-135M-Instruct) on real data, on a 2-core CPU in under an hour
+#   bash run_all.sh baselines  # after tiny: DPO, SACPO, SafeDPO beside PPO, PPO-Lag and reward shaping, 3 seeds
 #
 # Knobs (environment variables):
 #   OUT=output/tiny   where every stage writes its folder        SEED=42        WANDB=0 (1: log to Weights & Biases)
@@ -488,7 +489,97 @@ for name, row in summary.items():
           f"{100 * row['eos_rate']:>7.1f}% | {lam:>6}")
 print(f"\nwritten to {out}/summary.json; answers in {out}/arena/arena.csv")
 EOF
+elif [ "$PRESET" = baselines ]; then
+  # The offline baselines beside PPO-Lag on the toy world, 3 seeds each, all scored by the oracles on the same
+  # held-out prompts (toy-eval): SFT, PPO, PPO-Lag and reward shaping (online, with the learned reward and cost
+  # models), DPO on helpfulness, DPO on safety, SACPO (DPO on helpfulness, then DPO on safety from that model with
+  # beta / lambda) and SafeDPO (one stage on helpfulness pairs with safety indicators). Reuses the tiny preset's SFT,
+  # reward and cost models and its PPO and PPO-Lag runs (seed 42, the first seed here); runs it first when missing.
+  # Two lanes at once (the online runs, the offline ones: one core each), then one scoring pass. Knobs: OUT (the tiny
+  # preset's folder), SEEDS="42 2 3", SACPO_LAMBDA=1.0 (step 2's beta is DPO_BETA / SACPO_LAMBDA), DPO_BETA=0.1,
+  # SAFEDPO_DELTA=1.0, SHAPING_LAMBDA=1.0.
+  OUT=${OUT:-output/tiny}
+  export OUT OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
+  B=$OUT/baselines
+  SEEDS=(${SEEDS:-42 2 3})
+  DPO_BETA=${DPO_BETA:-0.1}; SACPO_LAMBDA=${SACPO_LAMBDA:-1.0}; SAFEDPO_DELTA=${SAFEDPO_DELTA:-1.0}
+  SHAPING_LAMBDA=${SHAPING_LAMBDA:-1.0}
+  [ -f "$OUT/ppo_lag/arguments.json" ] || bash "$0" tiny
+  mkdir -p "$B"
+  T_START=$SECONDS
+  # timed METHOD DIR CMD...: run a stage (skipped when complete), its training seconds appended to $B/times.tsv
+  timed() {
+    local method=$1 dir=$2; shift 2
+    local t0=$SECONDS ran=1
+    [ "$FORCE" != 1 ] && [ -f "$dir/arguments.json" ] && ran=0
+    stage "$method ($dir)" "$dir" "$@"
+    if [ $ran = 1 ]; then printf '%s\t%s\n' "$method" $((SECONDS - t0)) >> "$B/times.tsv"; fi
+  }
+
+  # Online lane: the tiny preset's PPO flags, another seed; reward shaping trains one stream on R - lambda * C.
+  online() {
+    for seed in "${SEEDS[@]}"; do
+      PPO_FLAGS=(
+        --actor_model_name_or_path "$OUT/sft" --reward_model_name_or_path "$OUT/rm" --train_datasets toy-prompts
+        --eval_datasets toy-eval --max_length 64 --epochs 3 --update_iters 1 --per_device_prompt_batch_size 32
+        --per_device_train_batch_size 32 --actor_lr 5e-4 --critic_lr 1e-3 --actor_lr_warmup_ratio 0.0
+        --kl_coeff 0.02 --seed "$seed" --zero_stage 0 --save_interval 25 --save_total_limit 1 --log_type "$LOG_TYPE"
+      )
+      if [ "$seed" != "${SEEDS[0]}" ]; then  # the first seed's PPO and PPO-Lag are the tiny preset's own runs
+        timed ppo "$B/ppo_s$seed" $PY ppo_lag.py "${PPO_FLAGS[@]}" --output_dir "$B/ppo_s$seed"
+        timed ppo_lag "$B/ppo_lag_s$seed" $PY ppo_lag.py "${PPO_FLAGS[@]}" --cost_model_name_or_path "$OUT/cm" \
+          --threshold -4.5 --lambda_init 1.0 --lambda_lr 0.2 --lambda_max 10.0 --lambda_update sgd-log \
+          --lambda_update_delay_steps 0 --episode_cost_window_size 128 --output_dir "$B/ppo_lag_s$seed"
+      fi
+      timed reward_shaping "$B/shaping_s$seed" $PY ppo_lag.py "${PPO_FLAGS[@]}" --cost_model_name_or_path "$OUT/cm" \
+        --reward_shaping --lambda_init "$SHAPING_LAMBDA" --output_dir "$B/shaping_s$seed"
+    done
+  }
+
+  # Offline lane: dpo.py from the SFT model (its own frozen reference), one epoch over a quarter of each pair set.
+  offline() {
+    for seed in "${SEEDS[@]}"; do
+      DPO_FLAGS=(--max_length 64 --epochs 1 --per_device_train_batch_size 32 --lr 5e-4 --lr_scheduler_type cosine
+                 --lr_warmup_ratio 0 --weight_decay 0 --logging_steps 20 --seed "$seed" --zero_stage 0
+                 --log_type "$LOG_TYPE")
+      # (a) DPO on helpfulness (better = the helpfulness oracle's choice, 5% noise)
+      timed dpo_helpful "$B/dpo_helpful_s$seed" $PY dpo.py "${DPO_FLAGS[@]}" --model_name_or_path "$OUT/sft" \
+        --train_datasets toy-preference:0.25 --label better --scale_coeff "$DPO_BETA" --output_dir "$B/dpo_helpful_s$seed"
+      # (b) DPO on safety (safer = better)
+      timed dpo_safe "$B/dpo_safe_s$seed" $PY dpo.py "${DPO_FLAGS[@]}" --model_name_or_path "$OUT/sft" \
+        --train_datasets toy-safety-preference:0.25 --label safer --scale_coeff "$DPO_BETA" --output_dir "$B/dpo_safe_s$seed"
+      # (c) SACPO: step 2 realigns the helpful model for safety, that model its reference, KL coefficient beta / lambda
+      timed sacpo "$B/sacpo_s$seed" $PY dpo.py "${DPO_FLAGS[@]}" --model_name_or_path "$B/dpo_helpful_s$seed" \
+        --train_datasets toy-safety-preference:0.25 --label safer \
+        --scale_coeff "$(awk "BEGIN { print $DPO_BETA / $SACPO_LAMBDA }")" --output_dir "$B/sacpo_s$seed"
+      # (d) SafeDPO: helpfulness pairs reordered by the safety indicators, plus the margin Delta
+      timed safedpo "$B/safedpo_s$seed" $PY dpo.py "${DPO_FLAGS[@]}" --model_name_or_path "$OUT/sft" \
+        --train_datasets toy-safe-rlhf:0.25 --objective safedpo --safety_margin "$SAFEDPO_DELTA" \
+        --scale_coeff "$DPO_BETA" --output_dir "$B/safedpo_s$seed"
+    done
+  }
+  echo "== two lanes: online runs (log: $B/online.log), offline runs (log: $B/offline.log)"
+  online > "$B/online.log" 2>&1 & ONLINE=$!
+  offline > "$B/offline.log" 2>&1 & OFFLINE=$!
+  wait $OFFLINE || { tail -n 30 "$B/offline.log"; exit 1; }
+  wait $ONLINE || { tail -n 30 "$B/online.log"; exit 1; }
+  grep -h "^== " "$B/online.log" "$B/offline.log"
+
+  # Score every policy with the oracles on toy-eval (400 prompts, sampled at temperature 1): table and figure.
+  POLICIES=()
+  for seed in "${SEEDS[@]}"; do POLICIES+=("sft=$OUT/sft"); done  # one SFT model: its spread is sampling's alone
+  for seed in "${SEEDS[@]}"; do
+    if [ "$seed" = "${SEEDS[0]}" ]; then POLICIES+=("ppo=$OUT/ppo" "ppo_lag=$OUT/ppo_lag")
+    else POLICIES+=("ppo=$B/ppo_s$seed" "ppo_lag=$B/ppo_lag_s$seed"); fi
+  done
+  for method in shaping:reward_shaping dpo_helpful dpo_safe sacpo safedpo; do
+    for seed in "${SEEDS[@]}"; do POLICIES+=("${method#*:}=$B/${method%%:*}_s$seed"); done
+  done
+  $PY scripts/compare.py --policies "${POLICIES[@]}" --datasets toy-eval --max_length 64 --times "$B/times.tsv" \
+    --output_dir "$B"
+  echo "== baselines: $((SECONDS - T_START)) s in all (table: $B/table.md, figure: $B/baselines.png)"
+
 else
-  echo "unknown preset '$PRESET': use tiny, llama-7b or smol" >&2
+  echo "unknown preset '$PRESET': use tiny, llama-7b, smol or baselines" >&2
   exit 2
 fi

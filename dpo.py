@@ -1,0 +1,577 @@
+"""Stage 3 (offline): direct preference optimisation (DPO) and the offline constrained baselines beside PPO-Lag.
+A policy learns from (better, worse) answer pairs directly, without a reward model or rollouts; a frozen copy of the
+starting policy is the reference (with LoRA: the policy with its adapter off). The pair's order comes from the
+helpfulness label (--label better), the safety label (--label safer), or, with --objective safedpo, from the
+helpfulness label re-ordered by the safety indicators.
+
+Objective (the anchor's DPO; Rafailov et al. 2023, Eq. 7): for a pair (x, y_w, y_l), with the log-probs summed from
+the first token where the two sequences differ (d) to each one's last token (inclusive),
+
+    h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]        (each a sum over t = d .. end)
+    L = mean over pairs of  -log sigma(beta * h - m)                             beta = --scale_coeff
+
+with m = 0 for DPO. --objective safedpo (Kim et al. 2025, arXiv 2505.20065, Eq. 12) trains on the pairs after its
+transformation T (a pair whose better answer is unsafe while the worse one is safe is swapped) and sets
+m = (h_l - h_w) * Delta (h = 1 for an unsafe answer, Delta = --safety_margin). SACPO (Wachi et al. 2024, arXiv
+2404.11049, Theorem 1: pi*_{r + lambda g} is proportional to pi*_r exp(lambda g / beta)) is two runs of this stage:
+DPO on helpfulness with beta, then DPO on safety (--label safer) from that model, as its own reference, with beta /
+lambda (run_all.sh baselines). Implicit rewards beta * (log pi - log pi_ref) are logged as the anchor does.
+
+Deviations from the anchor (safe-rlhf's dpo trainer at 82743cc):
+ 1. The sums run over the tokens d .. end themselves. The anchor slices its (B, L - 1) log-prob array, whose column t
+    is log p(token t + 1), with token positions, so it sums tokens d + 1 .. end + 1: it skips the first token where
+    the answers differ and adds the pad token after the shorter sequence (the last column of the longer one).
+ 2. Pairs that tokenisation made identical (truncation at --max_length) are dropped and counted, not asserted on;
+    the divergence index counts real tokens, so left or right padding gives the same loss.
+ 3. Eval metrics (eval/loss and the reward metrics) on --eval_datasets at step 0 and the end (the anchor's DPO trainer
+    defines no eval); a client torch AdamW (betas 0.9/0.95) as in sft.py; checkpoint.py's output protocol and full-state
+    checkpoints: re-running the same command after a kill resumes and ends on the same model.
+ 4. --objective safedpo and --label safer are ours (the baselines); --label better on PKU-SafeRLHF is the anchor's run.
+
+Launch (the anchor's scripts/dpo.sh: PKU-SafeRLHF/train, beta 0.1, lr 1e-6 cosine, warmup 0.03, wd 0.05, 2 epochs):
+    python dpo.py --model_name_or_path output/tiny/sft --train_datasets toy-preference --output_dir output/tiny/dpo
+    torchrun --nproc_per_node 8 dpo.py --model_name_or_path SFT --train_datasets PKU-SafeRLHF/train \\
+        --eval_datasets PKU-SafeRLHF/test --zero_stage 3 --bf16 --gradient_checkpointing --output_dir output/dpo
+    deepspeed --hostfile hostfile dpo.py <same flags>   # multi-node
+"""
+
+import argparse
+import contextlib
+import copy
+import io
+import itertools
+import json
+import math
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lora
+import rollout
+from checkpoint import (
+    check_finite,
+    check_model_folder,
+    find_resume,
+    interrupted,
+    load_checkpoint,
+    prepare_output,
+    publish,
+    save_checkpoint,
+    weights_finite,
+)
+from data import (
+    CHAT_TEMPLATE_HELP,
+    IGNORE_INDEX,
+    PreferenceDataset,
+    SafetyPreferenceDataset,
+    add_pad_token,
+    load_tokenizer,
+    parse_chat_template,
+    parse_dataset,
+    save_chat_template,
+    stop_ids,
+)
+from kernels import logprobs
+from kernels.linear_logprobs import fused_head_problem, head_gives_logprobs
+from sft import lr_lambda
+
+METRICS = ("loss", "reward_accuracy", "reward_margin", "better_sample_reward", "worse_sample_reward", "reward")
+
+# ----------------------------------------------------------------------------------------------------------------
+# The math
+
+
+def pair_spans(better_ids, worse_ids, better_mask, worse_mask):
+    """(B, T) bool each: the tokens of each sequence from the first real-token position where the pair differs to its
+    last real token (inclusive). Positions count real tokens, so left and right padding give the same spans; a pair
+    whose real tokens are equal gets empty spans (its log-ratio is 0, its gradient none)."""
+    B, T = better_ids.shape
+    # put each row's real tokens first (a stable sort keeps their order): right padding, whatever came in
+    b_order = (~better_mask.bool()).int().sort(dim=-1, stable=True).indices  # (B, T)
+    w_order = (~worse_mask.bool()).int().sort(dim=-1, stable=True).indices
+    b_ids, b_real = better_ids.gather(-1, b_order), better_mask.bool().gather(-1, b_order)
+    w_ids, w_real = worse_ids.gather(-1, w_order), worse_mask.bool().gather(-1, w_order)
+    differ = (b_real | w_real) & ((b_ids != w_ids) | (b_real != w_real))  # a real token against a pad differs too
+    pos = torch.arange(T, device=better_ids.device)
+    d = torch.where(differ.any(-1, keepdim=True), differ.int().argmax(-1, keepdim=True), T)  # (B, 1) diverge index
+    # back to the input's positions: span[order[k]] = (k >= d) & real
+    b_span = torch.zeros_like(b_real).scatter(-1, b_order, (pos >= d) & b_real)
+    w_span = torch.zeros_like(w_real).scatter(-1, w_order, (pos >= d) & w_real)
+    return b_span, w_span
+
+
+def dpo_loss(better_logp, worse_logp, ref_better_logp, ref_worse_logp, scale_coeff, margin=None):
+    """Sequence log-probs (B,) of the policy and the reference -> (loss, per-pair metrics (B,) detached).
+    loss = mean(-log sigma(beta * h - m)), h = (logp_w - ref_w) - (logp_l - ref_l); m = 0 (DPO) or SafeDPO's margin."""
+    better_log_ratio = better_logp - ref_better_logp  # (B,)
+    worse_log_ratio = worse_logp - ref_worse_logp
+    logits = scale_coeff * (better_log_ratio - worse_log_ratio)  # DPO, Rafailov et al. 2023 Eq. 7
+    if margin is not None:
+        logits = logits - margin  # SafeDPO Eq. 12: - (h_l - h_w) * Delta inside the sigmoid
+    loss = -F.logsigmoid(logits).mean()
+    better_reward, worse_reward = scale_coeff * better_log_ratio.detach(), scale_coeff * worse_log_ratio.detach()
+    metrics = {  # the anchor's names; per pair, averaged by the caller
+        "loss": -F.logsigmoid(logits.detach()),
+        "reward_accuracy": (better_reward > worse_reward).float(),
+        "reward_margin": better_reward - worse_reward,
+        "better_sample_reward": better_reward,
+        "worse_sample_reward": worse_reward,
+        "reward": better_reward + worse_reward,
+    }
+    return loss, metrics
+
+
+def safedpo_margin(better_unsafe, worse_unsafe, safety_margin):
+    """SafeDPO's margin (Eq. 12): (h_l - h_w) * Delta, h = 1 for an unsafe answer; on pairs already through T."""
+    return (worse_unsafe.float() - better_unsafe.float()) * safety_margin
+
+
+def safedpo_order(better_unsafe: bool, worse_unsafe: bool) -> bool:
+    """SafeDPO's transformation T of a helpfulness pair: swap (True) when the better answer is unsafe and the worse
+    one safe; every other pair keeps its order."""
+    return better_unsafe and not worse_unsafe
+
+
+def token_logprobs(model, input_ids, attention_mask, fused=False):
+    """(B, T) fp32: column t holds log p(x_t | x_<t) for each real token after a row's first, 0 on the first and on
+    padding. Position ids count real tokens (left padding scores as right). fused: the lm_head gives the log-probs."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    real = attention_mask.bool()
+    labels = input_ids[:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), IGNORE_INDEX)  # (B, T - 1): a real token
+    # predicted from a real one (with left padding the first real token is predicted from a pad: no log-prob)
+    if fused:
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
+        with head_gives_logprobs(model, targets):
+            logp = model(**inputs).logits[:, :-1]  # the "logits" are log p(target) now: (B, T - 1)
+    else:
+        logp = logprobs(model(**inputs).logits[:, :-1], labels)  # (B, T - 1), 0 where the label is IGNORE_INDEX
+    return F.pad(logp, (1, 0))  # (B, T): nothing predicts the first token
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: the pair datasets of data.py, plus SafeDPO's view (helpfulness order after T, and the safety indicators)
+
+
+class SafeDPODataset(PreferenceDataset):
+    """Helpfulness pairs with each answer's safety indicator, after SafeDPO's transformation T; the collated batch adds
+    better_unsafe, worse_unsafe (B,) 0/1. Samples without both is_safe labels are dropped."""
+
+    DROP_REASON = "no room for an answer, or no safety labels"
+
+    def preprocess(self, s):
+        if "is_safe" not in s or "is_other_safe" not in s:
+            return None
+        first, second = (s["answer"], not s["is_safe"]), (s["other_answer"], not s["is_other_safe"])
+        (better, better_unsafe), (worse, worse_unsafe) = (first, second) if s["better"] else (second, first)
+        if safedpo_order(better_unsafe, worse_unsafe):
+            (better, better_unsafe), (worse, worse_unsafe) = (worse, worse_unsafe), (better, better_unsafe)
+        a, b = self.answer_ids(s["input"], better), self.answer_ids(s["input"], worse)
+        if a is None or b is None:
+            return None
+        return {"better_input_ids": a, "worse_input_ids": b, "better_unsafe": int(better_unsafe),
+                "worse_unsafe": int(worse_unsafe)}
+
+    def collate(self, batch):
+        flags = {k: torch.tensor([b[k] for b in batch]) for k in ("better_unsafe", "worse_unsafe")}
+        return {**super().collate(batch), **flags}
+
+
+def drop_identical(dataset) -> int:
+    """Remove the pairs whose two token sequences are equal (truncation can make them so); return how many."""
+    def same(d):
+        first, second = [v for k, v in d.items() if k.endswith("input_ids")]
+        return torch.equal(first, second)
+
+    kept = [d for d in dataset.data if not same(d)]
+    dropped, dataset.data = len(dataset.data) - len(kept), kept
+    return dropped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    parser.add_argument(
+        "--train_datasets", type=parse_dataset, nargs="+", required=True, help="NAME[:PROPORTION[:PATH]] ..."
+    )
+    parser.add_argument(
+        "--eval_datasets", type=parse_dataset, nargs="+", default=None, help="NAME[:PROPORTION[:PATH]] ..."
+    )
+    parser.add_argument("--max_length", type=int, default=512, help="tokens per sequence (answers truncated)")
+    parser.add_argument(
+        "--chat_template",
+        type=parse_chat_template,
+        default="anchor",
+        help=f"how conversations are written (and saved with the model): {CHAT_TEMPLATE_HELP}",
+    )
+    parser.add_argument("--label", choices=["better", "safer"], default="better",
+                        help="which label orders a pair: helpfulness (better) or safety (safer)")  # fmt: skip
+    # model
+    parser.add_argument("--model_name_or_path", required=True, help="the starting policy (also the reference)")
+    parser.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the folder/hub")
+    lora.add_arguments(parser)
+    parser.add_argument("--save_adapter_only", action="store_true", help="save the LoRA adapter folder, not merged")
+    # algorithm
+    parser.add_argument("--scale_coeff", type=float, default=0.1, help="beta: the KL coefficient of DPO (nats^-1)")
+    parser.add_argument("--objective", choices=["dpo", "safedpo"], default="dpo",
+                        help="dpo, or safedpo: helpfulness pairs reordered by T and a safety margin")  # fmt: skip
+    parser.add_argument("--safety_margin", type=float, default=1.0,
+                        help="SafeDPO's Delta: the extra logit a safe-over-unsafe pair must win by")  # fmt: skip
+    # optimisation
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the train set")
+    parser.add_argument(
+        "--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests)"
+    )
+    parser.add_argument("--per_device_train_batch_size", type=int, default=16, help="pairs per micro-batch per rank")
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=16, help="pairs per eval batch per rank")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--lr", type=float, default=1e-6, help="peak learning rate")
+    parser.add_argument(
+        "--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup"
+    )
+    parser.add_argument("--lr_warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
+    parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decay (not on biases and norms)")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--fused_logprobs", action="store_true", help="log-probs straight from the last hidden state "
+                        "(kernels/linear_logprobs.py): no (B, T, V) logits nor their gradient")  # fmt: skip
+    # logging
+    parser.add_argument("--output_dir", required=True, help="final HF folder (written via <output_dir>.partial)")
+    parser.add_argument("--logging_steps", type=int, default=10, help="optimizer steps between metrics lines")
+    parser.add_argument(
+        "--eval_interval", type=int, default=0, help="optimizer steps between evals (0: only at the end)"
+    )
+    parser.add_argument(
+        "--save_interval", type=int, default=0, help="steps between full checkpoints, checkpoint-<step>/ (0: none)"
+    )
+    parser.add_argument(
+        "--save_total_limit", type=int, default=None, help="keep the newest K checkpoints (default: all)"
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        default="auto",
+        help="auto: continue from the newest checkpoint in <output_dir>.partial if any; PATH: from that checkpoint; "
+        "none: start over (discards the old checkpoints)",
+    )
+    parser.add_argument(
+        "--log_type", choices=["none", "wandb", "tensorboard"], default="none", help="extra metrics sink"
+    )
+    parser.add_argument("--log_project", default="nano-safe-rlhf", help="wandb project / tensorboard sub-folder")
+    # system
+    parser.add_argument("--seed", type=int, default=42, help="seed for data order and subsets")
+    parser.add_argument("--zero_stage", type=int, choices=[0, 1, 2, 3], default=0, help="DeepSpeed ZeRO stage")
+    parser.add_argument("--offload", choices=["none", "parameter", "optimizer", "all"], default="none", help="to CPU")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute")
+    parser.add_argument("--ds_config", default=str(Path(__file__).with_name("ds_config.json")), help="DeepSpeed JSON")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored")
+    args = parser.parse_args()
+    counts = "max_length epochs per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps"
+    for name in [*counts.split(), "logging_steps"]:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.zero_stage < {"parameter": 3, "all": 3, "optimizer": 1}.get(args.offload, 0):
+        parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
+    if not (0 < args.lr < math.inf and 0 <= args.lr_warmup_ratio <= 1 and 0 <= args.weight_decay < math.inf):
+        parser.error("--lr must be finite and > 0, --lr_warmup_ratio in [0, 1], --weight_decay finite and >= 0")
+    if not (0 < args.scale_coeff < math.inf and 0 <= args.safety_margin < math.inf):
+        parser.error("--scale_coeff must be finite and > 0, --safety_margin finite and >= 0")
+    if args.objective == "safedpo" and args.label != "better":
+        parser.error("--objective safedpo orders pairs by the helpfulness label: drop --label safer")
+    if args.max_steps is not None and args.max_steps < 1 or args.eval_interval < 0 or args.save_interval < 0:
+        parser.error("--max_steps must be >= 1, --eval_interval and --save_interval >= 0")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        parser.error(f"--save_total_limit must be >= 1, got {args.save_total_limit}")
+    lora.check_arguments(parser, args)
+    if args.save_adapter_only and not args.lora_rank:
+        parser.error("--save_adapter_only saves a LoRA adapter: pass --lora_rank > 0")
+    check_model_folder(args.model_name_or_path, "causal_lm", "--model_name_or_path")  # before any process group
+    from transformers import AutoModelForCausalLM
+
+    from ppo_lag import adapter_off
+
+    rollout.silence_library_bars()
+
+    # distributed preamble: a plain `python dpo.py` is a world of one
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    import deepspeed
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore", ".*is deprecated. Please use `torch.distributed", FutureWarning)  # ZeRO-3
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else a 30 s JIT compile on CPU
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    master_process = rank == 0
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    torch.manual_seed(args.seed)
+
+    def print0(*a, **k):
+        if master_process:
+            print(*a, **k, flush=True)
+
+    partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
+    if master_process:  # lock <output_dir>, check it can be written, recover an interrupted swap: before slow work
+        partial = prepare_output(args.output_dir, vars(args), args.resume_from_checkpoint)
+    eval_flags = ("eval_interval", "eval_datasets", "per_device_eval_batch_size")  # they draw no random numbers
+    resume_dir = find_resume(partial, args.resume_from_checkpoint, vars(args), eval_flags)
+
+    # data: rows [:B] of input_ids are the preferred answers, rows [B:] the others; data.py reports on every rank
+    Dataset = SafeDPODataset if args.objective == "safedpo" else {
+        "better": PreferenceDataset, "safer": SafetyPreferenceDataset}[args.label]  # fmt: skip
+    try:
+        tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right", chat_template=args.chat_template)
+        with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(io.StringIO()):
+            kwargs = dict(max_length=args.max_length, seed=args.seed, chat_template=args.chat_template)
+            train_dataset = Dataset(args.train_datasets, tokenizer, **kwargs)
+            eval_dataset = args.eval_datasets and Dataset(args.eval_datasets, tokenizer, **kwargs)
+    except ValueError as e:  # no EOS token, no usable samples, nothing fits max_length, ...
+        raise SystemExit(f"error: {e}") from None
+    for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
+        if dataset and (dropped := drop_identical(dataset)):  # the anchor asserts on such a pair
+            print0(f"{name}: {dropped:,} pairs dropped (identical after tokenisation at max_length {args.max_length})")
+        if dataset is not None and len(dataset) == 0:
+            raise SystemExit(f"error: no {name} pair left after dropping identical ones; raise --max_length")
+    micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    global_batch = micro * accum * world_size
+    if len(train_dataset) < global_batch:
+        raise SystemExit(
+            f"error: {len(train_dataset)} train pairs < one global batch of {global_batch} "
+            f"(= {micro} per device x {accum} accumulation x {world_size} ranks); lower the batch flags"
+        )
+    # each loader its own generator: a resumed run must not draw from the global one where the first run did not
+    train_sampler = torch.utils.data.DistributedSampler(train_dataset, world_size, rank, shuffle=True, seed=args.seed)
+    train_loader = torch.utils.data.DataLoader(
+        train_dataset, micro, sampler=train_sampler, collate_fn=train_dataset.collate, generator=torch.Generator()
+    )
+    eval_loader = None
+    if eval_dataset:
+        eval_sampler = torch.utils.data.DistributedSampler(eval_dataset, world_size, rank, shuffle=False)
+        eval_loader = torch.utils.data.DataLoader(eval_dataset, args.per_device_eval_batch_size, sampler=eval_sampler,
+                                                  collate_fn=eval_dataset.collate, generator=torch.Generator())
+    steps_per_epoch = len(train_loader) // accum
+    total_steps = args.epochs * steps_per_epoch
+    total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    warmup_steps = 0 if args.lr_scheduler_type == "constant" else int(args.lr_warmup_ratio * total_steps)
+    print0(
+        f"train {len(train_dataset):,} pairs, eval {len(eval_dataset or []):,} | global batch {global_batch} = "
+        f"{micro} x {accum} accum x {world_size} ranks | {total_steps} steps, {warmup_steps} warmup | "
+        f"{args.objective} on the {args.label} label, beta {args.scale_coeff:g}"
+    )
+
+    # models: the policy (trained) and the reference (frozen: a second copy, or the policy with its adapter off)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+
+    model = lora.from_pretrained(  # an adapter folder: its base with the adapter folded in
+        AutoModelForCausalLM.from_pretrained,
+        args.model_name_or_path,
+        dtype=dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if args.save_adapter_only and tokenizer.pad_token is None:  # the new pad row would live outside the adapter
+        raise SystemExit("error: --save_adapter_only: the tokenizer has no pad token, so the embeddings grow by one "
+                         "row that an adapter folder cannot carry; save merged (drop the flag) or add a pad token")
+    add_pad_token(tokenizer, model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    # the reference: an exact copy of the starting policy, a new pad row included (that row is drawn at random)
+    ref_model = None if args.lora_rank else copy.deepcopy(model).requires_grad_(False)
+    stops = stop_ids(tokenizer, args.chat_template, model.generation_config)
+    model.generation_config.update(eos_token_id=stops[0] if len(stops) == 1 else stops,
+                                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if args.fused_logprobs and (problem := fused_head_problem(model)):
+        raise SystemExit(f"error: --fused_logprobs needs logits = last hidden state @ lm_head.weight^T, but {problem}: "
+                         "drop --fused_logprobs")
+    if args.lora_rank:
+        model = lora.add_lora(model, args, "", args.model_name_or_path)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_lambda(step, total_steps, warmup_steps, args.lr_scheduler_type)
+    )
+    with open(args.ds_config) as f:
+        base_config = json.load(f)
+
+    def ds_config(train):
+        config = json.loads(json.dumps(base_config))
+        config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
+                      train_batch_size=global_batch)  # fmt: skip
+        zero = config.setdefault("zero_optimization", {})
+        zero["stage"] = args.zero_stage if train else (3 if args.zero_stage == 3 else 0)
+        zero["offload_param"] = {"device": "cpu" if args.offload in ("parameter", "all") and zero["stage"] == 3
+                                 else "none"}  # fmt: skip
+        zero["offload_optimizer"] = {"device": "cpu" if train and args.offload in ("optimizer", "all") else "none"}
+        config["zero_force_ds_cpu_optimizer"] = False  # we pass a torch optimizer on purpose
+        config["bf16"] = {**config.get("bf16", {}), "enabled": args.bf16}
+        return config
+
+    print0(f"deepspeed config: {json.dumps(ds_config(True))}")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(True))
+    if args.lora_rank:  # at the start B = 0: the adapter switched off is the starting policy, not a second copy
+        ref = adapter_off(engine, engine.module)
+    else:
+        ref = deepspeed.initialize(model=ref_model, config=ds_config(False))[0]
+        ref.eval()
+
+    if args.log_type == "wandb" and master_process:
+        import wandb
+
+        wandb.init(project=args.log_project, config=vars(args))
+    if args.log_type == "tensorboard" and master_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(partial / "tensorboard" / args.log_project)
+
+    def log(step, metrics):
+        metrics = {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
+        check_finite(metrics, step)  # all-reduced values: every rank stops together
+        fmt = lambda k, v: (
+            f"{k} {v:,.0f}" if k.startswith("perf/") else f"{k} {v:.2e}" if k.endswith("/lr") else f"{k} {v:.4f}"
+        )
+        print0(" | ".join([f"step {step}/{total_steps}"] + [fmt(k, v) for k, v in metrics.items()]))
+        if master_process:
+            with open(partial / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            if args.log_type == "wandb":
+                wandb.log(metrics, step=step)
+            elif args.log_type == "tensorboard":
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, step)
+
+    def pair_loss(batch):
+        """The batch's loss and per-pair metrics: one policy forward and one reference forward over both halves."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        B = ids.size(0) // 2
+        better_span, worse_span = pair_spans(ids[:B], ids[B:], mask[:B], mask[B:])
+        span = torch.cat([better_span, worse_span])  # (2B, T)
+        logp = (token_logprobs(engine, ids, mask, args.fused_logprobs) * span).sum(-1)  # (2B,)
+        with torch.no_grad():
+            ref_logp = (token_logprobs(ref, ids, mask, args.fused_logprobs) * span).sum(-1)
+        margin = None
+        if args.objective == "safedpo":
+            margin = safedpo_margin(batch["better_unsafe"], batch["worse_unsafe"], args.safety_margin)
+        return dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], args.scale_coeff, margin)
+
+    def evaluate():
+        engine.eval()
+        totals = torch.zeros(len(METRICS) + 1, device=engine.device)  # per-pair sums, pairs
+        with torch.no_grad():
+            for batch in rollout.progress(eval_loader, desc="eval", unit="batch"):
+                batch = {k: v.to(engine.device) for k, v in batch.items()}
+                _, metrics = pair_loss(batch)
+                totals += torch.stack([*(m.sum() for m in metrics.values()), torch.tensor(float(len(metrics["loss"])))])
+        dist.all_reduce(totals)
+        engine.train()
+        return {f"eval/{k}": v for k, v in zip(METRICS, totals[:-1] / totals[-1])}
+
+    def save(path, loop_state=None):
+        """An ordinary HF folder, arguments.json last; under ZeRO-3 all ranks gather the partitioned weights. Never
+        a non-finite model. With `loop_state`, a full checkpoint-<step>/ (engine state, RNG, loop state) in `path`."""
+        finite = torch.tensor(float(weights_finite(engine.module)), device=engine.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        check_finite({"weights": 1.0 if finite.item() else math.nan}, step)
+        state_dict = (
+            engine._zero3_consolidated_16bit_state_dict() if args.zero_stage == 3 else engine.module.state_dict()
+        )
+
+        def write_model(folder):
+            lora.save_pretrained(engine.module, folder, state_dict, args.save_adapter_only)
+            tokenizer.save_pretrained(folder)
+            save_chat_template(tokenizer, args.chat_template, folder)
+
+        if loop_state is not None:
+            save_checkpoint(path, step, {"model": engine}, loop_state, write_model, vars(args), args.save_total_limit,
+                            {"running": running.tolist()})  # fmt: skip
+            return
+        if master_process:
+            write_model(path)
+            with open(Path(path) / "arguments.json", "w") as f:
+                json.dump(vars(args), f, indent=2)
+        dist.barrier()
+
+    # the loop: both halves through the policy and the reference, the DPO loss, backward; DeepSpeed owns gradient
+    # accumulation (engine.backward scales the loss by 1/accum, engine.step updates on every accum-th micro-batch)
+    engine.train()
+    step, micro_step, start_epoch, skip = 0, 0, 0, 0
+    running = torch.zeros(len(METRICS) + 2, device=engine.device)  # per-pair sums, pairs, tokens
+    bar = None
+    if resume_dir is not None:
+        state = load_checkpoint(resume_dir, {"model": engine})
+        step, micro_step, start_epoch, skip = state["step"], state["micro_step"], state["epoch"], state["position"]
+        running = torch.tensor(state["running"], device=engine.device)
+    t0 = time.time()
+    try:  # Ctrl-C: one line, exit 130, the .partial left in place
+        if eval_loader is not None and resume_dir is None:
+            log(0, evaluate())  # the starting policy: loss log 2, rewards 0
+            t0 = time.time()
+        for epoch in range(start_epoch, args.epochs):
+            train_sampler.set_epoch(epoch)
+            for position, batch in enumerate(itertools.islice(train_loader, skip, None), start=skip + 1):
+                if bar is None:
+                    steps_to_line = min(args.logging_steps - step % args.logging_steps, total_steps - step)
+                    bar = rollout.progress(total=steps_to_line * accum - micro_step % accum, desc="train", unit="mb")
+                batch = {k: v.to(engine.device) for k, v in batch.items()}
+                # 1) log-probs of both answers under the policy and the reference, summed over the differing span
+                # 2) the DPO loss (or SafeDPO's)
+                loss, metrics = pair_loss(batch)
+                # 3) backward and (on boundaries) optimizer + LR step
+                engine.backward(loss)
+                engine.step()
+                pairs = torch.tensor(float(len(metrics["loss"])), device=engine.device)
+                running += torch.stack([*(m.sum() for m in metrics.values()), pairs,
+                                        batch["attention_mask"].sum().float()])  # fmt: skip
+                micro_step += 1
+                bar.update()
+                if micro_step % accum:
+                    continue
+                step += 1
+                # 4) log / eval / save
+                if step % args.logging_steps == 0 or step == total_steps:
+                    bar.close()
+                    bar = None
+                    dist.all_reduce(running)
+                    elapsed, t0 = time.time() - t0, time.time()
+                    stats = {f"train/{k}": v for k, v in zip(METRICS, running[:-2] / running[-2])}
+                    log(step, {**stats, "train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
+                               "perf/tok_per_sec": running[-1] / elapsed})  # fmt: skip
+                    running.zero_()
+                t_pause = time.time()
+                eval_now = args.eval_interval and step % args.eval_interval == 0 or step == total_steps
+                if eval_loader is not None and eval_now:
+                    log(step, evaluate())
+                if args.save_interval and step % args.save_interval == 0 and step < total_steps:
+                    save(partial, {"epoch": epoch, "position": position, "micro_step": micro_step})
+                t0 += time.time() - t_pause
+                if step == total_steps:
+                    break
+            skip = 0
+            if step == total_steps:
+                break
+        save(partial)
+    except KeyboardInterrupt:
+        interrupted(step, partial)
+
+    if master_process:
+        publish(partial, args.output_dir)
+        print0(f"saved {args.output_dir}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
