@@ -35,6 +35,10 @@ Launch (the anchor's scripts/dpo.sh: PKU-SafeRLHF/train, beta 0.1, lr 1e-6 cosin
     deepspeed --hostfile hostfile dpo.py <same flags>   # multi-node
 """
 
+# first, before the slow imports: from here on Ctrl-C and the errors a user can fix end in one line (error_line)
+import checkpoint
+
+# isort: split
 import argparse
 import contextlib
 import copy
@@ -272,22 +276,14 @@ def main():
     parser.add_argument("--ds_config", default=str(Path(__file__).with_name("ds_config.json")), help="DeepSpeed JSON")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored")
     args = parser.parse_args()
-    counts = "max_length epochs per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps"
-    for name in [*counts.split(), "logging_steps"]:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    ranges = {**checkpoint.LOOP_RANGES, "lr": "finite and > 0", "lr_warmup_ratio": "[0, 1]",
+              "weight_decay": "finite and >= 0", "scale_coeff": "finite and > 0",
+              "safety_margin": "finite and >= 0"}  # fmt: skip
+    checkpoint.check_ranges(parser, args, ranges)
     if args.zero_stage < {"parameter": 3, "all": 3, "optimizer": 1}.get(args.offload, 0):
         parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
-    if not (0 < args.lr < math.inf and 0 <= args.lr_warmup_ratio <= 1 and 0 <= args.weight_decay < math.inf):
-        parser.error("--lr must be finite and > 0, --lr_warmup_ratio in [0, 1], --weight_decay finite and >= 0")
-    if not (0 < args.scale_coeff < math.inf and 0 <= args.safety_margin < math.inf):
-        parser.error("--scale_coeff must be finite and > 0, --safety_margin finite and >= 0")
     if args.objective == "safedpo" and args.label != "better":
         parser.error("--objective safedpo orders pairs by the helpfulness label: drop --label safer")
-    if args.max_steps is not None and args.max_steps < 1 or args.eval_interval < 0 or args.save_interval < 0:
-        parser.error("--max_steps must be >= 1, --eval_interval and --save_interval >= 0")
-    if args.save_total_limit is not None and args.save_total_limit < 1:
-        parser.error(f"--save_total_limit must be >= 1, got {args.save_total_limit}")
     lora.check_arguments(parser, args)
     if args.save_adapter_only and not args.lora_rank:
         parser.error("--save_adapter_only saves a LoRA adapter: pass --lora_rank > 0")

@@ -356,6 +356,7 @@ ENTRY_POINTS = {
                     "--datasets", "toy-eval:0.02", "--judge", "--output_dir", "{out}"],
     "chat.py": ["--model_name_or_path", "{base}", "-p", "hi"],
     "data.py": ["toy-model", "--output_dir", "{out}"],
+    "dpo.py": ["--model_name_or_path", "{base}", "--train_datasets", "toy-preference:0.05", "--output_dir", "{out}"],
 }  # fmt: skip
 
 
