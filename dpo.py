@@ -186,17 +186,6 @@ class SafeDPODataset(PreferenceDataset):
         return {**super().collate(batch), **flags}
 
 
-def drop_identical(dataset) -> int:
-    """Remove the pairs whose two token sequences are equal (truncation can make them so); return how many."""
-    def same(d):
-        first, second = [v for k, v in d.items() if k.endswith("input_ids")]
-        return torch.equal(first, second)
-
-    kept = [d for d in dataset.data if not same(d)]
-    dropped, dataset.data = len(dataset.data) - len(kept), kept
-    return dropped
-
-
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -334,11 +323,6 @@ def main():
             eval_dataset = args.eval_datasets and Dataset(args.eval_datasets, tokenizer, **kwargs)
     except ValueError as e:  # no EOS token, no usable samples, nothing fits max_length, ...
         raise SystemExit(f"error: {e}") from None
-    for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
-        if dataset and (dropped := drop_identical(dataset)):  # the anchor asserts on such a pair
-            print0(f"{name}: {dropped:,} pairs dropped (identical after tokenisation at max_length {args.max_length})")
-        if dataset is not None and len(dataset) == 0:
-            raise SystemExit(f"error: no {name} pair left after dropping identical ones; raise --max_length")
     micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
     global_batch = micro * accum * world_size
     if len(train_dataset) < global_batch:

@@ -19,7 +19,7 @@ from test_resume import assert_same_weights, finish, kill_at_pause, rows, start,
 
 import data
 from conftest import SHARED_DATA, run_script
-from dpo import SafeDPODataset, dpo_loss, drop_identical, pair_spans, safedpo_margin, safedpo_order, token_logprobs
+from dpo import SafeDPODataset, dpo_loss, pair_spans, safedpo_margin, safedpo_order, token_logprobs
 
 PY = sys.executable
 LOG2 = math.log(2.0)
@@ -359,11 +359,10 @@ def test_pku_saferlhf_layout_orders_pairs_by_either_label(toy, tmp_path):
 def test_pairs_truncated_to_identical_are_dropped_and_counted(toy, tmp_path):
     tokenizer = data.load_tokenizer(str(toy / "base"))
     ds = data.PreferenceDataset([("toy-preference", {"proportion": 0.02, "path": None})], tokenizer, 20)
-    same = sum(torch.equal(d["better_input_ids"], d["worse_input_ids"]) for d in ds.data)
-    assert same > 0 and drop_identical(ds) == same
-    assert not any(torch.equal(d["better_input_ids"], d["worse_input_ids"]) for d in ds.data)
+    same = ds.identical  # the dataset drops them (the anchor asserts on such a pair)
+    assert same > 0 and not any(torch.equal(d["better_input_ids"], d["worse_input_ids"]) for d in ds.data)
     proc = run_script(dpo_args(toy / "base", tmp_path / "short", "--max_steps", 2, "--max_length", 20))
-    assert f"train: {same} pairs dropped (identical after tokenisation at max_length 20)" in proc.stdout
+    assert f"{same:,} of them pairs the truncation made identical" in proc.stdout
 
 
 def test_torchrun_two_processes_zero3(toy, tmp_path):
