@@ -42,6 +42,7 @@ RULE_FLAGS = {
     "pgd": ["--lambda_lr", "0.3"],
 }
 UNCONSTRAINED = "lambda=0"  # the reference runs: the same flags, lambda fixed at 0
+LAMBDA_MAX = 10.0  # the tiny preset's --lambda_max
 GOAL_STREAK = 10  # longest run of rollouts above d + tol (after the first 10) that still counts as holding d
 
 
@@ -54,7 +55,7 @@ def tiny_flags(models, rollouts):
         "--max_length", "64", "--epochs", str(epochs), "--max_steps", str(rollouts), "--update_iters", "1",
         "--per_device_prompt_batch_size", "32", "--per_device_train_batch_size", "32", "--actor_lr", "5e-4",
         "--critic_lr", "1e-3", "--actor_lr_warmup_ratio", "0.0", "--kl_coeff", "0.02", "--lambda_init", "1.0",
-        "--lambda_max", "10.0", "--lambda_update_delay_steps", "0", "--episode_cost_window_size", "128",
+        "--lambda_max", str(LAMBDA_MAX), "--lambda_update_delay_steps", "0", "--episode_cost_window_size", "128",
         "--zero_stage", "0", "--resume_from_checkpoint", "none",
     ]  # fmt: skip
 
@@ -91,11 +92,22 @@ def summarize(rows, threshold, last, tol, lambda_max):
     return row
 
 
-def run_one(job, base_flags, extra, out):
-    """One PPO-Lag run as a subprocess (one thread: on a 2-core machine more fight each other); its log beside it."""
+def run_folder(out, job):
     rule, threshold, seed = job
-    folder = os.path.join(out, f"{rule}_d{threshold:g}_s{seed}")
-    if not os.path.exists(os.path.join(folder, "arguments.json")):  # a complete run is not run again
+    return os.path.join(out, f"{rule}_d{threshold:g}_s{seed}")
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_one(job, base_flags, extra, out):
+    """One PPO-Lag run as a subprocess (one thread: on a 2-core machine more fight each other), its log beside its
+    folder; a run whose folder is complete is not run again. Returns its metrics.jsonl rows."""
+    rule, threshold, seed = job
+    folder = run_folder(out, job)
+    if not os.path.exists(os.path.join(folder, "arguments.json")):
         flags = ["--lambda_lr", "0", "--lambda_init", "0"] if rule == UNCONSTRAINED else RULE_FLAGS.get(rule, [])
         rule_name = "sgd-log" if rule == UNCONSTRAINED else rule
         cmd = [sys.executable, os.path.join(ROOT, "ppo_lag.py"), *base_flags, *flags, *extra,
@@ -106,8 +118,7 @@ def run_one(job, base_flags, extra, out):
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         if proc.returncode:
             raise RuntimeError(f"{folder} failed (exit {proc.returncode}); its log: {folder}.log")
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return folder, [json.loads(line) for line in f]
+    return read_metrics(os.path.join(folder, "metrics.jsonl"))
 
 
 def aggregate(results, key):
@@ -209,8 +220,8 @@ def main():
     for role in ("sft", "rm", "cm"):
         if not os.path.exists(os.path.join(args.models, role, "config.json")):
             parser.error(f"{args.models}/{role} is not a trained model: run `bash run_all.sh tiny` first (or --models)")
-    if args.rollouts < args.last + 10:
-        parser.error(f"--rollouts {args.rollouts} leaves nothing after the first 10 and the last {args.last}")
+    if args.rollouts < args.last:
+        parser.error(f"--rollouts {args.rollouts} is fewer than --last {args.last}")
 
     jobs = [(rule, d, seed) for d in args.thresholds for rule in args.rules for seed in args.seeds]
     if not args.no_reference:
@@ -218,34 +229,36 @@ def main():
     base = tiny_flags(os.path.abspath(args.models), args.rollouts)
     t0 = time.time()
     results = []
-    print(f"{len(jobs)} runs of {args.rollouts} rollouts, {args.jobs} at a time, in {out}", flush=True)
-    bar = rollout.progress(total=len(jobs), desc="sweep", unit="run", leave=True, delay=0)
-    with ThreadPoolExecutor(args.jobs) as pool:  # threads that each wait on one ppo_lag.py process
-        futures = {pool.submit(run_one, job, base, extra, out) if not args.plot_only else None: job for job in jobs}
-        for future in as_completed([f for f in futures if f is not None]):
-            rule, d, seed = futures[future]
-            try:
-                folder, rows = future.result()
-            except (RuntimeError, FileNotFoundError) as e:
-                print(f"error: {e}", flush=True)
-                continue
-            row = {"rule": rule, "threshold": d, "seed": seed,
-                   **summarize(rows, d, args.last, args.tol, 10.0)}  # fmt: skip
-            results.append(row)
-            bar.update()
-            bar.write(f"[{len(results)}/{len(jobs)} {time.time() - t0:.0f} s] {rule} d {d:g} seed {seed}: J_C "
-                      f"{row['jc_last']:.2f} | lambda {row['lambda_end']:.2f} | harmful "
-                      f"{row.get('oracle_harmful_rate', float('nan')):.2f} | " + ("holds" if row["holds"] else "misses"),
-                      file=sys.stdout)  # fmt: skip
-    bar.close()
+
+    def add_row(job, rows):
+        rule, d, seed = job
+        results.append({"rule": rule, "threshold": d, "seed": seed,
+                        **summarize(rows, d, args.last, args.tol, LAMBDA_MAX)})  # fmt: skip
+        return results[-1]
+
     if args.plot_only:
-        for rule, d, seed in jobs:
-            path = os.path.join(out, f"{rule}_d{d:g}_s{seed}", "metrics.jsonl")
+        for job in jobs:
+            path = os.path.join(run_folder(out, job), "metrics.jsonl")
             if os.path.exists(path):
-                with open(path) as f:
-                    rows = [json.loads(line) for line in f]
-                results.append({"rule": rule, "threshold": d, "seed": seed,
-                                **summarize(rows, d, args.last, args.tol, 10.0)})  # fmt: skip
+                add_row(job, read_metrics(path))
+    else:
+        print(f"{len(jobs)} runs of {args.rollouts} rollouts, {args.jobs} at a time, in {out}", flush=True)
+        bar = rollout.progress(total=len(jobs), desc="sweep", unit="run", leave=True, delay=0)
+        with ThreadPoolExecutor(args.jobs) as pool:  # threads that each wait on one ppo_lag.py process
+            futures = {pool.submit(run_one, job, base, extra, out): job for job in jobs}
+            for future in as_completed(futures):
+                job = futures[future]
+                try:
+                    row = add_row(job, future.result())
+                except RuntimeError as e:
+                    bar.write(f"error: {e}", file=sys.stdout)
+                    continue
+                bar.update()
+                bar.write(f"[{len(results)}/{len(jobs)} {time.time() - t0:.0f} s] {job[0]} d {job[1]:g} seed "
+                          f"{job[2]}: J_C {row['jc_last']:.2f} | lambda {row['lambda_end']:.2f} | harmful "
+                          f"{row.get('oracle_harmful_rate', float('nan')):.2f} | "
+                          + ("holds d" if row["holds"] else "misses d"), file=sys.stdout)  # fmt: skip
+        bar.close()
     if not results:
         raise SystemExit("error: no finished run to tabulate")
     results.sort(key=lambda r: (r["rule"], r["threshold"], r["seed"]))

@@ -207,7 +207,7 @@ def test_every_rule_stays_in_range_follows_the_violation_and_resumes(rule):
     costs = [d + 3.0, d - 0.5, d + 0.2, d - 2.0, d + 1.0]
     _, direct = run(state, costs)
     _, resumed = run(json.loads(json.dumps(state)), costs)
-    assert resumed == direct
+    assert resumed == direct and json.loads(json.dumps(state)) == state
 
 
 def test_pid_damps_oscillation_on_a_toy_plant():
@@ -352,6 +352,34 @@ def test_plain_ppo_and_fixed_lambda(toy_models, tmp_path):
         )
     )
     assert all(r["train/lambda"] == 2.0 for r in read_metrics(tmp_path / "fixed") if "train/lambda" in r)
+
+
+def test_warning_lines(toy_models, tmp_path):
+    """One line after WARN_AFTER rollouts with lambda at its cap or J_C above d, naming the flag to change; printed
+    once per streak. d = -100 keeps J_C above d: with lambda already at its cap (1.0) both lines come, the second
+    pointing at --lambda_max; with lambda frozen below its cap (--lambda_lr 0) only J_C's, pointing at --lambda_lr.
+    Every rollout also logs train/unsafe_rate, the share of its answers with cost > 0."""
+    from ppo_lag import WARN_AFTER
+
+    cm = ["--cost_model_name_or_path", str(toy_models / "cm"), "--threshold", "-100", "--epochs", "4",
+          "--max_steps", str(WARN_AFTER + 1), "--eval_datasets", "toy-eval:0.01"]  # fmt: skip
+    capped = run_script(ppo_args(toy_models, tmp_path / "capped", *cm, "--lambda_max", "1.0")).stdout
+    assert capped.count("warning: ") == 2, capped
+    assert f"warning: lambda has sat at its cap --lambda_max 1 for {WARN_AFTER} rollouts" in capped
+    line = next(x for x in capped.splitlines() if x.startswith("warning: J_C"))
+    assert f"has stayed above d -100 for {WARN_AFTER} rollouts" in line and "raise --lambda_max" in line, line
+    # printed at the WARN_AFTER-th rollout, between its multiplier update and its metrics line
+    order = [x.split(" |")[0] if x.startswith("step ") else "warning" for x in capped.splitlines()
+             if x.startswith(("step ", "warning: "))]  # fmt: skip
+    first, n = order.index("warning"), WARN_AFTER
+    assert order[first - 1 : first + 3] == [f"step {n - 1}/{n + 1}", "warning", "warning", f"step {n}/{n + 1}"], order
+    frozen = run_script(ppo_args(toy_models, tmp_path / "frozen", *cm, "--lambda_lr", "0", "--lambda_init", "0.5"))
+    lines = [x for x in frozen.stdout.splitlines() if x.startswith("warning: ")]
+    assert len(lines) == 1 and "raise --lambda_lr" in lines[0] and "at its cap" not in lines[0], lines
+    rows = [r for r in read_metrics(tmp_path / "frozen") if "train/lambda" in r]
+    assert len(rows) == WARN_AFTER + 1 and all(0 <= r["train/unsafe_rate"] <= 1 for r in rows)
+    # the random toy cost model scores some answers above 0 and some below: the rate is a share, not 0 or 1 throughout
+    assert 0 < sum(r["train/unsafe_rate"] for r in rows) < len(rows)
 
 
 def test_ppo_lag_zero3_and_torchrun(toy_models, tmp_path):
