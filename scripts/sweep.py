@@ -110,8 +110,8 @@ def run_one(job, base_flags, extra, out):
     if not os.path.exists(os.path.join(folder, "arguments.json")):
         flags = ["--lambda_lr", "0", "--lambda_init", "0"] if rule == UNCONSTRAINED else RULE_FLAGS.get(rule, [])
         rule_name = "sgd-log" if rule == UNCONSTRAINED else rule
-        cmd = [sys.executable, os.path.join(ROOT, "ppo_lag.py"), *base_flags, *flags, *extra,
-               "--threshold", str(threshold), "--lambda_update", rule_name, "--seed", str(seed), "--output_dir", folder]  # fmt: skip
+        cmd = [sys.executable, os.path.join(ROOT, "ppo_lag.py"), *base_flags, *flags, *extra, "--threshold",
+               str(threshold), "--lambda_update", rule_name, "--seed", str(seed), "--output_dir", folder]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "NANO_PROGRESS": "0"}
         os.makedirs(out, exist_ok=True)
         with open(folder + ".log", "w") as log:
@@ -131,25 +131,24 @@ def aggregate(results, key):
 
 
 def table(results, tol):
-    """Markdown: per rule and d, mean +/- sd over seeds of J_C (last K), |J_C - d|, lambda at the end, oracle harmful
-    rate and helpfulness, and how many seeds held d."""
-    cols = {k: aggregate(results, k) for k in ("jc_last", "gap", "lambda_end", "oracle_harmful_rate",
-                                               "oracle_helpfulness", "longest_above")}  # fmt: skip
+    """Markdown: per rule and d, mean +/- sd over seeds of J_C (last K), |J_C - d|, the longest streak above d + tol,
+    lambda at the end, oracle harmful rate and helpfulness, and how many seeds held d (the reference run last)."""
+    cols = ("jc_last", "gap", "longest_above", "lambda_end", "oracle_harmful_rate", "oracle_helpfulness")
+    stats = {col: aggregate(results, col) for col in cols}
     holds = {}
     for r in results:
         holds.setdefault((r["rule"], r["threshold"]), []).append(r["holds"])
-    lines = ["| rule | d | J_C, last 10 | abs(J_C - d) | longest streak above d + tol | lambda at end | "
+    lines = ["| rule | d | J_C, last K | abs(J_C - d) | longest streak above d + tol | lambda at end | "
              "oracle harmful rate | oracle helpfulness | seeds holding d |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for key in sorted(holds, key=lambda k: (k[0] == UNCONSTRAINED, k[0], k[1])):
-        cell = lambda col: "-" if key not in cols[col] else "{:.2f} ± {:.2f}".format(*cols[col][key])  # noqa: E731
-        h = holds[key]
-        d = "-" if key[0] == UNCONSTRAINED else f"{key[1]:g}"
-        done = "-" if key[0] == UNCONSTRAINED else f"{sum(h)}/{len(h)}"
-        lines.append(f"| {key[0]} | {d} | {cell('jc_last')} | {cell('gap') if d != '-' else '-'} | "
-                     f"{cell('longest_above') if d != '-' else '-'} | {cell('lambda_end')} | "
-                     f"{cell('oracle_harmful_rate')} | {cell('oracle_helpfulness')} | {done} |")  # fmt: skip
-    return "\n".join(lines) + f"\n\n(mean ± sd over seeds; tol {tol:g})"
+        ref = key[0] == UNCONSTRAINED  # no threshold: the d columns are empty
+        cells = ["-" if key not in stats[col] or ref and col in ("gap", "longest_above") else
+                 "{:.2f} ± {:.2f}".format(*stats[col][key]) for col in cols]  # fmt: skip
+        d, held = ("-", "-") if ref else (f"{key[1]:g}", f"{sum(holds[key])}/{len(holds[key])}")
+        lines.append(f"| {key[0]} | {d} | " + " | ".join(cells) + f" | {held} |")
+    return "\n".join(lines) + f"\n\n(mean ± sd over seeds; a seed holds d when abs(J_C - d) <= {tol:g} and no streak " \
+        f"above d + {tol:g} after the first 10 rollouts is longer than {GOAL_STREAK})"
 
 
 def safe_level(out):

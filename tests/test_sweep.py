@@ -1,4 +1,4 @@
-"""scripts/sweep.py: a run's row against hand-worked numbers, the table and figure, and a 2-run sweep on the toy world."""
+"""scripts/sweep.py: a run's row against hand-worked numbers, the table and figure, a 2-run sweep on the toy world."""
 
 import csv
 import json
