@@ -268,11 +268,14 @@ def main():
     add("--ptx_coeff", type=float, default=16.0, help="weight of the PTX loss")
     add("--threshold", type=float, default=0.0, help="cost limit d on J_C")
     add("--lambda_init", type=float, default=1.0, help="initial Lagrange multiplier (the fixed one with shaping)")
-    add("--lambda_lr", type=float, default=0.1, help="multiplier step size (0: our two-critic fixed-lambda ablation)")
+    add("--lambda_lr", type=float, default=0.1,
+        help="multiplier step size, per unit of J_C - d (sgd-log: on log lambda, pgd: on lambda; 0: our two-critic "
+        "fixed-lambda ablation)")  # fmt: skip
     add("--lambda_max", type=float, default=5.0, help="upper bound on lambda")
     add("--lambda_update_delay_steps", type=int, default=0, help="rollouts before lambda starts moving")
     add("--episode_cost_window_size", type=int, default=128, help="end costs averaged into J_C (per rank)")
-    add("--lambda_update", choices=sorted(LAMBDA_UPDATES), default="sgd-log", help="multiplier rule")
+    add("--lambda_update", choices=sorted(LAMBDA_UPDATES), default="sgd-log",
+        help="multiplier rule: sgd-log (the anchor's), pid (--pid_*), pgd (projected ascent on lambda itself)")
     add("--pid_kp", type=float, default=0.1, help="PID proportional gain")
     add("--pid_ki", type=float, default=0.1, help="PID integral gain")
     add("--pid_kd", type=float, default=0.0, help="PID derivative gain")
