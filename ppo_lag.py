@@ -276,9 +276,12 @@ def main():
     add("--episode_cost_window_size", type=int, default=128, help="end costs averaged into J_C (per rank)")
     add("--lambda_update", choices=sorted(LAMBDA_UPDATES), default="sgd-log",
         help="multiplier rule: sgd-log (the anchor's), pid (--pid_*), pgd (projected ascent on lambda itself)")
-    add("--pid_kp", type=float, default=0.1, help="PID proportional gain")
-    add("--pid_ki", type=float, default=0.1, help="PID integral gain")
-    add("--pid_kd", type=float, default=0.0, help="PID derivative gain")
+    # PID gains in lambda per unit of cost, for a cost model that scores safe answers near -5 and unsafe ones near +7
+    # (the toy world's; the anchor's Beaver cost models are on a similar scale): a strong P and D term that answer a
+    # drift of J_C above d within a rollout, a small I term that does not wind up while the policy is slow to respond
+    add("--pid_kp", type=float, default=2.0, help="PID proportional gain (lambda per unit of J_C - d)")
+    add("--pid_ki", type=float, default=0.05, help="PID integral gain (lambda per unit of J_C - d, per rollout)")
+    add("--pid_kd", type=float, default=4.0, help="PID derivative gain (lambda per unit rise of J_C in one rollout)")
     add("--reward_shaping", action="store_true", help="the anchor's baseline: one stream R - lambda_init * C")
     # optimisation
     add("--per_device_prompt_batch_size", type=int, default=16, help="prompts per rollout per device")

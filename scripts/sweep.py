@@ -33,14 +33,9 @@ sys.path.insert(0, ROOT)
 import rollout  # noqa: E402  (the progress bar every stage uses)
 from ppo_lag import LAMBDA_UPDATES  # noqa: E402
 
-# Each rule's own step sizes for this cost scale (safe answers about -5.3, unsafe +6 to +8, so J_C - d is a few units):
-# the anchor's rule with the tiny preset's flags; PID and projected ascent with gains that move lambda by about one unit
-# per rollout when J_C is 2 above d.
-RULE_FLAGS = {
-    "sgd-log": ["--lambda_lr", "0.2"],
-    "pid": ["--pid_kp", "0.5", "--pid_ki", "0.3", "--pid_kd", "0.0"],
-    "pgd": ["--lambda_lr", "0.3"],
-}
+# Each rule's own flags: the anchor's rule and projected ascent with the tiny preset's step (the two rules take the same
+# step at lambda = 1); PID with ppo_lag.py's default gains (kp 2, ki 0.05, kd 4: chosen for this cost scale).
+RULE_FLAGS = {"sgd-log": ["--lambda_lr", "0.2"], "pgd": ["--lambda_lr", "0.2"], "pid": []}
 UNCONSTRAINED = "lambda=0"  # the reference runs: the same flags, lambda fixed at 0
 LAMBDA_MAX = 10.0  # the tiny preset's --lambda_max
 GOAL_STREAK = 10  # longest run of rollouts above d + tol (after the first 10) that still counts as holding d
@@ -114,11 +109,17 @@ def run_one(job, base_flags, extra, out):
                str(threshold), "--lambda_update", rule_name, "--seed", str(seed), "--output_dir", folder]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "NANO_PROGRESS": "0"}
         os.makedirs(out, exist_ok=True)
+        t0 = time.time()
         with open(folder + ".log", "w") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        if proc.returncode:
-            raise RuntimeError(f"{folder} failed (exit {proc.returncode}); its log: {folder}.log")
-    return read_metrics(os.path.join(folder, "metrics.jsonl"))
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            _, status, usage = os.wait4(proc.pid, 0)  # this run's own CPU time, whatever else the machine runs
+        if os.waitstatus_to_exitcode(status):
+            raise RuntimeError(f"{folder} failed (exit {os.waitstatus_to_exitcode(status)}); its log: {folder}.log")
+        with open(os.path.join(folder, "sweep_time.json"), "w") as f:
+            json.dump({"seconds": time.time() - t0, "cpu_seconds": usage.ru_utime + usage.ru_stime}, f)
+    timing_path = os.path.join(folder, "sweep_time.json")
+    timing = read_metrics(timing_path)[0] if os.path.exists(timing_path) else {}
+    return read_metrics(os.path.join(folder, "metrics.jsonl")), timing
 
 
 def aggregate(results, key):
@@ -229,17 +230,16 @@ def main():
     t0 = time.time()
     results = []
 
-    def add_row(job, rows):
+    def add_row(job, rows, timing):
         rule, d, seed = job
         results.append({"rule": rule, "threshold": d, "seed": seed,
-                        **summarize(rows, d, args.last, args.tol, LAMBDA_MAX)})  # fmt: skip
+                        **summarize(rows, d, args.last, args.tol, LAMBDA_MAX), **timing})  # fmt: skip
         return results[-1]
 
     if args.plot_only:
         for job in jobs:
-            path = os.path.join(run_folder(out, job), "metrics.jsonl")
-            if os.path.exists(path):
-                add_row(job, read_metrics(path))
+            if os.path.exists(os.path.join(run_folder(out, job), "arguments.json")):  # complete: run_one only reads
+                add_row(job, *run_one(job, None, None, out))
     else:
         print(f"{len(jobs)} runs of {args.rollouts} rollouts, {args.jobs} at a time, in {out}", flush=True)
         bar = rollout.progress(total=len(jobs), desc="sweep", unit="run", leave=True, delay=0)
@@ -248,7 +248,7 @@ def main():
             for future in as_completed(futures):
                 job = futures[future]
                 try:
-                    row = add_row(job, future.result())
+                    row = add_row(job, *future.result())
                 except RuntimeError as e:
                     bar.write(f"error: {e}", file=sys.stdout)
                     continue
@@ -269,7 +269,9 @@ def main():
         writer.writerows(results)
     plot(results, os.path.join(out, "sweep.png"), safe_level(out))
     print(table(results, args.tol))
-    print(f"\n{len(results)} runs in {time.time() - t0:.0f} s | {out}/results.csv, results.json, sweep.png")
+    cpu = sum(r.get("cpu_seconds", 0.0) for r in results)
+    print(f"\n{len(results)} runs | this call {time.time() - t0:.0f} s | the runs' CPU time {cpu:.0f} s, "
+          f"{cpu / args.jobs:.0f} s over {args.jobs} cores | {out}/results.csv, results.json, sweep.png")
 
 
 if __name__ == "__main__":
