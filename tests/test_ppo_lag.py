@@ -349,6 +349,8 @@ def test_plain_ppo_and_fixed_lambda(toy_models, tmp_path):
             "0",
             "--pid_ki",
             "0",
+            "--pid_kd",
+            "0",
         )
     )
     assert all(r["train/lambda"] == 2.0 for r in read_metrics(tmp_path / "fixed") if "train/lambda" in r)

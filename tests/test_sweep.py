@@ -82,7 +82,7 @@ def test_two_run_sweep_on_the_toy_world(toy_models, tmp_path):
     with open(out / "results.csv") as f:
         assert [row["rule"] for row in csv.DictReader(f)] == ["pgd", "sgd-log"]
     assert (out / "sweep.png").stat().st_size > 10_000
-    assert "| pgd | -2.5 |" in proc.stdout and "2 runs in " in proc.stdout
+    assert "| pgd | -2.5 |" in proc.stdout and "2 runs | this call" in proc.stdout
     # run again: both runs are complete, so nothing is re-run and the table is the same
     stamp = (out / "pgd_d-2.5_s3" / "metrics.jsonl").stat().st_mtime_ns
     again = run_script(proc.args)
