@@ -881,7 +881,7 @@ def main():
                                "loosen --threshold if no policy near this one can meet it")
                     if above == WARN_AFTER:
                         fix = ("it is at its cap: raise --lambda_max, or loosen --threshold" if at_cap else
-                               "raise --lambda_lr, or try --lambda_update pgd (its step does not shrink with lambda)")
+                               "raise --lambda_lr, or try --lambda_update pid (its P term answers a violation at once)")
                         print0(f"warning: J_C {episode_cost:.3g} has stayed above d {args.threshold:g} for "
                                f"{WARN_AFTER} rollouts (lambda {lam_state['lam']:.3g}): {fix}")
 
