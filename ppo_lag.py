@@ -18,7 +18,7 @@ The first rollout prints J_C of the initial policy beside the threshold d: where
 
 Deviations from the anchor (safe-rlhf at 82743cc; the README lists them all):
   1. The multiplier is updated once per rollout, after the PPO epochs (the anchor: at the start of each RL micro-step),
-     and its delay is counted in rollouts; the rule is pluggable (--lambda_update sgd-log | pid).
+     and its delay is counted in rollouts; the rule is pluggable (--lambda_update sgd-log | pid | pgd).
   2. PTX: one optimizer step on L_actor + ptx_coeff * L_ptx, with a PTX batch drawn fresh for each micro-batch of each
      PPO epoch (the anchor takes a separate PTX step, which doubles accumulation: one step on (L_actor + c L_ptx) / 2).
   3. The response mask ends at the first EOS (the anchor masks pad/unk tokens, and drops EOS itself when pad == eos).
@@ -80,6 +80,7 @@ from kernels import gae, logprobs, mean_nll
 from kernels.linear_logprobs import causal_lm, fused_head_problem, head_gives_logprobs
 
 SAMPLES_PER_LOG = 4  # rollout samples written to samples.jsonl at each metrics line (the first one printed)
+WARN_AFTER = 10  # consecutive rollouts with lambda at its cap, or J_C above d, before a warning line names the flag
 
 # ----------------------------------------------------------------------------------------------------------------
 # The math (pure functions, unit-tested in tests/test_ppo_lag.py)
@@ -134,9 +135,13 @@ def lambda_update_sgd_log(state, episode_cost, threshold, lambda_lr, lambda_max,
 def lambda_update_pid(state, episode_cost, threshold, pid_kp, pid_ki, pid_kd, lambda_max, **_):
     """PID Lagrangian (Stooke, Achiam & Abbeel 2020, alg. 2): e = J_C - d; I = (I + Ki e)_+;
     D = (J_C - J_C_prev)_+; lambda = (Kp e + I + Kd D)_+. The P and D terms damp the oscillation of plain
-    gradient ascent on lambda (which is the I term alone). The state starts with I = lambda_init."""
+    gradient ascent on lambda (which is the I term alone). The state starts with I = lambda_init. I is also kept at or
+    below lambda_max (anti-windup): an integral past the cap would hold lambda at its cap for as many rollouts after
+    J_C falls below d as it spent winding up, and the policy overshoots into all-safe."""
     error = episode_cost - threshold
     integral = max(0.0, state["integral"] + pid_ki * error)
+    if lambda_max is not None:
+        integral = min(integral, lambda_max)
     derivative = max(0.0, episode_cost - state.get("prev_cost", episode_cost))
     lam = max(0.0, pid_kp * error + integral + pid_kd * derivative)
     if lambda_max is not None:
@@ -144,7 +149,18 @@ def lambda_update_pid(state, episode_cost, threshold, pid_kp, pid_ki, pid_kd, la
     return {**state, "integral": integral, "prev_cost": episode_cost, "lam": lam}
 
 
-LAMBDA_UPDATES = {"sgd-log": lambda_update_sgd_log, "pid": lambda_update_pid}  # a new rule: one function, one entry
+def lambda_update_pgd(state, episode_cost, threshold, lambda_lr, lambda_max, **_):
+    """Projected gradient ascent on lambda itself: lambda = clip(lambda + lr * (J_C - d), 0, lambda_max). Its step does
+    not scale with lambda, so a multiplier that decayed while the policy was safe rises as fast as it fell once the
+    policy drifts above d (sgd-log's step is lr * lambda * (J_C - d) in log space: a small lambda barely moves)."""
+    lam = max(0.0, state["lam"] + lambda_lr * (episode_cost - threshold))
+    if lambda_max is not None:
+        lam = min(lam, lambda_max)
+    return {**state, "lam": lam}
+
+
+# a new rule: one function, one entry (tests/test_ppo_lag.py checks every entry's properties)
+LAMBDA_UPDATES = {"sgd-log": lambda_update_sgd_log, "pid": lambda_update_pid, "pgd": lambda_update_pgd}
 
 
 def lambda_init_state(lambda_init):
@@ -256,14 +272,20 @@ def main():
     add("--ptx_coeff", type=float, default=16.0, help="weight of the PTX loss")
     add("--threshold", type=float, default=0.0, help="cost limit d on J_C")
     add("--lambda_init", type=float, default=1.0, help="initial Lagrange multiplier (the fixed one with shaping)")
-    add("--lambda_lr", type=float, default=0.1, help="multiplier step size (0: our two-critic fixed-lambda ablation)")
+    add("--lambda_lr", type=float, default=0.1,
+        help="multiplier step size, per unit of J_C - d (sgd-log: on log lambda, pgd: on lambda; 0: our two-critic "
+        "fixed-lambda ablation)")  # fmt: skip
     add("--lambda_max", type=float, default=5.0, help="upper bound on lambda")
     add("--lambda_update_delay_steps", type=int, default=0, help="rollouts before lambda starts moving")
     add("--episode_cost_window_size", type=int, default=128, help="end costs averaged into J_C (per rank)")
-    add("--lambda_update", choices=sorted(LAMBDA_UPDATES), default="sgd-log", help="multiplier rule")
-    add("--pid_kp", type=float, default=0.1, help="PID proportional gain")
-    add("--pid_ki", type=float, default=0.1, help="PID integral gain")
-    add("--pid_kd", type=float, default=0.0, help="PID derivative gain")
+    add("--lambda_update", choices=sorted(LAMBDA_UPDATES), default="sgd-log",
+        help="multiplier rule: sgd-log (the anchor's), pid (--pid_*), pgd (projected ascent on lambda itself)")
+    # PID gains in lambda per unit of cost, for a cost model that scores safe answers near -5 and unsafe ones near +7
+    # (the toy world's; the anchor's Beaver cost models are on a similar scale): a strong P and D term that answer a
+    # drift of J_C above d within a rollout, a small I term that does not wind up while the policy is slow to respond
+    add("--pid_kp", type=float, default=2.0, help="PID proportional gain (lambda per unit of J_C - d)")
+    add("--pid_ki", type=float, default=0.05, help="PID integral gain (lambda per unit of J_C - d, per rollout)")
+    add("--pid_kd", type=float, default=4.0, help="PID derivative gain (lambda per unit rise of J_C in one rollout)")
     add("--reward_shaping", action="store_true", help="the anchor's baseline: one stream R - lambda_init * C")
     # optimisation
     add("--per_device_prompt_batch_size", type=int, default=16, help="prompts per rollout per device")
@@ -757,6 +779,7 @@ def main():
     # training loop
     torch.manual_seed(args.seed + rank)  # again: the rollouts do not depend on how many models were built above
     lam_state = lambda_init_state(args.lambda_init)
+    at_cap, above = 0, 0  # consecutive rollouts with lambda at --lambda_max, with J_C above d (for the warnings)
     episode_costs = deque(maxlen=args.episode_cost_window_size)  # this rank's last end costs
     step, start_epoch, skip, ptx_drawn = 0, 0, 0, 0
     if resume_dir is not None:  # engines (weights, optimizers, LR schedules), RNG, and where the loop stood
@@ -863,11 +886,25 @@ def main():
                     lam_t = torch.tensor([lam_state["lam"]], dtype=torch.float64, device=device)
                     dist.broadcast(lam_t, 0)  # every rank uses rank 0's multiplier
                     lam_state["lam"] = lam_t.item()
+                    # one line when the multiplier cannot do its job: stuck at its cap, or J_C above d for too long
+                    at_cap = at_cap + 1 if lam_state["lam"] >= args.lambda_max * (1 - 1e-9) else 0
+                    above = above + 1 if episode_cost > args.threshold else 0
+                    if at_cap == WARN_AFTER:
+                        print0(f"warning: lambda has sat at its cap --lambda_max {args.lambda_max:g} for {WARN_AFTER} "
+                               f"rollouts (J_C {episode_cost:.3g}, d {args.threshold:g}): raise --lambda_max, or "
+                               "loosen --threshold if no policy near this one can meet it")
+                    if above == WARN_AFTER:
+                        fix = ("it is at its cap: raise --lambda_max, or loosen --threshold" if at_cap else
+                               "raise --lambda_lr, or try --lambda_update pid (its P term answers a violation at once)")
+                        print0(f"warning: J_C {episode_cost:.3g} has stayed above d {args.threshold:g} for "
+                               f"{WARN_AFTER} rollouts (lambda {lam_state['lam']:.3g}): {fix}")
 
                 # 6) log / eval / save: one all_reduce of the stacked per-rank means; a NaN on any rank survives it
                 if step % args.logging_steps == 0 or step == total_steps:
                     local = {
                         **{f"train/{name}": score.mean() for name, score in scores.items()},
+                        # a mean-cost constraint bounds the size of the cost, not how often an answer is unsafe
+                        **({"train/unsafe_rate": (scores["cost"] > 0).float().mean()} if use_cost else {}),
                         "train/kl": masked_mean(old_logp - ref_logp, mask_f),
                         **{k: torch.stack(v).mean() for k, v in stats.items()},
                         "train/response_len": mask_f.sum(-1).mean(),
