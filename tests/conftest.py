@@ -5,6 +5,7 @@ triton indirectly), so it is set here, at the very top, when no CUDA device is p
 """
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +19,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # subprocesses use; two workers with a thread per core each oversubscribe 2 cores and OpenMP's spinning threads
     # then run several times slower
     os.environ["OMP_NUM_THREADS"] = "1"
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # a suite started in the background (`make test &`) inherits SIGINT ignored, and so would every stage it starts
+    # (an ignored signal stays ignored across exec): the Ctrl-C tests need it delivered, so a handler goes back, which
+    # exec resets to the default in the children
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 try:  # cheap check that does not import triton
     import torch
