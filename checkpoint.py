@@ -609,6 +609,8 @@ LOOP_RANGES = {**dict.fromkeys(["max_length", "epochs", "max_steps", "per_device
                                 "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
                                 "save_total_limit"], ">= 1"),
                "eval_interval": ">= 0", "save_interval": ">= 0"}  # fmt: skip
+# and of the optimiser flags of the stages that train one model (sft.py, score_model.py, dpo.py)
+TRAIN_RANGES = {**LOOP_RANGES, "lr": "finite and > 0", "lr_warmup_ratio": "[0, 1]", "weight_decay": "finite and >= 0"}
 # the sampling flags of ppo_lag.py, evaluate.py and chat.py (a temperature of 0 is greedy where a stage allows it)
 SAMPLING_RANGES = {"temperature": "> 0", "top_p": "(0, 1]", "repetition_penalty": "> 0"}
 

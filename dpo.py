@@ -265,9 +265,7 @@ def main():
     parser.add_argument("--ds_config", default=str(Path(__file__).with_name("ds_config.json")), help="DeepSpeed JSON")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored")
     args = parser.parse_args()
-    ranges = {**checkpoint.LOOP_RANGES, "lr": "finite and > 0", "lr_warmup_ratio": "[0, 1]",
-              "weight_decay": "finite and >= 0", "scale_coeff": "finite and > 0",
-              "safety_margin": "finite and >= 0"}  # fmt: skip
+    ranges = {**checkpoint.TRAIN_RANGES, "scale_coeff": "finite and > 0", "safety_margin": "finite and >= 0"}
     checkpoint.check_ranges(parser, args, ranges)
     if args.zero_stage < {"parameter": 3, "all": 3, "optimizer": 1}.get(args.offload, 0):
         parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")

@@ -401,9 +401,7 @@ def main():
     add("--ds_config", default=str(Path(__file__).with_name("ds_config.json")), help="DeepSpeed JSON")
     add("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored")
     args = parser.parse_args()
-    ranges = {**checkpoint.LOOP_RANGES, "lr": "finite and > 0", "lr_warmup_ratio": "[0, 1]",
-              "weight_decay": "finite and >= 0", "regularization": "finite and >= 0",
-              "normalizer_momentum": "[0, 1]"}  # fmt: skip
+    ranges = {**checkpoint.TRAIN_RANGES, "regularization": "finite and >= 0", "normalizer_momentum": "[0, 1]"}
     checkpoint.check_ranges(parser, args, ranges)  # the anchor skips a negative --regularization: refused here
     if args.eval_split_ratio is not None and (args.eval_datasets or not 0 < args.eval_split_ratio < 1):
         parser.error("--eval_split_ratio must be in (0, 1) and cannot be combined with --eval_datasets")

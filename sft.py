@@ -160,9 +160,7 @@ def main():
     parser.add_argument("--ds_config", default=str(Path(__file__).with_name("ds_config.json")), help="DeepSpeed JSON")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored")
     args = parser.parse_args()
-    ranges = {**checkpoint.LOOP_RANGES, "lr": "finite and > 0", "lr_warmup_ratio": "[0, 1]",
-              "weight_decay": "finite and >= 0"}  # fmt: skip
-    checkpoint.check_ranges(parser, args, ranges)
+    checkpoint.check_ranges(parser, args, checkpoint.TRAIN_RANGES)
     if args.eval_split_ratio is not None and (args.eval_datasets or not 0 < args.eval_split_ratio < 1):
         parser.error("--eval_split_ratio must be in (0, 1) and cannot be combined with --eval_datasets")
     if args.zero_stage < {"parameter": 3, "all": 3, "optimizer": 1}.get(args.offload, 0):
