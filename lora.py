@@ -32,15 +32,21 @@ def add_arguments(parser, prefix: str = "") -> None:
     add(f"--{prefix}lora_rank", type=int, default=0, help=f"LoRA rank r{who} (0: full fine-tuning)")
     add(f"--{prefix}lora_alpha", type=float, default=16.0, help="LoRA scale alpha: the update is (alpha / r) * B A")
     add(f"--{prefix}lora_dropout", type=float, default=0.0, help="dropout on the input of the LoRA branch")
-    add(f"--{prefix}lora_target_modules", nargs="+", default=["all-linear"],
-        help="names of the linear layers to adapt (e.g. q_proj v_proj); all-linear: every one of the backbone")
+    add(
+        f"--{prefix}lora_target_modules",
+        nargs="+",
+        default=["all-linear"],
+        help="names of the linear layers to adapt (e.g. q_proj v_proj); all-linear: every one of the backbone",
+    )
 
 
 def check_arguments(parser, args, prefix: str = "") -> None:
     rank, alpha, dropout = (getattr(args, f"{prefix}lora_{k}") for k in ("rank", "alpha", "dropout"))
     if rank < 0 or not 0 < alpha < float("inf") or not 0 <= dropout < 1:
-        parser.error(f"--{prefix}lora_rank must be >= 0 (0: full fine-tuning), --{prefix}lora_alpha finite and > 0, "
-                     f"--{prefix}lora_dropout in [0, 1); got {rank}, {alpha}, {dropout}")
+        parser.error(
+            f"--{prefix}lora_rank must be >= 0 (0: full fine-tuning), --{prefix}lora_alpha finite and > 0, "
+            f"--{prefix}lora_dropout in [0, 1); got {rank}, {alpha}, {dropout}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -54,13 +60,18 @@ def target_modules(model, names: list[str], exclude: list[str], flag: str = "--l
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-              if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head} - set(exclude)
+    linear = {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head
+    } - set(exclude)
     if names == ["all-linear"]:
         return sorted(linear)
     if unknown := set(names) - linear:
-        raise SystemExit(f"error: {flag} {' '.join(sorted(unknown))}: no such linear layer in "
-                         f"{type(model).__name__}; it has {' '.join(sorted(linear))} (or pass all-linear)")
+        raise SystemExit(
+            f"error: {flag} {' '.join(sorted(unknown))}: no such linear layer in "
+            f"{type(model).__name__}; it has {' '.join(sorted(linear))} (or pass all-linear)"
+        )
     return names
 
 
@@ -71,19 +82,28 @@ def add_lora(model, args, prefix: str, base_path: str, modules_to_save: list[str
 
     get = lambda k: getattr(args, f"{prefix}lora_{k}")  # noqa: E731
     causal = hasattr(model, "generate")  # PeftModelForCausalLM keeps generate(); a ScoreModel needs no task type
-    config = LoraConfig(r=get("rank"), lora_alpha=get("alpha"), lora_dropout=get("dropout"),
-                        target_modules=target_modules(model, get("target_modules"), modules_to_save or [],
-                                                      f"--{prefix}lora_target_modules"),
-                        modules_to_save=modules_to_save, task_type="CAUSAL_LM" if causal else None)
+    config = LoraConfig(
+        r=get("rank"),
+        lora_alpha=get("alpha"),
+        lora_dropout=get("dropout"),
+        target_modules=target_modules(
+            model, get("target_modules"), modules_to_save or [], f"--{prefix}lora_target_modules"
+        ),
+        modules_to_save=modules_to_save,
+        task_type="CAUSAL_LM" if causal else None,
+    )
     model = get_peft_model(model, config)
     # the adapter folder names the folder it was trained from: absolute, so it loads from any working directory
-    model.peft_config["default"].base_model_name_or_path = os.path.abspath(base_path) if Path(
-        base_path).is_dir() else base_path
+    model.peft_config["default"].base_model_name_or_path = (
+        os.path.abspath(base_path) if Path(base_path).is_dir() else base_path
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"LoRA r={get('rank')} alpha={get('alpha'):g} on {' '.join(sorted(config.target_modules))}"
-          f"{' + ' + ' '.join(modules_to_save) if modules_to_save else ''}: {trainable:,} of {total:,} parameters "
-          f"trained ({trainable / total:.2%})")
+    print(
+        f"LoRA r={get('rank')} alpha={get('alpha'):g} on {' '.join(sorted(config.target_modules))}"
+        f"{' + ' + ' '.join(modules_to_save) if modules_to_save else ''}: {trainable:,} of {total:,} parameters "
+        f"trained ({trainable / total:.2%})"
+    )
     return model
 
 

@@ -244,8 +244,12 @@ def main():
     add("--eval_datasets", nargs="+", type=parse_dataset, help="eval prompt specs")
     add("--ptx_datasets", nargs="+", type=parse_dataset, help="SFT specs for the PTX loss")
     add("--max_length", type=int, default=512, help="prompt + response length in tokens")
-    add("--chat_template", type=parse_chat_template, default="anchor",
-        help=f"how prompts are written (for the actor, the score models and the saved actor): {CHAT_TEMPLATE_HELP}")
+    add(
+        "--chat_template",
+        type=parse_chat_template,
+        default="anchor",
+        help=f"how prompts are written (for the actor, the score models and the saved actor): {CHAT_TEMPLATE_HELP}",
+    )
     # algorithm
     add("--epochs", type=int, default=1, help="passes over the prompt dataset")
     add("--max_steps", type=int, help="stop after this many rollouts (optional)")
@@ -254,15 +258,25 @@ def main():
     add("--top_p", type=float, default=1.0, help="nucleus sampling mass")
     add("--repetition_penalty", type=float, default=1.0, help="HF generate repetition penalty")
     add("--num_return_sequences", type=int, default=1, help="answers sampled per prompt")
-    add("--generation_cache", choices=["static", "dynamic"],
+    add(
+        "--generation_cache",
+        choices=["static", "dynamic"],
         help="KV cache of rollout and eval generation: static = compiled decoding, sized to --max_length (default on "
-        "CUDA); dynamic = Hugging Face's default (default on CPU)")  # fmt: skip
-    add("--gather_for_generation", choices=["auto", "always", "never"], default="auto",
+        "CUDA); dynamic = Hugging Face's default (default on CPU)",
+    )
+    add(
+        "--gather_for_generation",
+        choices=["auto", "always", "never"],
+        default="auto",
         help="ZeRO-3: gather the actor's parameters once per generate call instead of per layer per token (auto: "
-        "when they fit in free device memory)")  # fmt: skip
-    add("--fused_logprobs", action="store_true",
+        "when they fit in free device memory)",
+    )
+    add(
+        "--fused_logprobs",
+        action="store_true",
         help="actor, reference and PTX log-probs straight from the last hidden state (kernels/linear_logprobs.py): "
-        "the (B, T, V) logits and their gradient never exist; a trained head: one more GEMM in backward")  # fmt: skip
+        "the (B, T, V) logits and their gradient never exist; a trained head: one more GEMM in backward",
+    )
     add("--kl_coeff", type=float, help="beta of the KL shaping (default 0.01 PPO-Lag, 0.02 PPO and reward shaping)")
     add("--clip_range_ratio", type=float, default=0.2, help="PPO ratio clip epsilon")
     add("--clip_range_score", type=float, default=50.0, help="clip on every per-token shaped reward and cost")
@@ -272,14 +286,22 @@ def main():
     add("--ptx_coeff", type=float, default=16.0, help="weight of the PTX loss")
     add("--threshold", type=float, default=0.0, help="cost limit d on J_C")
     add("--lambda_init", type=float, default=1.0, help="initial Lagrange multiplier (the fixed one with shaping)")
-    add("--lambda_lr", type=float, default=0.1,
+    add(
+        "--lambda_lr",
+        type=float,
+        default=0.1,
         help="multiplier step size, per unit of J_C - d (sgd-log: on log lambda, pgd: on lambda; 0: our two-critic "
-        "fixed-lambda ablation)")  # fmt: skip
+        "fixed-lambda ablation)",
+    )
     add("--lambda_max", type=float, default=5.0, help="upper bound on lambda")
     add("--lambda_update_delay_steps", type=int, default=0, help="rollouts before lambda starts moving")
     add("--episode_cost_window_size", type=int, default=128, help="end costs averaged into J_C (per rank)")
-    add("--lambda_update", choices=sorted(LAMBDA_UPDATES), default="sgd-log",
-        help="multiplier rule: sgd-log (the anchor's), pid (--pid_*), pgd (projected ascent on lambda itself)")
+    add(
+        "--lambda_update",
+        choices=sorted(LAMBDA_UPDATES),
+        default="sgd-log",
+        help="multiplier rule: sgd-log (the anchor's), pid (--pid_*), pgd (projected ascent on lambda itself)",
+    )
     # PID gains in lambda per unit of cost, for a cost model that scores safe answers near -5 and unsafe ones near +7
     # (the toy world's; the anchor's Beaver cost models are on a similar scale): a strong P and D term that answer a
     # drift of J_C above d within a rollout, a small I term that does not wind up while the policy is slow to respond
@@ -336,29 +358,55 @@ def main():
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             parser.error(f"--{name} must be a finite number, got {value}")
-    checkpoint.check_ranges(parser, args, {
-        **checkpoint.LOOP_RANGES,
-        **checkpoint.SAMPLING_RANGES,  # temperature 0 is refused: PPO needs sampled answers, not greedy ones
-        **dict.fromkeys(["update_iters", "num_return_sequences", "per_device_prompt_batch_size",
-                         "episode_cost_window_size"], ">= 1"),
-        **dict.fromkeys(["actor_lr", "critic_lr", "lambda_lr", "lambda_init", "kl_coeff", "ptx_coeff",
-                         "lambda_update_delay_steps", "actor_weight_decay", "critic_weight_decay", "pid_kp", "pid_ki",
-                         "pid_kd"], ">= 0"),
-        **dict.fromkeys(["lambda_max", "clip_range_ratio", "clip_range_score", "clip_range_value"], "> 0"),
-        **dict.fromkeys(["gamma", "gae_lambda", "actor_lr_warmup_ratio", "critic_lr_warmup_ratio"], "[0, 1]"),
-    })  # fmt: skip
+    checkpoint.check_ranges(
+        parser,
+        args,
+        {
+            **checkpoint.LOOP_RANGES,
+            **checkpoint.SAMPLING_RANGES,  # temperature 0 is refused: PPO needs sampled answers, not greedy ones
+            **dict.fromkeys(
+                ["update_iters", "num_return_sequences", "per_device_prompt_batch_size", "episode_cost_window_size"],
+                ">= 1",
+            ),
+            **dict.fromkeys(
+                [
+                    "actor_lr",
+                    "critic_lr",
+                    "lambda_lr",
+                    "lambda_init",
+                    "kl_coeff",
+                    "ptx_coeff",
+                    "lambda_update_delay_steps",
+                    "actor_weight_decay",
+                    "critic_weight_decay",
+                    "pid_kp",
+                    "pid_ki",
+                    "pid_kd",
+                ],
+                ">= 0",
+            ),
+            **dict.fromkeys(["lambda_max", "clip_range_ratio", "clip_range_score", "clip_range_value"], "> 0"),
+            **dict.fromkeys(["gamma", "gae_lambda", "actor_lr_warmup_ratio", "critic_lr_warmup_ratio"], "[0, 1]"),
+        },
+    )
     if args.reward_shaping:  # lambda stays --lambda_init: the flags of the multiplier's update would be ignored
         rule = ("lambda_update", "lambda_lr", "lambda_max", "lambda_update_delay_steps", "pid_kp", "pid_ki", "pid_kd")
         ignored = [f"--{k} {getattr(args, k)}" for k in rule if getattr(args, k) != parser.get_default(k)]
         if ignored:
-            parser.error(f"--reward_shaping keeps lambda fixed at --lambda_init, so {', '.join(ignored)} would be "
-                         "ignored: drop it, or drop --reward_shaping for the Lagrangian")  # fmt: skip
+            parser.error(
+                f"--reward_shaping keeps lambda fixed at --lambda_init, so {', '.join(ignored)} would be "
+                "ignored: drop it, or drop --reward_shaping for the Lagrangian"
+            )
     elif lagrangian and args.lambda_init > args.lambda_max:
-        parser.error(f"--lambda_init {args.lambda_init} is above --lambda_max {args.lambda_max}: lambda would start "
-                     "outside its bound; lower --lambda_init or raise --lambda_max")  # fmt: skip
+        parser.error(
+            f"--lambda_init {args.lambda_init} is above --lambda_max {args.lambda_max}: lambda would start "
+            "outside its bound; lower --lambda_init or raise --lambda_max"
+        )
     elif lagrangian and args.lambda_init == 0 and args.lambda_update == "sgd-log" and args.lambda_lr > 0:
-        parser.error("--lambda_init 0 can never move under --lambda_update sgd-log (its step is proportional to "
-                     "lambda): start from a small one such as --lambda_init 0.01, or use --lambda_update pid")
+        parser.error(
+            "--lambda_init 0 can never move under --lambda_update sgd-log (its step is proportional to "
+            "lambda): start from a small one such as --lambda_init 0.01, or use --lambda_update pid"
+        )
     offload_param, offload_optimizer = args.offload in ("parameter", "all"), args.offload in ("optimizer", "all")
     if offload_param and args.zero_stage != 3 or offload_optimizer and args.zero_stage == 0:
         parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
@@ -371,8 +419,10 @@ def main():
     for name in ("reward", "cost"):
         critic_path = getattr(args, f"{name}_critic_model_name_or_path")
         if args.critic_lora_rank and critic_path not in (None, getattr(args, f"{name}_model_name_or_path")):
-            parser.error(f"--critic_lora_rank builds the {name} critic on the {name} model's own backbone: drop "
-                         f"--{name}_critic_model_name_or_path, or train the critics whole (--critic_lora_rank 0)")
+            parser.error(
+                f"--critic_lora_rank builds the {name} critic on the {name} model's own backbone: drop "
+                f"--{name}_critic_model_name_or_path, or train the critics whole (--critic_lora_rank 0)"
+            )
     kinds = {"actor": "causal_lm", "reward": "score_model", "cost": "score_model"}  # critics: any backbone
     for role in ("actor", "reward", "cost", "reward_critic", "cost_critic"):
         path = getattr(args, f"{role}_model_name_or_path")
@@ -394,8 +444,10 @@ def main():
     try:  # every tokenizer with the template it renders: no EOS, `model` without a template, a broken Jinja file
         template = args.chat_template
         actor_tok = load_tokenizer(args.actor_model_name_or_path, padding_side="left", chat_template=template)
-        score_toks = {name: load_tokenizer(getattr(args, f"{name}_model_name_or_path"), chat_template=template)
-                      for name in ("reward", "cost")[: 1 + use_cost]}  # fmt: skip
+        score_toks = {
+            name: load_tokenizer(getattr(args, f"{name}_model_name_or_path"), chat_template=template)
+            for name in ("reward", "cost")[: 1 + use_cost]
+        }
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     critic_paths = [args.reward_critic_model_name_or_path or args.reward_model_name_or_path]
@@ -460,28 +512,38 @@ def main():
         ptx = SupervisedDataset(args.ptx_datasets, ptx_tok, **kwargs) if args.ptx_datasets else None
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+
     def sharded_loader(dataset, batch_size, what, fix):
         """(sampler, loader) of full batches of this rank's shard. The loader gets its own generator: each iter() of a
         loader otherwise draws from the global one, which the sampling and the PPO minibatch order use, and a resumed
         run would draw again where the uninterrupted one did not."""
         sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, collate_fn=dataset.collate,
-                                             drop_last=True, generator=torch.Generator())  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size,
+            sampler=sampler,
+            collate_fn=dataset.collate,
+            drop_last=True,
+            generator=torch.Generator(),
+        )
         if len(loader) == 0:
-            raise SystemExit(f"error: {len(dataset)} {what} give no full batch of {batch_size} x {world_size} ranks; "
-                             f"{fix}")  # fmt: skip
+            raise SystemExit(
+                f"error: {len(dataset)} {what} give no full batch of {batch_size} x {world_size} ranks; {fix}"
+            )
         return sampler, loader
 
-    sampler, loader = sharded_loader(prompts, args.per_device_prompt_batch_size, "prompts",
-                                     "lower --per_device_prompt_batch_size")  # fmt: skip
+    sampler, loader = sharded_loader(
+        prompts, args.per_device_prompt_batch_size, "prompts", "lower --per_device_prompt_batch_size"
+    )
     total_steps = (
         args.epochs * len(loader) if args.max_steps is None else min(args.max_steps, args.epochs * len(loader))
     )
     # every rollout ends on an optimizer-step boundary (checked above), so this count is exact
     optimizer_steps = total_steps * args.update_iters * micro_per_rollout // args.gradient_accumulation_steps
     if ptx is not None:
-        ptx_sampler, ptx_loader = sharded_loader(ptx, args.per_device_train_batch_size, "PTX samples",
-                                                 "add PTX data or lower --per_device_train_batch_size")  # fmt: skip
+        ptx_sampler, ptx_loader = sharded_loader(
+            ptx, args.per_device_train_batch_size, "PTX samples", "add PTX data or lower --per_device_train_batch_size"
+        )
 
         def ptx_stream(drawn):
             """PTX batches without end, from the `drawn`-th on; pass k over the PTX set is shuffled with (seed, k)."""
@@ -556,8 +618,10 @@ def main():
     # transformers' causal LMs can apply the lm_head to the last k positions only: the prompt's logits are never needed
     logits_to_keep = "logits_to_keep" in inspect.signature(causal_lm(actor).forward).parameters
     if args.fused_logprobs and (problem := fused_head_problem(actor)):
-        raise SystemExit(f"error: --fused_logprobs needs logits = last hidden state @ lm_head.weight^T, but {problem}: "
-                         "drop --fused_logprobs")
+        raise SystemExit(
+            f"error: --fused_logprobs needs logits = last hidden state @ lm_head.weight^T, but {problem}: "
+            "drop --fused_logprobs"
+        )
 
     def own_tokenizer(name):
         """The score model's tokenizer if it cannot read the actor's token ids (another vocabulary, EOS or chat
@@ -709,8 +773,10 @@ def main():
             seq, attention_mask, mask, P = generate(batch, desc="eval generate")
             answers = answers_of(seq, mask, P)
             with torch.no_grad():
-                scores = {name: end_score(*scorer, seq, attention_mask, batch["inputs"], answers)
-                          for name, scorer in scorers.items()}  # fmt: skip
+                scores = {
+                    name: end_score(*scorer, seq, attention_mask, batch["inputs"], answers)
+                    for name, scorer in scorers.items()
+                }
             r, c = scores["reward"], scores.get("cost", torch.zeros_like(scores["reward"]))
             ended = torch.isin(seq[:, P:], stops_t).any(-1)  # (B,) stopped before the token cap
             rows += zip(mb, r.tolist(), c.tolist(), batch["prompts"], answers, ended.tolist())
@@ -812,8 +878,10 @@ def main():
                     # 2) score with the frozen models: old and reference log-probs, end scores, each critic's values
                     old_logp = policy_logp(actor, seq, attention_mask, P)  # (B, L)
                     ref_logp = policy_logp(ref, seq, attention_mask, P)
-                    scores = {name: end_score(*scorer, seq, attention_mask, inputs, answers)
-                              for name, scorer in scorers.items()}  # (B,)  # fmt: skip
+                    scores = {
+                        name: end_score(*scorer, seq, attention_mask, inputs, answers)
+                        for name, scorer in scorers.items()
+                    }  # (B,)
                     old_values = {s["name"]: values(s["critic"], seq, attention_mask, P) for s in streams}  # (B, L)
                     t2 = clock()
 
@@ -878,9 +946,11 @@ def main():
                     episode_cost = (window[0] / window[1]).item()
                     if step == 1:  # where the constraint starts: the threshold d is set against this number
                         verdict = {True: " | above d: lambda grows", False: " | at or below d: lambda shrinks"}
-                        print0(f"J_C {episode_cost:.4f} on the first rollout ({int(window[1].item())} answers of the "
-                               f"initial policy) | threshold d {args.threshold:g}"
-                               + (verdict[episode_cost > args.threshold] if lagrangian else ""))
+                        print0(
+                            f"J_C {episode_cost:.4f} on the first rollout ({int(window[1].item())} answers of the "
+                            f"initial policy) | threshold d {args.threshold:g}"
+                            + (verdict[episode_cost > args.threshold] if lagrangian else "")
+                        )
                 if lagrangian and step > args.lambda_update_delay_steps:
                     lam_state = LAMBDA_UPDATES[args.lambda_update](lam_state, episode_cost, **vars(args))
                     lam_t = torch.tensor([lam_state["lam"]], dtype=torch.float64, device=device)
@@ -890,14 +960,21 @@ def main():
                     at_cap = at_cap + 1 if lam_state["lam"] >= args.lambda_max * (1 - 1e-9) else 0
                     above = above + 1 if episode_cost > args.threshold else 0
                     if at_cap == WARN_AFTER:
-                        print0(f"warning: lambda has sat at its cap --lambda_max {args.lambda_max:g} for {WARN_AFTER} "
-                               f"rollouts (J_C {episode_cost:.3g}, d {args.threshold:g}): raise --lambda_max, or "
-                               "loosen --threshold if no policy near this one can meet it")
+                        print0(
+                            f"warning: lambda has sat at its cap --lambda_max {args.lambda_max:g} for {WARN_AFTER} "
+                            f"rollouts (J_C {episode_cost:.3g}, d {args.threshold:g}): raise --lambda_max, or "
+                            "loosen --threshold if no policy near this one can meet it"
+                        )
                     if above == WARN_AFTER:
-                        fix = ("it is at its cap: raise --lambda_max, or loosen --threshold" if at_cap else
-                               "raise --lambda_lr, or try --lambda_update pid (its P term answers a violation at once)")
-                        print0(f"warning: J_C {episode_cost:.3g} has stayed above d {args.threshold:g} for "
-                               f"{WARN_AFTER} rollouts (lambda {lam_state['lam']:.3g}): {fix}")
+                        fix = (
+                            "it is at its cap: raise --lambda_max, or loosen --threshold"
+                            if at_cap
+                            else "raise --lambda_lr, or try --lambda_update pid (its P term answers a violation)"
+                        )
+                        print0(
+                            f"warning: J_C {episode_cost:.3g} has stayed above d {args.threshold:g} for "
+                            f"{WARN_AFTER} rollouts (lambda {lam_state['lam']:.3g}): {fix}"
+                        )
 
                 # 6) log / eval / save: one all_reduce of the stacked per-rank means; a NaN on any rank survives it
                 if step % args.logging_steps == 0 or step == total_steps:
@@ -929,16 +1006,25 @@ def main():
                     print0(f"step {step}/{total_steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
                     log(metrics, step)
                     # a few of rank 0's rollouts, to read what the numbers mean
-                    samples = [{"step": step, "prompt": batch["prompts"][i // args.num_return_sequences],
-                                "response": answers[i], "ended": bool(ended[i]),
-                                **{name: score[i].item() for name, score in scores.items()}}
-                               for i in range(min(SAMPLES_PER_LOG, seq.shape[0]))]  # fmt: skip
+                    samples = [
+                        {
+                            "step": step,
+                            "prompt": batch["prompts"][i // args.num_return_sequences],
+                            "response": answers[i],
+                            "ended": bool(ended[i]),
+                            **{name: score[i].item() for name, score in scores.items()},
+                        }
+                        for i in range(min(SAMPLES_PER_LOG, seq.shape[0]))
+                    ]
                     if master_process:
                         with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
                             f.writelines(json.dumps(sample) + "\n" for sample in samples)
                         s = samples[0]
-                        print(f"sample {s['prompt'][:200]!r} -> {s['response'][:300]!r} | reward {s['reward']:.4g}"
-                              + (f" | cost {s['cost']:.4g}" if use_cost else "") + ("" if s["ended"] else " | cut"))
+                        print(
+                            f"sample {s['prompt'][:200]!r} -> {s['response'][:300]!r} | reward {s['reward']:.4g}"
+                            + (f" | cost {s['cost']:.4g}" if use_cost else "")
+                            + ("" if s["ended"] else " | cut")
+                        )
                 if eval_prompts is not None and (
                     (args.eval_interval and step % args.eval_interval == 0) or step == total_steps
                 ):

@@ -49,8 +49,10 @@ def show_progress() -> bool:
     the bars off; NANO_PROGRESS=1 draws them on rank 0 as if stderr were a terminal (tests, `tail -f` of a log)."""
     setting = os.environ.get("NANO_PROGRESS", "")
     if setting not in ("", "0", "1"):
-        raise SystemExit(f"error: NANO_PROGRESS={setting!r}: use 0 (no progress bars) or 1 (bars on rank 0 even when "
-                         "stderr is not a terminal), or leave it unset")  # fmt: skip
+        raise SystemExit(
+            f"error: NANO_PROGRESS={setting!r}: use 0 (no progress bars) or 1 (bars on rank 0 even when "
+            "stderr is not a terminal), or leave it unset"
+        )
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun and deepspeed, and by each stage's preamble
     return rank == 0 and setting != "0" and (setting == "1" or sys.stderr.isatty())
 
@@ -149,8 +151,20 @@ def gathered_for_generation(engine):
             offload.fwd_pre_hook = offload.module.register_forward_pre_hook(start_hook)
 
 
-def generate(model, input_ids, attention_mask, *, max_new_tokens, max_cache_len=None, cache=None, gather="auto",
-             synced_gpus=False, compile=None, desc="generate", **sampling):  # fmt: skip
+def generate(
+    model,
+    input_ids,
+    attention_mask,
+    *,
+    max_new_tokens,
+    max_cache_len=None,
+    cache=None,
+    gather="auto",
+    synced_gpus=False,
+    compile=None,
+    desc="generate",
+    **sampling,
+):
     """Sample (or greedily decode) continuations; returns the sequences (B * num_return_sequences, P + new), as
     `model.generate` would.
 
@@ -182,8 +196,10 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens, max_cache_len=
     zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
     gathered = zero3 and (gather == "always" or gather == "auto" and _gather_fits(module, rows, cache_len, device))
     if gathered and engine is None:
-        raise ValueError("gathering ZeRO-3 parameters for generation needs the DeepSpeed engine (its hooks live "
-                         "there): pass the engine, not engine.module")  # fmt: skip
+        raise ValueError(
+            "gathering ZeRO-3 parameters for generation needs the DeepSpeed engine (its hooks live "
+            "there): pass the engine, not engine.module"
+        )
     where = ""
     if zero3:
         where = "; ZeRO-3 parameters gathered once per call" if gathered else "; ZeRO-3 per-module fetch per token"
@@ -211,6 +227,61 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens, max_cache_len=
 
     with gathered_for_generation(engine) if gathered else contextlib.nullcontext():
         with token_progress(max_new_tokens, desc, sampling.pop("logits_processor", None)) as processors:
-            return module.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                   synced_gpus=synced_gpus and not gathered, logits_processor=processors, **kwargs,
-                                   **sampling)  # fmt: skip
+            return module.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                synced_gpus=synced_gpus and not gathered,
+                logits_processor=processors,
+                **kwargs,
+                **sampling,
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a sampled answer is, and how a score model reads it: one place for PPO's rollouts and the arena
+
+
+def response_mask(response, stop_ids):
+    """(B, L) bool: tokens up to and including the first stop token (stop_ids: an id, or a tensor of ids such as the
+    EOS and the chat template's end of turn); works when pad == eos."""
+    is_stop = torch.isin(response, torch.as_tensor(stop_ids, device=response.device))
+    return (is_stop.long().cumsum(-1) - is_stop.long()) == 0
+
+
+def reads_policy_tokens(score_tok, policy_tok, chat_template) -> bool:
+    """Can a score model read the policy's token ids as they are? Only with the same vocabulary, EOS and template;
+    otherwise the conversation is re-tokenized for it (score_conversations)."""
+    same_template = chat_template == "anchor" or score_tok.chat_template == policy_tok.chat_template
+    return (
+        score_tok.get_vocab() == policy_tok.get_vocab()
+        and score_tok.eos_token_id == policy_tok.eos_token_id
+        and (same_template)
+    )
+
+
+def score_conversations(model, seq, attention_mask, retokenize=None):
+    """The score model's end score (B,) fp32 of each conversation (prompt + answer) in seq (B, T), the policy's
+    token ids with its attention mask (the answer's tokens after its first stop masked out).
+    retokenize: None when the model reads the policy's ids (reads_policy_tokens), else (score_tok, policy_tok,
+    chat_template, inputs (B,), answers (B,)) and the conversation is re-tokenized for it: in the anchor's template as
+    the anchor does (the text decoded without special tokens, the score tokenizer's EOS appended), in a model's own
+    template rendered again from the inputs and answer texts."""
+    from data import conversation_ids
+
+    device = seq.device
+    if retokenize is not None:
+        tok, policy_tok, chat_template, inputs, answers = retokenize
+        tok.pad_token = tok.pad_token or tok.eos_token  # padding is masked: any id will do
+        if chat_template == "anchor":
+            texts = policy_tok.batch_decode(
+                [s[m.bool()] for s, m in zip(seq, attention_mask)], skip_special_tokens=True
+            )
+            enc = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True).to(device)
+            seq, attention_mask = enc["input_ids"], enc["attention_mask"]
+        else:
+            ids = [torch.tensor(conversation_ids(tok, x, y, chat_template)) for x, y in zip(inputs, answers)]
+            seq = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tok.pad_token_id).to(device)
+            attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in ids], batch_first=True)
+            attention_mask = attention_mask.to(device)
+    return model(seq, attention_mask.long()).end_scores[:, 0].float()

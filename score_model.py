@@ -108,8 +108,12 @@ def cost_loss(safer, unsafer, safer_sign, unsafer_sign, regularization=0.0, span
     -1 safe); token-wise (scores (B, T) and span) every term is averaged over the span, the sign ones included."""
     if span is not None:
         safer_sign, unsafer_sign = safer_sign[:, None], unsafer_sign[:, None]  # (B, 1) against (B, T) scores
-    per_token = (-F.logsigmoid(unsafer - safer) - F.logsigmoid(safer_sign * safer)
-                 - F.logsigmoid(unsafer_sign * unsafer) + regularization * (safer.square() + unsafer.square()) / 2)
+    per_token = (
+        -F.logsigmoid(unsafer - safer)
+        - F.logsigmoid(safer_sign * safer)
+        - F.logsigmoid(unsafer_sign * unsafer)
+        + regularization * (safer.square() + unsafer.square()) / 2
+    )
     return span_mean(per_token, span).mean()
 
 
@@ -217,8 +221,16 @@ def head_tensors(path: str) -> dict[str, torch.Tensor]:
 class ScoreModel(nn.Module):
     """Backbone `model` + `score_head` (+ `normalizer`, applied to the outputs when `do_normalize`)."""
 
-    def __init__(self, backbone, score_dim=1, score_bias=True, score_type="reward", do_normalize=False,
-                 normalizer_type=None, momentum=0.9):
+    def __init__(
+        self,
+        backbone,
+        score_dim=1,
+        score_bias=True,
+        score_type="reward",
+        do_normalize=False,
+        normalizer_type=None,
+        momentum=0.9,
+    ):
         super().__init__()
         if score_type not in ("reward", "cost", "critic"):
             raise ValueError(f"score_type {score_type!r}: use reward, cost or critic")
@@ -233,8 +245,9 @@ class ScoreModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, **kwargs) -> ScoreOutput:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False, **kwargs).last_hidden_state  # (B, T, H)
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+        ).last_hidden_state  # (B, T, H)
         end, scores = self.score_head(hidden, attention_mask)
         if self.do_normalize:
             end, scores = (self.normalizer.normalize(x, self.score_type) for x in (end, scores))
@@ -243,10 +256,18 @@ class ScoreModel(nn.Module):
     def save_config(self, path):
         """config.json: the backbone's config + the score fields (alone in a LoRA adapter folder, see lora.py)."""
         n = self.normalizer
-        self.config.update({"score_dim": self.score_head.out_features, "score_bias": self.score_head.bias is not None,
-                            "score_type": self.score_type, "do_normalize": self.do_normalize,
-                            "normalizer_type": n.normalizer_type, "momentum": n.momentum,
-                            "mean": n.mean.tolist(), "var": n.var.tolist()})
+        self.config.update(
+            {
+                "score_dim": self.score_head.out_features,
+                "score_bias": self.score_head.bias is not None,
+                "score_type": self.score_type,
+                "do_normalize": self.do_normalize,
+                "normalizer_type": n.normalizer_type,
+                "momentum": n.momentum,
+                "mean": n.mean.tolist(),
+                "var": n.var.tolist(),
+            }
+        )
         self.config.architectures = [type(self.model).__name__.removesuffix("Model") + "ForScore"]
         self.config.save_pretrained(path)
 
@@ -279,12 +300,20 @@ class ScoreModel(nn.Module):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its load report lists score_head / lm_head as unexpected: we know
         # our backbone keys are model.* whatever the backbone's own prefix; HF strips a causal LM's itself
-        backbone, info = AutoModel.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True,
-                                                   key_mapping={r"^model\.": ""} if is_score else None, **overrides)
+        backbone, info = AutoModel.from_pretrained(
+            path,
+            config=config,
+            dtype=dtype,
+            output_loading_info=True,
+            key_mapping={r"^model\.": ""} if is_score else None,
+            **overrides,
+        )
         hf_logging.set_verbosity(verbosity)
         if info["missing_keys"] or info["mismatched_keys"]:
-            raise ValueError(f"{path}: backbone weights missing or mis-shaped: "
-                             f"{sorted(info['missing_keys'])[:5]} {sorted(info['mismatched_keys'])[:5]}")
+            raise ValueError(
+                f"{path}: backbone weights missing or mis-shaped: "
+                f"{sorted(info['missing_keys'])[:5]} {sorted(info['mismatched_keys'])[:5]}"
+            )
         model = cls(backbone, **{k: v for k, v in fields.items() if v is not None})
         if not is_score:
             print(f"{path} has no score head: a new {model.score_head.out_features} x {config.hidden_size} one")
@@ -335,8 +364,13 @@ def plot_scores(path, first, second, first_sign=None, second_sign=None, score_ty
         groups = {"safe": scores[signs < 0], "unsafe": scores[signs > 0]}
     ax = (fig := Figure(figsize=(6, 4))).subplots()
     for label, values in groups.items():
-        ax.hist(values.tolist(), bins=40, range=(scores.min().item(), scores.max().item() + 1e-6), alpha=0.6,
-                label=f"{label} ({len(values)})")
+        ax.hist(
+            values.tolist(),
+            bins=40,
+            range=(scores.min().item(), scores.max().item() + 1e-6),
+            alpha=0.6,
+            label=f"{label} ({len(values)})",
+        )
     ax.axvline(0.0, color="gray", lw=0.8)
     ax.set(xlabel=f"{score_type} (end score)", ylabel="answers", title=f"eval {score_type} scores")
     ax.legend()
@@ -354,8 +388,12 @@ def main():
     add("--eval_datasets", type=parse_dataset, nargs="+", default=None, help="NAME[:PROPORTION[:PATH]] ...")
     add("--eval_split_ratio", type=float, default=None, help="hold out this fraction of train for eval")
     add("--max_length", type=int, default=512, help="tokens per sequence (answers truncated)")
-    add("--chat_template", type=parse_chat_template, default="anchor",
-        help=f"how a prompt and answer are written (and saved with the model): {CHAT_TEMPLATE_HELP}")
+    add(
+        "--chat_template",
+        type=parse_chat_template,
+        default="anchor",
+        help=f"how a prompt and answer are written (and saved with the model): {CHAT_TEMPLATE_HELP}",
+    )
     # model
     add("--model_name_or_path", required=True, help="init: an SFT model folder (new head) or a score model")
     add("--trust_remote_code", action="store_true", help="allow custom model code from the folder/hub")
@@ -366,8 +404,12 @@ def main():
     add("--normalizer_momentum", type=float, default=0.9, help="ExponentialMovingAverage momentum")
     add("--normalize_score_during_training", action="store_true", help="loss on normalised scores; do_normalize")
     # algorithm
-    add("--loss_type", choices=["sequence-wise", "token-wise"], default="sequence-wise",
-        help="Bradley-Terry on end scores, or on per-token scores where the answers differ")
+    add(
+        "--loss_type",
+        choices=["sequence-wise", "token-wise"],
+        default="sequence-wise",
+        help="Bradley-Terry on end scores, or on per-token scores where the answers differ",
+    )
     add("--regularization", type=float, default=0.001, help="L2 coefficient on the scores the loss sees")
     # optimisation
     add("--epochs", type=int, default=2, help="passes over the train set")
@@ -387,9 +429,12 @@ def main():
     add("--save_best", action="store_true", help="save the best eval checkpoint instead of the last")
     add("--save_interval", type=int, default=0, help="optimizer steps between full checkpoints (0: none)")
     add("--save_total_limit", type=int, default=None, help="keep only the newest K checkpoints (default: all)")
-    add("--resume_from_checkpoint", default="auto",
+    add(
+        "--resume_from_checkpoint",
+        default="auto",
         help="auto: continue from the newest complete checkpoint in <output_dir>.partial, if any; "
-             "PATH: from that checkpoint-<step> folder; none: start over (discards the old checkpoints)")
+        "PATH: from that checkpoint-<step> folder; none: start over (discards the old checkpoints)",
+    )
     add("--plot_histogram", action="store_true", help="write score_histogram.png of the saved model's eval")
     add("--log_type", choices=["none", "wandb", "tensorboard"], default="none", help="extra metrics sink")
     add("--log_project", default="nano-safe-rlhf", help="wandb project / tensorboard sub-folder")
@@ -424,8 +469,10 @@ def main():
     try:  # a config.json that transformers cannot read (an unknown model_type, remote code not allowed, ...)
         AutoConfig.from_pretrained(lora.root_model(args.model_name_or_path), trust_remote_code=args.trust_remote_code)
     except Exception as e:
-        raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path!r}: its config does not load "
-                         f"({type(e).__name__}: {e}); pass a Hugging Face model folder") from None
+        raise SystemExit(
+            f"error: --model_name_or_path {args.model_name_or_path!r}: its config does not load "
+            f"({type(e).__name__}: {e}); pass a Hugging Face model folder"
+        ) from None
 
     # distributed preamble: a plain `python score_model.py` is a world of one
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
@@ -446,9 +493,11 @@ def main():
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     torch.manual_seed(args.seed)
+
     def print0(*a, **k):
         if master_process:
             print(*a, **k, flush=True)
+
     partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
     if master_process:  # lock <output_dir>, check it can be written, recover an interrupted swap: before slow work
         partial = prepare_output(args.output_dir, vars(args), args.resume_from_checkpoint)
@@ -471,37 +520,58 @@ def main():
     if args.eval_split_ratio:
         n_eval = max(1, round(args.eval_split_ratio * len(train_dataset)))
         train_dataset, eval_dataset = torch.utils.data.random_split(
-            train_dataset, [len(train_dataset) - n_eval, n_eval], generator=torch.Generator().manual_seed(args.seed))
+            train_dataset, [len(train_dataset) - n_eval, n_eval], generator=torch.Generator().manual_seed(args.seed)
+        )
     micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
     global_batch = micro * accum * world_size
     if len(train_dataset) < global_batch:
-        raise SystemExit(f"error: {len(train_dataset)} train pairs < one global batch of {global_batch} "
-                         f"(= {micro} per device x {accum} accumulation x {world_size} ranks); lower the batch flags")
+        raise SystemExit(
+            f"error: {len(train_dataset)} train pairs < one global batch of {global_batch} "
+            f"(= {micro} per device x {accum} accumulation x {world_size} ranks); lower the batch flags"
+        )
     # DistributedSampler pads each rank to the same count, so every rank runs the same steps (ZeRO-3 needs that)
     train_sampler = torch.utils.data.DistributedSampler(train_dataset, world_size, rank, shuffle=True, seed=args.seed)
     # its own generator: iter(loader) would otherwise draw from the global RNG, once more on a resumed run
-    train_loader = torch.utils.data.DataLoader(train_dataset, micro, sampler=train_sampler, collate_fn=collate,
-                                               generator=torch.Generator())
+    train_loader = torch.utils.data.DataLoader(
+        train_dataset, micro, sampler=train_sampler, collate_fn=collate, generator=torch.Generator()
+    )
     # and the eval loader its own too: an eval (step 0's included) draws nothing from the global RNG (dropout's)
-    eval_loader = None if eval_dataset is None else torch.utils.data.DataLoader(
-        eval_dataset, args.per_device_eval_batch_size, collate_fn=collate, generator=torch.Generator(),
-        sampler=torch.utils.data.DistributedSampler(eval_dataset, world_size, rank, shuffle=False))
+    eval_loader = (
+        None
+        if eval_dataset is None
+        else torch.utils.data.DataLoader(
+            eval_dataset,
+            args.per_device_eval_batch_size,
+            collate_fn=collate,
+            generator=torch.Generator(),
+            sampler=torch.utils.data.DistributedSampler(eval_dataset, world_size, rank, shuffle=False),
+        )
+    )
     steps_per_epoch = len(train_loader) // accum
     total_steps = args.epochs * steps_per_epoch
     total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
     # as transformers' schedulers (the anchor's): int(ratio * steps) warm-up steps, none for "constant"
     warmup_steps = 0 if args.lr_scheduler_type == "constant" else int(args.lr_warmup_ratio * total_steps)
-    print0(f"train {len(train_dataset):,} pairs, eval {len(eval_dataset or []):,} | global batch {global_batch} = "
-           f"{micro} x {accum} accum x {world_size} ranks | {total_steps} steps, {warmup_steps} warmup")
+    print0(
+        f"train {len(train_dataset):,} pairs, eval {len(eval_dataset or []):,} | global batch {global_batch} = "
+        f"{micro} x {accum} accum x {world_size} ranks | {total_steps} steps, {warmup_steps} warmup"
+    )
 
     # model, optimizer, engine
-    model = ScoreModel.from_pretrained(args.model_name_or_path, dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                                       score_type=args.score_type, do_normalize=False,  # the loop normalises
-                                       normalizer_type=args.normalizer_type, momentum=args.normalizer_momentum,
-                                       trust_remote_code=args.trust_remote_code)
+    model = ScoreModel.from_pretrained(
+        args.model_name_or_path,
+        dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        score_type=args.score_type,
+        do_normalize=False,  # the loop normalises
+        normalizer_type=args.normalizer_type,
+        momentum=args.normalizer_momentum,
+        trust_remote_code=args.trust_remote_code,
+    )
     if args.save_adapter_only and tokenizer.pad_token is None:  # the new pad row would live outside the adapter
-        raise SystemExit("error: --save_adapter_only: the tokenizer has no pad token, so the embeddings grow by one "
-                         "row that an adapter folder cannot carry; save merged (drop the flag) or add a pad token")
+        raise SystemExit(
+            "error: --save_adapter_only: the tokenizer has no pad token, so the embeddings grow by one "
+            "row that an adapter folder cannot carry; save merged (drop the flag) or add a pad token"
+        )
     add_pad_token(tokenizer, model.model)
     model.config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:
@@ -513,14 +583,21 @@ def main():
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95))  # none empty
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_lambda(step, total_steps, warmup_steps, args.lr_scheduler_type))
+        optimizer, lambda step: lr_lambda(step, total_steps, warmup_steps, args.lr_scheduler_type)
+    )
     with open(args.ds_config) as f:
         ds_config = json.load(f)
-    ds_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
-                     train_batch_size=global_batch, bf16={**ds_config.get("bf16", {}), "enabled": args.bf16})
+    ds_config.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accum,
+        train_batch_size=global_batch,
+        bf16={**ds_config.get("bf16", {}), "enabled": args.bf16},
+    )
     ds_config.setdefault("zero_optimization", {}).update(
-        stage=args.zero_stage, offload_param={"device": "cpu" if offload_param else "none"},
-        offload_optimizer={"device": "cpu" if offload_optimizer else "none"})
+        stage=args.zero_stage,
+        offload_param={"device": "cpu" if offload_param else "none"},
+        offload_optimizer={"device": "cpu" if offload_optimizer else "none"},
+    )
     if offload_optimizer:
         ds_config["zero_force_ds_cpu_optimizer"] = False  # we pass a torch optimizer on purpose
     print0(f"deepspeed config: {json.dumps(ds_config)}")
@@ -540,8 +617,10 @@ def main():
     def log(step, metrics):
         metrics = {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
         check_finite(metrics, step)  # all-reduced values: every rank stops together, before anything is saved
-        fields = [f"{k} {v:,.0f}" if k.startswith("perf/") else f"{k} {v:.2e}" if k.endswith("/lr") else f"{k} {v:.4f}"
-                  for k, v in metrics.items()]
+        fields = [
+            f"{k} {v:,.0f}" if k.startswith("perf/") else f"{k} {v:.2e}" if k.endswith("/lr") else f"{k} {v:.4f}"
+            for k, v in metrics.items()
+        ]
         print0(" | ".join([f"step {step}/{total_steps}", *fields]))
         if master_process:
             with open(partial / "metrics.jsonl", "a") as f:
@@ -616,8 +695,10 @@ def main():
                     shutil.rmtree(path)
             if best_dir and not is_complete(best_dir):
                 if not is_complete(resume_dir / "best"):
-                    raise SystemExit(f"error: {resume_dir} has no copy of {best_dir.name}; pass an earlier "
-                                     "--resume_from_checkpoint, or none to start over")
+                    raise SystemExit(
+                        f"error: {resume_dir} has no copy of {best_dir.name}; pass an earlier "
+                        "--resume_from_checkpoint, or none to start over"
+                    )
                 link_copy(resume_dir / "best", best_dir)
     t0 = time.time()
     try:  # Ctrl-C: one line, exit 130, the .partial left in place
@@ -655,8 +736,9 @@ def main():
                 engine.backward(loss)
                 engine.step()
                 metrics = pair_metrics(end[:B].detach(), end[B:].detach(), *signs, score_type=args.score_type)
-                running += torch.stack([loss.detach().float(), *metrics.values(), torch.ones_like(loss),
-                                        mask.sum().float()])
+                running += torch.stack(
+                    [loss.detach().float(), *metrics.values(), torch.ones_like(loss), mask.sum().float()]
+                )
                 micro_step += 1
                 bar.update()
                 if micro_step % accum:
@@ -667,13 +749,23 @@ def main():
                     bar.close()  # erased before the line is printed
                     bar = None
                     dist.all_reduce(running)
-                    log(step, {**dict(zip(names, running[:-2] / running[-2])), "train/lr": scheduler.get_last_lr()[0],
-                               "train/epoch": step / steps_per_epoch,
-                               "perf/tok_per_sec": running[-1] / (time.time() - t0)})
+                    log(
+                        step,
+                        {
+                            **dict(zip(names, running[:-2] / running[-2])),
+                            "train/lr": scheduler.get_last_lr()[0],
+                            "train/epoch": step / steps_per_epoch,
+                            "perf/tok_per_sec": running[-1] / (time.time() - t0),
+                        },
+                    )
                     running.zero_()
                     t0 = time.time()
-                if eval_loader and (args.eval_interval and step % args.eval_interval == 0
-                                    or step % steps_per_epoch == 0 or step == total_steps):
+                if eval_loader and (
+                    args.eval_interval
+                    and step % args.eval_interval == 0
+                    or step % steps_per_epoch == 0
+                    or step == total_steps
+                ):
                     t_eval = time.time()
                     metrics, eval_pairs = evaluate()
                     log(step, metrics)
@@ -687,11 +779,24 @@ def main():
                     t0 += time.time() - t_eval  # eval (and save) time does not count against throughput
                 if args.save_interval and step % args.save_interval == 0 and step < total_steps:
                     t_save = time.time()
-                    state = {"epoch": epoch, "position": position, "micro_step": micro_step, "best": best,
-                             "best_dir": best_dir and best_dir.name}
-                    save_checkpoint(partial, step, {"model": engine}, state, model_writer(), vars(args),
-                                    args.save_total_limit, rank_state={"running": running.tolist()},
-                                    folders=best_dir and {"best": best_dir})
+                    state = {
+                        "epoch": epoch,
+                        "position": position,
+                        "micro_step": micro_step,
+                        "best": best,
+                        "best_dir": best_dir and best_dir.name,
+                    }
+                    save_checkpoint(
+                        partial,
+                        step,
+                        {"model": engine},
+                        state,
+                        model_writer(),
+                        vars(args),
+                        args.save_total_limit,
+                        rank_state={"running": running.tolist()},
+                        folders=best_dir and {"best": best_dir},
+                    )
                     t0 += time.time() - t_save
                 if step == total_steps:
                     break

@@ -128,8 +128,12 @@ def main():
     parser.add_argument("--lr_warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
     parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decay (not on biases and norms)")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--fused_logprobs", action="store_true", help="the loss straight from the last hidden state "
-                        "(kernels/linear_logprobs.py): no (B, T, V) logits nor their gradient")  # fmt: skip
+    parser.add_argument(
+        "--fused_logprobs",
+        action="store_true",
+        help="the loss straight from the last hidden state "
+        "(kernels/linear_logprobs.py): no (B, T, V) logits nor their gradient",
+    )
     # logging
     parser.add_argument("--output_dir", required=True, help="final HF folder (written via <output_dir>.partial)")
     parser.add_argument("--logging_steps", type=int, default=10, help="optimizer steps between metrics lines")
@@ -265,8 +269,10 @@ def main():
         trust_remote_code=args.trust_remote_code,
     )
     if args.save_adapter_only and tokenizer.pad_token is None:  # the new pad row would live outside the adapter
-        raise SystemExit("error: --save_adapter_only: the tokenizer has no pad token, so the embeddings grow by one "
-                         "row that an adapter folder cannot carry; save merged (drop the flag) or add a pad token")
+        raise SystemExit(
+            "error: --save_adapter_only: the tokenizer has no pad token, so the embeddings grow by one "
+            "row that an adapter folder cannot carry; save merged (drop the flag) or add a pad token"
+        )
     add_pad_token(tokenizer, model)
     model.config.pad_token_id = tokenizer.pad_token_id
     # generation stops at any of: the EOS, the base model's EOS list, the template's end of turn (ChatML's <|im_end|>)
@@ -278,8 +284,10 @@ def main():
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if args.fused_logprobs and (problem := fused_head_problem(model)):
-        raise SystemExit(f"error: --fused_logprobs needs logits = last hidden state @ lm_head.weight^T, but {problem}: "
-                         "drop --fused_logprobs")
+        raise SystemExit(
+            f"error: --fused_logprobs needs logits = last hidden state @ lm_head.weight^T, but {problem}: "
+            "drop --fused_logprobs"
+        )
     if args.lora_rank:  # the base frozen; the optimizer sees the adapters only
         model = lora.add_lora(model, args, "", args.model_name_or_path)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]  # matrices decay; biases, norms not

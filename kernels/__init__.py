@@ -21,6 +21,17 @@ from kernels.linear_logprobs import fused_head_problem, head_gives_logprobs, lin
 from kernels.logprobs import cross_entropy, logprobs, logprobs_ref, mean_nll
 
 __all__ = [
-    "cross_entropy", "end_scores", "end_scores_ref", "fused_head_problem", "gae", "gae_ref", "head_gives_logprobs",
-    "linear_logprobs", "linear_logprobs_ref", "logprobs", "logprobs_ref", "mean_nll", "use_triton",
-]  # fmt: skip
+    "cross_entropy",
+    "end_scores",
+    "end_scores_ref",
+    "fused_head_problem",
+    "gae",
+    "gae_ref",
+    "head_gives_logprobs",
+    "linear_logprobs",
+    "linear_logprobs_ref",
+    "logprobs",
+    "logprobs_ref",
+    "mean_nll",
+    "use_triton",
+]

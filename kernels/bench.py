@@ -245,9 +245,18 @@ def ppo_step_memory(spec: dict) -> dict:
     device, rank = torch.device(spec["device"]), spec["lora_rank"]
     gpu, dtype = device.type == "cuda", DTYPES[spec["dtype"]]
     H, layers, V = spec["hidden"], spec["layers"], spec["vocab"]
-    config = LlamaConfig(hidden_size=H, num_hidden_layers=layers, vocab_size=V, intermediate_size=spec["intermediate"],
-                         num_attention_heads=max(1, H // 128), num_key_value_heads=max(1, H // 128),
-                         max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        hidden_size=H,
+        num_hidden_layers=layers,
+        vocab_size=V,
+        intermediate_size=spec["intermediate"],
+        num_attention_heads=max(1, H // 128),
+        num_key_value_heads=max(1, H // 128),
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     config.use_cache = True  # generation uses the KV cache; training forwards pass use_cache=False
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
@@ -257,11 +266,20 @@ def ppo_step_memory(spec: dict) -> dict:
     with open(Path(__file__).resolve().parent.parent / "ds_config.json") as f:
         base_config = json.load(f)
     B, P, L, mb = spec["prompts"], spec["prompt_len"], spec["new_tokens"], spec["micro_batch"]
-    base_config.update(train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=1, train_batch_size=mb,
-                       bf16={"enabled": dtype == torch.bfloat16}, zero_force_ds_cpu_optimizer=False)
-    lora_args = ap.Namespace(**{f"{who}_lora_{k}": v for who in ("actor", "critic")
-                                for k, v in (("rank", rank), ("alpha", 16.0), ("dropout", 0.0),
-                                             ("target_modules", ["all-linear"]))})  # fmt: skip
+    base_config.update(
+        train_micro_batch_size_per_gpu=mb,
+        gradient_accumulation_steps=1,
+        train_batch_size=mb,
+        bf16={"enabled": dtype == torch.bfloat16},
+        zero_force_ds_cpu_optimizer=False,
+    )
+    lora_args = ap.Namespace(
+        **{
+            f"{who}_lora_{k}": v
+            for who in ("actor", "critic")
+            for k, v in (("rank", rank), ("alpha", 16.0), ("dropout", 0.0), ("target_modules", ["all-linear"]))
+        }
+    )
 
     def now():
         return torch.cuda.memory_allocated(device) if gpu else _proc_status("VmRSS")
@@ -311,9 +329,13 @@ def ppo_step_memory(spec: dict) -> dict:
         critics[name] = engine(critic_model, train=True)
         scorers[name] = adapter_off(critics[name], critics[name].module) if rank else engine(score_model(name), False)
     models = [actor, *critics.values()] + ([] if rank else [ref, *scorers.values()])
-    out = {"params": sum(p.numel() for m in models for p in m.module.parameters()),
-           "trained": sum(p.numel() for m in models for p in m.module.parameters() if p.requires_grad),
-           "backbones": len(models), "built": now() - before, "optimizer": type(actor.optimizer).__name__}
+    out = {
+        "params": sum(p.numel() for m in models for p in m.module.parameters()),
+        "trained": sum(p.numel() for m in models for p in m.module.parameters() if p.requires_grad),
+        "backbones": len(models),
+        "built": now() - before,
+        "optimizer": type(actor.optimizer).__name__,
+    }
 
     def logp(model, seq, mask):
         logits = model(input_ids=seq, attention_mask=mask, use_cache=False).logits
@@ -325,8 +347,14 @@ def ppo_step_memory(spec: dict) -> dict:
         if phase == "rollout":
             actor.eval()
             with torch.no_grad():
-                seq = actor.module.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                                            max_new_tokens=L, min_new_tokens=L, pad_token_id=0)
+                seq = actor.module.generate(
+                    input_ids=prompts,
+                    attention_mask=torch.ones_like(prompts),
+                    do_sample=True,
+                    max_new_tokens=L,
+                    min_new_tokens=L,
+                    pad_token_id=0,
+                )
             mask, response = torch.ones_like(seq), torch.ones(B, L, device=device)
         elif phase == "score":
             with torch.no_grad():
@@ -340,8 +368,9 @@ def ppo_step_memory(spec: dict) -> dict:
                     ret[name] = (ret[name], values)
         elif phase == "actor":
             actor.train()
-            loss, _ = actor_loss_fn(logp(actor, seq[:mb], mask[:mb]), old_logp[:mb], adv["reward"][:mb],
-                                    response[:mb], 0.2)
+            loss, _ = actor_loss_fn(
+                logp(actor, seq[:mb], mask[:mb]), old_logp[:mb], adv["reward"][:mb], response[:mb], 0.2
+            )
             actor.backward(loss)
             actor.step()
         else:
@@ -359,23 +388,54 @@ def ppo_step_memory(spec: dict) -> dict:
 def ppo_memory(args) -> None:
     """Print the PPO-Lag step memory table: full fine-tuning and LoRA, each in a fresh process."""
     gpu = args.device == "cuda"
-    shape = dict(hidden=4096, layers=32, intermediate=11008, vocab=32000, prompts=16, prompt_len=256, new_tokens=256,
-                 micro_batch=16, dtype="bf16") if args.ppo_shape == "7b" else dict(
-        hidden=512, layers=4, intermediate=1376, vocab=8000, prompts=8, prompt_len=64, new_tokens=64, micro_batch=8,
-        dtype="bf16")  # fmt: skip
-    how = ("torch.cuda.max_memory_allocated, tensors only" if gpu else
-           "process RSS high-water mark (VmHWM) above the RSS before building, glibc mmap threshold 1 MiB")
-    print(f"# one PPO-Lag step of ppo_lag.py (DeepSpeed ZeRO-0, {shape['dtype']}, torch AdamW, gradient checkpointing) "
-          f"on {torch.cuda.get_device_name() if gpu else 'CPU'}; Llama shape hidden {shape['hidden']}, "
-          f"{shape['layers']} layers, intermediate {shape['intermediate']}, vocab {shape['vocab']}; rollout "
-          f"{shape['prompts']} prompts x ({shape['prompt_len']} + {shape['new_tokens']} new) tokens, PPO micro-batch "
-          f"{shape['micro_batch']}; LoRA: rank {args.ppo_lora_rank} on every linear layer of actor and critics; "
-          f"memory: {how}; GB = 1e9 bytes")  # fmt: skip
+    shape = (
+        dict(
+            hidden=4096,
+            layers=32,
+            intermediate=11008,
+            vocab=32000,
+            prompts=16,
+            prompt_len=256,
+            new_tokens=256,
+            micro_batch=16,
+            dtype="bf16",
+        )
+        if args.ppo_shape == "7b"
+        else dict(
+            hidden=512,
+            layers=4,
+            intermediate=1376,
+            vocab=8000,
+            prompts=8,
+            prompt_len=64,
+            new_tokens=64,
+            micro_batch=8,
+            dtype="bf16",
+        )
+    )
+    how = (
+        "torch.cuda.max_memory_allocated, tensors only"
+        if gpu
+        else "process RSS high-water mark (VmHWM) above the RSS before building, glibc mmap threshold 1 MiB"
+    )
+    print(
+        f"# one PPO-Lag step of ppo_lag.py (DeepSpeed ZeRO-0, {shape['dtype']}, torch AdamW, gradient checkpointing) "
+        f"on {torch.cuda.get_device_name() if gpu else 'CPU'}; Llama shape hidden {shape['hidden']}, "
+        f"{shape['layers']} layers, intermediate {shape['intermediate']}, vocab {shape['vocab']}; rollout "
+        f"{shape['prompts']} prompts x ({shape['prompt_len']} + {shape['new_tokens']} new) tokens, PPO micro-batch "
+        f"{shape['micro_batch']}; LoRA: rank {args.ppo_lora_rank} on every linear layer of actor and critics; "
+        f"memory: {how}; GB = 1e9 bytes"
+    )
     cols = ("built", "rollout", "score", "actor", "critics")
-    print("# built: the models once built; arithmetic: 2 bytes a weight (bf16) + 12 a trained one (DeepSpeed's fp32 "
-          "master copy and Adam's two moments); each phase: its peak")
-    print(f"{'run':<10} {'backbones':>9} {'params':>14} {'trained':>14} {'arithmetic GB':>13} "
-          + " ".join(f"{c + ' GB':>11}" for c in cols) + f" {'peak GB':>9}  optimizer")
+    print(
+        "# built: the models once built; arithmetic: 2 bytes a weight (bf16) + 12 a trained one (DeepSpeed's fp32 "
+        "master copy and Adam's two moments); each phase: its peak"
+    )
+    print(
+        f"{'run':<10} {'backbones':>9} {'params':>14} {'trained':>14} {'arithmetic GB':>13} "
+        + " ".join(f"{c + ' GB':>11}" for c in cols)
+        + f" {'peak GB':>9}  optimizer"
+    )
     for rank in (0, args.ppo_lora_rank):
         spec = {**shape, "device": args.device, "lora_rank": rank}
         cmd = [sys.executable, __file__, "--ppo_worker", json.dumps(spec)]
@@ -389,8 +449,11 @@ def ppo_memory(args) -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         phases = " ".join(f"{r[c] / 1e9:11.2f}" for c in cols)
         top, arithmetic = max(r[c] for c in cols), 2 * r["params"] + 12 * r["trained"]
-        print(f"{name:<10} {r['backbones']:>9} {r['params']:>14,} {r['trained']:>14,} {arithmetic / 1e9:13.2f} "
-              f"{phases} {top / 1e9:9.2f}  {r['optimizer']}", flush=True)
+        print(
+            f"{name:<10} {r['backbones']:>9} {r['params']:>14,} {r['trained']:>14,} {arithmetic / 1e9:13.2f} "
+            f"{phases} {top / 1e9:9.2f}  {r['optimizer']}",
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,10 +475,16 @@ def llama_config(args, max_positions, **special_tokens):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=True, **special_tokens,
-    )  # fmt: skip
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        **special_tokens,
+    )
 
 
 def rollout_bench(args):
@@ -439,17 +508,29 @@ def rollout_bench(args):
     where += "" if gpu else f", load {os.getloadavg()[0]:.1f}"
     shape = f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads, {args.kv_heads} KV heads"
     size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.1f}M"
-    print(f"# rollout: random Llama {size} ({shape}, vocab {args.vocab}), {str(dt).removeprefix('torch.')}, batch {B}, "
-          f"prompt {P}, {N} new tokens, sampled (temperature 1, top-p 1); {where}; best of {args.repeats} timed "
-          "calls after a warm-up call")  # fmt: skip
+    print(
+        f"# rollout: random Llama {size} ({shape}, vocab {args.vocab}), {str(dt).removeprefix('torch.')}, batch {B}, "
+        f"prompt {P}, {N} new tokens, sampled (temperature 1, top-p 1); {where}; best of {args.repeats} timed "
+        "calls after a warm-up call"
+    )
 
     compile = {"auto": None, "on": True, "off": False}[args.compile]
     rows = {}
     for cache in ("dynamic", "static"):
 
         def sample(cache=cache, new=N):
-            return rollout.generate(model, ids, mask, max_new_tokens=new, cache=cache, compile=compile,
-                                    do_sample=True, temperature=1.0, top_p=1.0, pad_token_id=0)  # fmt: skip
+            return rollout.generate(
+                model,
+                ids,
+                mask,
+                max_new_tokens=new,
+                cache=cache,
+                compile=compile,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                pad_token_id=0,
+            )
 
         # warm-up: the static cache's first call compiles (on CUDA), so it runs at full length; the dynamic one
         # only needs its kernels loaded
@@ -507,9 +588,11 @@ def actor_memory(args):
     seqs = torch.randint(1, args.vocab, (B, T), device=args.device)
     n_params = sum(p.numel() for p in model.parameters())
     where = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# PPO actor micro-batch: random Llama {n_params / 1e6:,.0f}M (hidden {args.hidden}, {args.layers} layers, "
-          f"vocab {args.vocab}), {str(dt).removeprefix('torch.')}, {B} x {T} tokens, forward + backward of the mean "
-          f"log-prob; {where}; peak = memory above the weights (weight gradients included); best of {args.repeats}")
+    print(
+        f"# PPO actor micro-batch: random Llama {n_params / 1e6:,.0f}M (hidden {args.hidden}, {args.layers} layers, "
+        f"vocab {args.vocab}), {str(dt).removeprefix('torch.')}, {B} x {T} tokens, forward + backward of the mean "
+        f"log-prob; {where}; peak = memory above the weights (weight gradients included); best of {args.repeats}"
+    )
 
     def step(fused):
         if fused:
@@ -530,11 +613,15 @@ def actor_memory(args):
             t = min(_seconds(fn, args.device)[0] for _ in range(args.repeats))
             ratio = f"{peaks[False] / peaks[True]:11.2f}x" if fused else ""
             how = "fused (hidden state)" if fused else "logits + kernel"
-            print(f"{'on' if checkpointing else 'off':<24} {how:<20} {t:8.2f} {peaks[fused] / 1e9:8.3f} {ratio:>12}",
-                  flush=True)  # fmt: skip
+            print(
+                f"{'on' if checkpointing else 'off':<24} {how:<20} {t:8.2f} {peaks[fused] / 1e9:8.3f} {ratio:>12}",
+                flush=True,
+            )
         met = peaks[False] >= 4 * peaks[True]
-        print(f"target: fused peak <= 1/4 of the logits path (checkpointing {'on' if checkpointing else 'off'}): "
-              f"{'met' if met else 'NOT met'}")
+        print(
+            f"target: fused peak <= 1/4 of the logits path (checkpointing {'on' if checkpointing else 'off'}): "
+            f"{'met' if met else 'NOT met'}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -571,8 +658,10 @@ def long_prompts(tokenizer, n: int, length: int) -> list[str]:
         request = data.toy_prompt(rng, rng.choice(sorted(data.TOPICS)))
         fill = length - n_tokens(request)
         if fill < 0:
-            raise SystemExit(f"error: --prompt {length} is shorter than a toy request in the template "
-                             f"({length - fill} tokens); raise --prompt")  # fmt: skip
+            raise SystemExit(
+                f"error: --prompt {length} is shorter than a toy request in the template "
+                f"({length - fill} tokens); raise --prompt"
+            )
         prompts.append(" ".join(rng.choices(words, k=fill) + [request]))
         assert n_tokens(prompts[-1]) == length, (prompts[-1], n_tokens(prompts[-1]), length)
     return prompts
@@ -600,8 +689,13 @@ def save_model(args):
     for name in ("actor", "reward", "cost"):  # a folder from an earlier shape may hold other shard files
         shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    config = llama_config(args, max_length, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = llama_config(
+        args,
+        max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     with torch.device(args.device):  # built where it runs: a 1.24B model initialises in seconds on a GPU
         model = LlamaForCausalLM._from_config(config, dtype=dt)
@@ -619,12 +713,14 @@ def save_model(args):
     rollout_shape = {"batch": args.batch, "prompt": P, "new_tokens": N, "max_length": P + N}  # scripts/gpu_check.sh
     (out / SAVE_MARKER).write_text(json.dumps({**shape, "params": n_params, **rollout_shape}) + "\n")
     size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
-    print(f"saved a random Llama of {size} parameters ({str(dt).removeprefix('torch.')}) to {out}/actor, "
-          f"score models on its backbone to {out}/reward and {out}/cost, {len(prompts)} prompts of {P} tokens to "
-          f"{out}/prompts.jsonl; a PPO-Lag run on them:\n"
-          f"  python ppo_lag.py --actor_model_name_or_path {out}/actor --reward_model_name_or_path {out}/reward "
-          f"--cost_model_name_or_path {out}/cost --train_datasets prompts:1.0:{out}/prompts.jsonl "
-          f"--max_length {P + N} --per_device_prompt_batch_size {args.batch} --output_dir OUT ...")  # fmt: skip
+    print(
+        f"saved a random Llama of {size} parameters ({str(dt).removeprefix('torch.')}) to {out}/actor, "
+        f"score models on its backbone to {out}/reward and {out}/cost, {len(prompts)} prompts of {P} tokens to "
+        f"{out}/prompts.jsonl; a PPO-Lag run on them:\n"
+        f"  python ppo_lag.py --actor_model_name_or_path {out}/actor --reward_model_name_or_path {out}/reward "
+        f"--cost_model_name_or_path {out}/cost --train_datasets prompts:1.0:{out}/prompts.jsonl "
+        f"--max_length {P + N} --per_device_prompt_batch_size {args.batch} --output_dir OUT ..."
+    )
 
 
 def main():
@@ -653,16 +749,27 @@ def main():
     p.add_argument(
         "--dtype", choices=list(DTYPES), default=None, help="rollout model dtype (default bf16 GPU, fp32 CPU)"
     )
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="static cache's compiled decoding: auto = on CUDA only (transformers' rule)")  # fmt: skip
+    p.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="static cache's compiled decoding: auto = on CUDA only (transformers' rule)",
+    )
     p.add_argument("--train_micro_batch", type=int, default=None, help="forward+backward in chunks of this many")
-    p.add_argument("--actor_memory", action="store_true",
-                   help="instead: peak memory of one PPO actor micro-batch on the rollout model, logits vs fused")
+    p.add_argument(
+        "--actor_memory",
+        action="store_true",
+        help="instead: peak memory of one PPO actor micro-batch on the rollout model, logits vs fused",
+    )
     p.add_argument("--actor_batch", type=int, default=8, help="--actor_memory: sequences per micro-batch")
     p.add_argument("--actor_len", type=int, default=2048, help="--actor_memory: tokens per sequence")
-    p.add_argument("--save_model", metavar="DIR", default=None,
-                   help="instead: write the rollout shape's random Llama (+ toy tokenizer), reward and cost models on "
-                   "its backbone and --batch x 4 prompts of --prompt tokens to DIR, for a ppo_lag.py run")  # fmt: skip
+    p.add_argument(
+        "--save_model",
+        metavar="DIR",
+        default=None,
+        help="instead: write the rollout shape's random Llama (+ toy tokenizer), reward and cost models on "
+        "its backbone and --batch x 4 prompts of --prompt tokens to DIR, for a ppo_lag.py run",
+    )
     args = p.parse_args()
     if args.ppo_worker:
         print(json.dumps(ppo_step_memory(json.loads(args.ppo_worker))))
@@ -695,8 +802,11 @@ def main():
         ("logprobs fwd", (1, 1024, 128256) if q else (4, 2048, 128256), "bf16"),
         ("logprobs fwd+bwd", (4, 512, 32000) if q else (8, 1024, 32000), "bf16"),
         # the full shape on a GPU (B, T, hidden, vocab); a CPU gets a smaller one (its GEMMs are slow)
-        ("lm_head+logprobs", (2, 512, 256, 32000) if q else (8, 2048, 2048, 128256) if gpu else (4, 1024, 256, 32000),
-         "bf16"),
+        (
+            "lm_head+logprobs",
+            (2, 512, 256, 32000) if q else (8, 2048, 2048, 128256) if gpu else (4, 1024, 256, 32000),
+            "bf16",
+        ),
         ("gae", (64, 512) if q else (64, 2048), "fp32"),
         ("end_scores (all)", (4, 512, 4096) if q else (16, 2048, 4096), "bf16"),
         ("end_scores (end)", (4, 512, 4096) if q else (16, 2048, 4096), "bf16"),

@@ -51,9 +51,20 @@ def _end_scores_kernel(
     bias_ptr,  # (D,) any float dtype; unused (any pointer) when HAS_BIAS is False
     end_ptr,  # (B, D) fp32, contiguous: end scores, written here
     idx_ptr,  # (B,) int64: the end index e_b, written here by the d = 0 program (saved for backward)
-    T, H, D, stride_hb, stride_ht, stride_hh, stride_mb, stride_mt, stride_wd, stride_wh,
-    HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-):  # fmt: skip
+    T,
+    H,
+    D,
+    stride_hb,
+    stride_ht,
+    stride_hh,
+    stride_mb,
+    stride_mt,
+    stride_wd,
+    stride_wh,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1)
     # 1) e_b = max over t of (t if mask[b, t] != 0 else 0): an on-device reduction, no host sync
@@ -86,9 +97,18 @@ def _token_scores_kernel(
     weight_ptr,  # (D, H) any float dtype, strides (stride_wd, stride_wh)
     bias_ptr,  # (D,) or unused when HAS_BIAS is False
     scores_ptr,  # (B, T, D) fp32, contiguous: per-token scores, written here
-    T, H, D, stride_hb, stride_ht, stride_hh, stride_wd, stride_wh,
-    HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-):  # fmt: skip
+    T,
+    H,
+    D,
+    stride_hb,
+    stride_ht,
+    stride_hh,
+    stride_wd,
+    stride_wh,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) token positions of this tile
     d = tl.program_id(2)

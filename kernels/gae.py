@@ -61,10 +61,19 @@ def _gae_kernel(
     mask_ptr,  # (B, T) uint8 (a bool view) / int / float, strides (stride_mb, stride_mt); nonzero = valid
     adv_ptr,  # (B, T) fp32, contiguous: advantages, written here
     ret_ptr,  # (B, T) fp32, contiguous: returns, written here
-    B, T, stride_rb, stride_rt, stride_vb, stride_vt, stride_mb, stride_mt,
-    gamma, lam,
-    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
-):  # fmt: skip
+    B,
+    T,
+    stride_rb,
+    stride_rt,
+    stride_vb,
+    stride_vt,
+    stride_mb,
+    stride_mt,
+    gamma,
+    lam,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
     j = tl.arange(0, BLOCK_T)  # scan position inside a tile; j = 0 is the tile's LATEST time step
     c = gamma * lam

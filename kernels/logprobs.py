@@ -78,11 +78,15 @@ def _logprobs_fwd_kernel(
     labels_ptr,  # (B, T) int64, contiguous: the token whose log-prob we want
     out_ptr,  # (B, T) fp32, contiguous: log p(label), 0 for ignored labels
     lse_ptr,  # (B, T) fp32, contiguous: log-sum-exp of logits / temperature, saved for backward
-    T, V, stride_b, stride_t, stride_v,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    stride_v,
     inv_temp,  # 1 / temperature
     BLOCK_V: tl.constexpr,
     LANEWISE: tl.constexpr,  # the algorithm: per-lane running max and sum (True) or per-slice reductions (False)
-):  # fmt: skip
+):
     row = tl.program_id(0).to(tl.int64)  # int64: B*T*V overflows int32 at 128k vocabularies
     x_row = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     cols = tl.arange(0, BLOCK_V)
@@ -135,10 +139,14 @@ def _logprobs_bwd_kernel(
     lse_ptr,  # (B, T) fp32, contiguous: from forward
     grad_out_ptr,  # (B, T) fp32, contiguous: dL / d log p(y)
     grad_ptr,  # (B, T, V) contiguous, the logits' dtype: dL / d logits, written here
-    T, V, stride_b, stride_t, stride_v,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    stride_v,
     inv_temp,
     BLOCK_V: tl.constexpr,
-):  # fmt: skip
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     g_row = grad_ptr + row * V

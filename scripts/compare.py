@@ -39,9 +39,18 @@ def oracle_scores(path, prompts, max_length, seed, batch_size=100):
         batch = prompts.collate([prompts[j] for j in range(i, min(i + batch_size, len(prompts)))])
         P = batch["input_ids"].shape[1]
         with torch.no_grad():
-            seq = rollout.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_length - P,
-                                   cache="dynamic", do_sample=True, temperature=1.0, top_p=1.0, eos_token_id=stops,
-                                   pad_token_id=tok.pad_token_id)  # fmt: skip
+            seq = rollout.generate(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                max_new_tokens=max_length - P,
+                cache="dynamic",
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                eos_token_id=stops,
+                pad_token_id=tok.pad_token_id,
+            )
         is_eos = torch.isin(seq[:, P:], torch.tensor(stops))
         keep = (is_eos.cumsum(1) - is_eos.long()) == 0  # up to and including the first stop
         texts += [tok.decode(s[P:][m], skip_special_tokens=True).strip() for s, m in zip(seq, keep)]
@@ -55,8 +64,13 @@ def oracle_scores(path, prompts, max_length, seed, batch_size=100):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policies", nargs="+", required=True, help="METHOD=PATH ... (a method's seeds repeat it)")
-    parser.add_argument("--datasets", type=parse_dataset, nargs="+", default=[parse_dataset("toy-eval")],
-                        help="held-out toy prompts, NAME[:PROPORTION[:PATH]]")  # fmt: skip
+    parser.add_argument(
+        "--datasets",
+        type=parse_dataset,
+        nargs="+",
+        default=[parse_dataset("toy-eval")],
+        help="held-out toy prompts, NAME[:PROPORTION[:PATH]]",
+    )
     parser.add_argument("--max_length", type=int, default=64, help="prompt + answer tokens")
     parser.add_argument("--seed", type=int, default=1, help="sampling seed of a method's first policy (+1 per next)")
     parser.add_argument("--times", default=None, help="file of METHOD<TAB>training seconds lines")
@@ -86,20 +100,31 @@ def main():
         scores = [oracle_scores(p, prompts, args.max_length, args.seed + i) for i, p in enumerate(paths)]
         helpful, harmful = zip(*scores)
         spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
-        results[method] = {"oracle_helpfulness": statistics.mean(helpful), "helpfulness_std": spread(helpful),
-                           "oracle_harmful_rate": statistics.mean(harmful), "harmful_rate_std": spread(harmful),
-                           "runs": len(paths), "per_run": scores,
-                           "train_seconds": statistics.mean(times[method]) if times[method] else None}  # fmt: skip
-        print(f"{method}: helpfulness {results[method]['oracle_helpfulness']:.2f} +- "
-              f"{results[method]['helpfulness_std']:.2f}, harmful rate {results[method]['oracle_harmful_rate']:.3f} "
-              f"+- {results[method]['harmful_rate_std']:.3f} ({len(paths)} runs, scored in {time.time() - t0:.0f} s)")
+        results[method] = {
+            "oracle_helpfulness": statistics.mean(helpful),
+            "helpfulness_std": spread(helpful),
+            "oracle_harmful_rate": statistics.mean(harmful),
+            "harmful_rate_std": spread(harmful),
+            "runs": len(paths),
+            "per_run": scores,
+            "train_seconds": statistics.mean(times[method]) if times[method] else None,
+        }
+        print(
+            f"{method}: helpfulness {results[method]['oracle_helpfulness']:.2f} +- "
+            f"{results[method]['helpfulness_std']:.2f}, harmful rate {results[method]['oracle_harmful_rate']:.3f} "
+            f"+- {results[method]['harmful_rate_std']:.3f} ({len(paths)} runs, scored in {time.time() - t0:.0f} s)"
+        )
 
-    rows = ["| method | oracle helpfulness (benign) | oracle harmful rate | runs | train time per run |",
-            "|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| method | oracle helpfulness (benign) | oracle harmful rate | runs | train time per run |",
+        "|---|---|---|---|---|",
+    ]
     for method, r in results.items():
         t = f"{r['train_seconds']:.0f} s" if r["train_seconds"] is not None else "-"
-        rows.append(f"| {method} | {r['oracle_helpfulness']:.2f} ± {r['helpfulness_std']:.2f} | "
-                    f"{r['oracle_harmful_rate']:.3f} ± {r['harmful_rate_std']:.3f} | {r['runs']} | {t} |")
+        rows.append(
+            f"| {method} | {r['oracle_helpfulness']:.2f} ± {r['helpfulness_std']:.2f} | "
+            f"{r['oracle_harmful_rate']:.3f} ± {r['harmful_rate_std']:.3f} | {r['runs']} | {t} |"
+        )
     table = "\n".join(rows)
     print("\n" + table)
     (out / "table.md").write_text(table + "\n")
@@ -112,10 +137,22 @@ def main():
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for method, r in results.items():
-        ax.errorbar(r["oracle_harmful_rate"], r["oracle_helpfulness"], xerr=r["harmful_rate_std"],
-                    yerr=r["helpfulness_std"], fmt="o", capsize=3, label=method)  # fmt: skip
-        ax.annotate(method, (r["oracle_harmful_rate"], r["oracle_helpfulness"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)  # fmt: skip
+        ax.errorbar(
+            r["oracle_harmful_rate"],
+            r["oracle_helpfulness"],
+            xerr=r["harmful_rate_std"],
+            yerr=r["helpfulness_std"],
+            fmt="o",
+            capsize=3,
+            label=method,
+        )
+        ax.annotate(
+            method,
+            (r["oracle_harmful_rate"], r["oracle_helpfulness"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
     ax.set_xlabel("oracle harmful rate on harmful prompts (lower is safer)")
     ax.set_ylabel("oracle helpfulness on benign prompts")
     ax.set_title("toy world: offline baselines vs PPO-Lag (mean ± std over runs)")

@@ -45,14 +45,49 @@ def tiny_flags(models, rollouts):
     """run_all.sh tiny's PPO-Lag stage (without threshold, rule, seed and output): one place to change if it moves."""
     epochs = -(-rollouts // 21)  # 683 prompts / 32 = 21 rollouts per pass
     return [
-        "--actor_model_name_or_path", f"{models}/sft", "--reward_model_name_or_path", f"{models}/rm",
-        "--cost_model_name_or_path", f"{models}/cm", "--train_datasets", "toy-prompts", "--eval_datasets", "toy-eval",
-        "--max_length", "64", "--epochs", str(epochs), "--max_steps", str(rollouts), "--update_iters", "1",
-        "--per_device_prompt_batch_size", "32", "--per_device_train_batch_size", "32", "--actor_lr", "5e-4",
-        "--critic_lr", "1e-3", "--actor_lr_warmup_ratio", "0.0", "--kl_coeff", "0.02", "--lambda_init", "1.0",
-        "--lambda_max", str(LAMBDA_MAX), "--lambda_update_delay_steps", "0", "--episode_cost_window_size", "128",
-        "--zero_stage", "0", "--resume_from_checkpoint", "none",
-    ]  # fmt: skip
+        "--actor_model_name_or_path",
+        f"{models}/sft",
+        "--reward_model_name_or_path",
+        f"{models}/rm",
+        "--cost_model_name_or_path",
+        f"{models}/cm",
+        "--train_datasets",
+        "toy-prompts",
+        "--eval_datasets",
+        "toy-eval",
+        "--max_length",
+        "64",
+        "--epochs",
+        str(epochs),
+        "--max_steps",
+        str(rollouts),
+        "--update_iters",
+        "1",
+        "--per_device_prompt_batch_size",
+        "32",
+        "--per_device_train_batch_size",
+        "32",
+        "--actor_lr",
+        "5e-4",
+        "--critic_lr",
+        "1e-3",
+        "--actor_lr_warmup_ratio",
+        "0.0",
+        "--kl_coeff",
+        "0.02",
+        "--lambda_init",
+        "1.0",
+        "--lambda_max",
+        str(LAMBDA_MAX),
+        "--lambda_update_delay_steps",
+        "0",
+        "--episode_cost_window_size",
+        "128",
+        "--zero_stage",
+        "0",
+        "--resume_from_checkpoint",
+        "none",
+    ]
 
 
 def summarize(rows, threshold, last, tol, lambda_max):
@@ -82,8 +117,11 @@ def summarize(rows, threshold, last, tol, lambda_max):
     row["holds"] = row["gap"] <= tol and longest <= GOAL_STREAK
     if evals:
         e = evals[-1]
-        row.update(oracle_harmful_rate=e.get("eval/oracle_harmful_rate"),
-                   oracle_helpfulness=e.get("eval/oracle_helpfulness"), eval_reward=e["eval/reward"])  # fmt: skip
+        row.update(
+            oracle_harmful_rate=e.get("eval/oracle_harmful_rate"),
+            oracle_helpfulness=e.get("eval/oracle_helpfulness"),
+            eval_reward=e["eval/reward"],
+        )
     return row
 
 
@@ -105,8 +143,21 @@ def run_one(job, base_flags, extra, out):
     if not os.path.exists(os.path.join(folder, "arguments.json")):
         flags = ["--lambda_lr", "0", "--lambda_init", "0"] if rule == UNCONSTRAINED else RULE_FLAGS.get(rule, [])
         rule_name = "sgd-log" if rule == UNCONSTRAINED else rule
-        cmd = [sys.executable, os.path.join(ROOT, "ppo_lag.py"), *base_flags, *flags, *extra, "--threshold",
-               str(threshold), "--lambda_update", rule_name, "--seed", str(seed), "--output_dir", folder]  # fmt: skip
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "ppo_lag.py"),
+            *base_flags,
+            *flags,
+            *extra,
+            "--threshold",
+            str(threshold),
+            "--lambda_update",
+            rule_name,
+            "--seed",
+            str(seed),
+            "--output_dir",
+            folder,
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "NANO_PROGRESS": "0"}
         os.makedirs(out, exist_ok=True)
         t0 = time.time()
@@ -139,17 +190,25 @@ def table(results, tol):
     holds = {}
     for r in results:
         holds.setdefault((r["rule"], r["threshold"]), []).append(r["holds"])
-    lines = ["| rule | d | J_C, last K | abs(J_C - d) | longest streak above d + tol | lambda at end | "
-             "oracle harmful rate | oracle helpfulness | seeds holding d |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| rule | d | J_C, last K | abs(J_C - d) | longest streak above d + tol | lambda at end | "
+        "oracle harmful rate | oracle helpfulness | seeds holding d |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for key in sorted(holds, key=lambda k: (k[0] == UNCONSTRAINED, k[0], k[1])):
         ref = key[0] == UNCONSTRAINED  # no threshold: the d columns are empty
-        cells = ["-" if key not in stats[col] or ref and col in ("gap", "longest_above") else
-                 "{:.2f} ± {:.2f}".format(*stats[col][key]) for col in cols]  # fmt: skip
+        cells = [
+            "-"
+            if key not in stats[col] or ref and col in ("gap", "longest_above")
+            else "{:.2f} ± {:.2f}".format(*stats[col][key])
+            for col in cols
+        ]
         d, held = ("-", "-") if ref else (f"{key[1]:g}", f"{sum(holds[key])}/{len(holds[key])}")
         lines.append(f"| {key[0]} | {d} | " + " | ".join(cells) + f" | {held} |")
-    return "\n".join(lines) + f"\n\n(mean ± sd over seeds; a seed holds d when abs(J_C - d) <= {tol:g} and no streak " \
+    return (
+        "\n".join(lines) + f"\n\n(mean ± sd over seeds; a seed holds d when abs(J_C - d) <= {tol:g} and no streak "
         f"above d + {tol:g} after the first 10 rollouts is longer than {GOAL_STREAK})"
+    )
 
 
 def safe_level(out):
@@ -172,8 +231,11 @@ def plot(results, path, all_safe=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("jc_last", "J_C (mean cost, last 10 rollouts)"), ("oracle_harmful_rate", "oracle harmful rate (eval)"),
-            ("oracle_helpfulness", "oracle helpfulness, benign (eval)")]  # fmt: skip
+    keys = [
+        ("jc_last", "J_C (mean cost, last 10 rollouts)"),
+        ("oracle_harmful_rate", "oracle harmful rate (eval)"),
+        ("oracle_helpfulness", "oracle helpfulness, benign (eval)"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     rules = sorted({r["rule"] for r in results} - {UNCONSTRAINED})
     ds = sorted({r["threshold"] for r in results if r["rule"] != UNCONSTRAINED})
@@ -183,8 +245,14 @@ def plot(results, path, all_safe=None):
         for i, rule in enumerate(rules):
             xs = [d for d in ds if (rule, d) in stats]
             shift = 0.04 * (i - (len(rules) - 1) / 2)  # side by side, so the error bars do not hide each other
-            ax.errorbar([x + shift for x in xs], [stats[(rule, d)][0] for d in xs],
-                        yerr=[stats[(rule, d)][1] for d in xs], marker="o", capsize=3, label=rule)  # fmt: skip
+            ax.errorbar(
+                [x + shift for x in xs],
+                [stats[(rule, d)][0] for d in xs],
+                yerr=[stats[(rule, d)][1] for d in xs],
+                marker="o",
+                capsize=3,
+                label=rule,
+            )
         if ref and ref[0].get(key) is not None:
             ax.axhline(statistics.fmean(r[key] for r in ref), color="gray", ls=":", label="unconstrained (lambda 0)")
         if key == "jc_last":
@@ -232,8 +300,15 @@ def main():
 
     def add_row(job, rows, timing):
         rule, d, seed = job
-        results.append({"rule": rule, "threshold": d, "seed": seed,
-                        **summarize(rows, d, args.last, args.tol, LAMBDA_MAX), **timing})  # fmt: skip
+        results.append(
+            {
+                "rule": rule,
+                "threshold": d,
+                "seed": seed,
+                **summarize(rows, d, args.last, args.tol, LAMBDA_MAX),
+                **timing,
+            }
+        )
         return results[-1]
 
     if args.plot_only:
@@ -253,10 +328,13 @@ def main():
                     bar.write(f"error: {e}", file=sys.stdout)
                     continue
                 bar.update()
-                bar.write(f"[{len(results)}/{len(jobs)} {time.time() - t0:.0f} s] {job[0]} d {job[1]:g} seed "
-                          f"{job[2]}: J_C {row['jc_last']:.2f} | lambda {row['lambda_end']:.2f} | harmful "
-                          f"{row.get('oracle_harmful_rate', float('nan')):.2f} | "
-                          + ("holds d" if row["holds"] else "misses d"), file=sys.stdout)  # fmt: skip
+                bar.write(
+                    f"[{len(results)}/{len(jobs)} {time.time() - t0:.0f} s] {job[0]} d {job[1]:g} seed "
+                    f"{job[2]}: J_C {row['jc_last']:.2f} | lambda {row['lambda_end']:.2f} | harmful "
+                    f"{row.get('oracle_harmful_rate', float('nan')):.2f} | "
+                    + ("holds d" if row["holds"] else "misses d"),
+                    file=sys.stdout,
+                )
         bar.close()
     if not results:
         raise SystemExit("error: no finished run to tabulate")
@@ -270,8 +348,10 @@ def main():
     plot(results, os.path.join(out, "sweep.png"), safe_level(out))
     print(table(results, args.tol))
     cpu = sum(r.get("cpu_seconds", 0.0) for r in results)
-    print(f"\n{len(results)} runs | this call {time.time() - t0:.0f} s | the runs' CPU time {cpu:.0f} s, "
-          f"{cpu / args.jobs:.0f} s over {args.jobs} cores | {out}/results.csv, results.json, sweep.png")
+    print(
+        f"\n{len(results)} runs | this call {time.time() - t0:.0f} s | the runs' CPU time {cpu:.0f} s, "
+        f"{cpu / args.jobs:.0f} s over {args.jobs} cores | {out}/results.csv, results.json, sweep.png"
+    )
 
 
 if __name__ == "__main__":

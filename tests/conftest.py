@@ -134,8 +134,18 @@ def toy_models(tmp_path_factory):
 # The longest files first: `make test` runs the suite on two pytest-xdist workers, one file per worker at a time
 # (--dist loadfile --no-loadscope-reorder: in this order), and a long file started last would leave the other worker
 # idle. The rest keep their order.
-LONG_FIRST = ("test_ppo_lag.py", "test_faults.py", "test_score_model.py", "test_pipeline.py", "test_lora.py",
-              "test_resume.py", "test_sft.py", "test_evaluate.py", "test_kernels.py", "test_chat.py")
+LONG_FIRST = (
+    "test_ppo_lag.py",
+    "test_faults.py",
+    "test_score_model.py",
+    "test_pipeline.py",
+    "test_lora.py",
+    "test_resume.py",
+    "test_sft.py",
+    "test_evaluate.py",
+    "test_kernels.py",
+    "test_chat.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,8 +8,26 @@ import torch
 
 from conftest import run_script
 
-TINY = ["--hidden", "64", "--intermediate", "128", "--layers", "2", "--heads", "4", "--kv_heads", "2",
-        "--vocab", "512", "--batch", "4", "--prompt", "32", "--new_tokens", "16"]  # fmt: skip
+TINY = [
+    "--hidden",
+    "64",
+    "--intermediate",
+    "128",
+    "--layers",
+    "2",
+    "--heads",
+    "4",
+    "--kv_heads",
+    "2",
+    "--vocab",
+    "512",
+    "--batch",
+    "4",
+    "--prompt",
+    "32",
+    "--new_tokens",
+    "16",
+]
 
 
 def save_model(out, *flags):
@@ -28,7 +46,14 @@ def test_save_model_folders(saved):
 
     shape = json.loads((saved / "bench_model.json").read_text())
     assert {k: shape[k] for k in ("hidden", "layers", "vocab", "batch", "prompt", "new_tokens", "max_length")} == {
-        "hidden": 64, "layers": 2, "vocab": 512, "batch": 4, "prompt": 32, "new_tokens": 16, "max_length": 48}
+        "hidden": 64,
+        "layers": 2,
+        "vocab": 512,
+        "batch": 4,
+        "prompt": 32,
+        "new_tokens": 16,
+        "max_length": 48,
+    }
     config = json.loads((saved / "actor" / "config.json").read_text())
     assert (config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]) == (512, 64, 2)
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (4, 2, 128)
@@ -66,12 +91,34 @@ def test_tokenizer_decodes_every_id(saved, tmp_path):
 def test_ppo_lag_runs_on_saved_model(saved, tmp_path):
     """One PPO-Lag step with the GPU step's flags (LoRA critics, static cache), on the CPU."""
     out = tmp_path / "ppo"
-    proc = run_script([sys.executable, "ppo_lag.py", "--actor_model_name_or_path", str(saved / "actor"),
-                       "--reward_model_name_or_path", str(saved / "reward"), "--cost_model_name_or_path",
-                       str(saved / "cost"), "--train_datasets", f"prompts:1.0:{saved / 'prompts.jsonl'}",
-                       "--max_length", "48", "--max_steps", "1", "--per_device_prompt_batch_size", "4",
-                       "--per_device_train_batch_size", "2", "--critic_lora_rank", "8", "--generation_cache", "static",
-                       "--output_dir", str(out)])  # fmt: skip
+    proc = run_script(
+        [
+            sys.executable,
+            "ppo_lag.py",
+            "--actor_model_name_or_path",
+            str(saved / "actor"),
+            "--reward_model_name_or_path",
+            str(saved / "reward"),
+            "--cost_model_name_or_path",
+            str(saved / "cost"),
+            "--train_datasets",
+            f"prompts:1.0:{saved / 'prompts.jsonl'}",
+            "--max_length",
+            "48",
+            "--max_steps",
+            "1",
+            "--per_device_prompt_batch_size",
+            "4",
+            "--per_device_train_batch_size",
+            "2",
+            "--critic_lora_rank",
+            "8",
+            "--generation_cache",
+            "static",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert "4 backbones: actor, ref, reward_model + reward_critic, cost_model + cost_critic" in proc.stdout
     assert "generation: static KV cache (64 tokens)" in proc.stdout
     assert "16 prompts | 1 rollouts of 4 sequences" in proc.stdout
@@ -94,7 +141,8 @@ def test_save_model_bad_input(tmp_path, monkeypatch):
 
     n_words = 4 + len(toy_vocabulary())
     assert refused(tmp_path / "a", "--vocab", str(n_words - 1)).startswith(
-        f"error: --vocab {n_words - 1} is below the toy tokenizer's {n_words} words")
+        f"error: --vocab {n_words - 1} is below the toy tokenizer's {n_words} words"
+    )
     assert refused(tmp_path / "b", "--prompt", "12").startswith("error: --prompt 12 is shorter than a toy request")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # stopped before writing anything
     (tmp_path / "mine").mkdir()
@@ -106,9 +154,31 @@ def test_save_model_bad_input(tmp_path, monkeypatch):
 def test_actor_memory_rows():
     """--actor_memory on a tiny Llama whose logits dominate a micro-batch: the fused path's peak is well below the
     logits path's, with and without gradient checkpointing (CPU: process RSS, in a re-executed process)."""
-    proc = run_script([sys.executable, "kernels/bench.py", "--actor_memory", "--hidden", "64", "--intermediate", "128",
-                       "--layers", "2", "--heads", "4", "--kv_heads", "2", "--vocab", "8000", "--actor_batch", "4",
-                       "--actor_len", "1024", "--threads", "1"])  # fmt: skip
+    proc = run_script(
+        [
+            sys.executable,
+            "kernels/bench.py",
+            "--actor_memory",
+            "--hidden",
+            "64",
+            "--intermediate",
+            "128",
+            "--layers",
+            "2",
+            "--heads",
+            "4",
+            "--kv_heads",
+            "2",
+            "--vocab",
+            "8000",
+            "--actor_batch",
+            "4",
+            "--actor_len",
+            "1024",
+            "--threads",
+            "1",
+        ]
+    )
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("on ", "off "))]
     assert [(r[0], r[1]) for r in rows] == [("off", "logits"), ("off", "fused"), ("on", "logits"), ("on", "fused")]
     for logits_row, fused_row in (rows[:2], rows[2:]):
@@ -123,11 +193,31 @@ def test_fused_logprobs_on_a_tied_model(saved, tmp_path):
     assert json.loads((saved / "actor" / "config.json").read_text())["tie_word_embeddings"]
     rows = {}
     for name, extra in (("logits", []), ("fused", ["--fused_logprobs", "--zero_stage", "3"])):
-        run_script([sys.executable, "ppo_lag.py", "--actor_model_name_or_path", str(saved / "actor"),
-                    "--reward_model_name_or_path", str(saved / "reward"), "--train_datasets",
-                    f"prompts:1.0:{saved / 'prompts.jsonl'}", "--max_length", "48", "--max_steps", "2",
-                    "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "2", "--actor_lr", "1e-3",
-                    "--output_dir", str(tmp_path / name), *extra])  # fmt: skip
+        run_script(
+            [
+                sys.executable,
+                "ppo_lag.py",
+                "--actor_model_name_or_path",
+                str(saved / "actor"),
+                "--reward_model_name_or_path",
+                str(saved / "reward"),
+                "--train_datasets",
+                f"prompts:1.0:{saved / 'prompts.jsonl'}",
+                "--max_length",
+                "48",
+                "--max_steps",
+                "2",
+                "--per_device_prompt_batch_size",
+                "4",
+                "--per_device_train_batch_size",
+                "2",
+                "--actor_lr",
+                "1e-3",
+                "--output_dir",
+                str(tmp_path / name),
+                *extra,
+            ]
+        )
         rows[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(rows["logits"], rows["fused"], strict=True):
         for key in ("train/reward", "train/kl", "loss/actor", "loss/reward_critic"):

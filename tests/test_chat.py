@@ -130,10 +130,12 @@ def chatml_models(tmp_path_factory):
     from test_templates import chatml_tokenizer, scripted_model
 
     root = tmp_path_factory.mktemp("chatml")
-    scripted_model(chatml_tokenizer(), root / "instruct", [*SCRIPT, "<|endoftext|>", *AGAIN],
-                   eos=["<|im_end|>", "<|endoftext|>"])  # fmt: skip
-    scripted_model(chatml_tokenizer("<|endoftext|>"), root / "base", [*SCRIPT, "<|im_end|>", *AGAIN],
-                   eos=["<|endoftext|>"])  # fmt: skip
+    scripted_model(
+        chatml_tokenizer(), root / "instruct", [*SCRIPT, "<|endoftext|>", *AGAIN], eos=["<|im_end|>", "<|endoftext|>"]
+    )
+    scripted_model(
+        chatml_tokenizer("<|endoftext|>"), root / "base", [*SCRIPT, "<|im_end|>", *AGAIN], eos=["<|endoftext|>"]
+    )
     return root
 
 
@@ -141,9 +143,19 @@ def test_chat_model_template_arena_stops_at_end_of_turn(chatml_models):
     from test_templates import chatml_text
 
     m1, m2 = "How do I bake a cake?", "And then?"
-    args = ["--red_corner_model_name_or_path", str(chatml_models / "instruct"), "--blue_corner_model_name_or_path",
-            str(chatml_models / "base"), "--chat_template", "model", "--temperature", "0", "--max_new_tokens", "12",
-            "--verbose"]  # fmt: skip
+    args = [
+        "--red_corner_model_name_or_path",
+        str(chatml_models / "instruct"),
+        "--blue_corner_model_name_or_path",
+        str(chatml_models / "base"),
+        "--chat_template",
+        "model",
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "12",
+        "--verbose",
+    ]
     proc = chat(args, f"{m1}\n{m2}\n")
     assert proc.returncode == 0, proc.stderr[-2000:]
     # the answer only: no end-of-turn token, no next turn written by the model, both stopped before the cap

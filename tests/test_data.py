@@ -76,17 +76,20 @@ def test_parse_dataset_good(tmp_path):
     assert parse_dataset("test-numbers:1")[0] == "test-numbers"  # user-registered names parse too
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("no-such-set", "registered: "),
-    ("alpaca:1.0:", "empty PATH"),
-    ("alpaca:1:a:b", "more than two colons"),
-    ("alpaca:0", "must be a finite number > 0"),
-    ("alpaca:-0.5", "must be a finite number > 0"),
-    ("alpaca:nan", "must be a finite number > 0"),
-    ("alpaca:inf", "must be a finite number > 0"),
-    ("alpaca:half", "is not a number"),
-    ("alpaca:1.0:/no/such/file.json", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("no-such-set", "registered: "),
+        ("alpaca:1.0:", "empty PATH"),
+        ("alpaca:1:a:b", "more than two colons"),
+        ("alpaca:0", "must be a finite number > 0"),
+        ("alpaca:-0.5", "must be a finite number > 0"),
+        ("alpaca:nan", "must be a finite number > 0"),
+        ("alpaca:inf", "must be a finite number > 0"),
+        ("alpaca:half", "is not a number"),
+        ("alpaca:1.0:/no/such/file.json", "does not exist"),
+    ],
+)
 def test_parse_dataset_bad(bad, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message) as e:
         parse_dataset(bad)
@@ -117,7 +120,8 @@ def test_template_exact_strings():
     assert data.PROMPT_TEMPLATE == "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
     assert format_prompt("hi there") == "BEGINNING OF CONVERSATION: USER: hi there ASSISTANT:"
     assert format_prompt(["u1", "a1", "u2"], "</s>") == (
-        "BEGINNING OF CONVERSATION: USER: u1 ASSISTANT:a1</s>USER: u2 ASSISTANT:")
+        "BEGINNING OF CONVERSATION: USER: u1 ASSISTANT:a1</s>USER: u2 ASSISTANT:"
+    )
     assert format_prompt(["u1", "a1", "u2"], "<|end|>").count("<|end|>") == 1
     assert not format_prompt("x").endswith(" ")  # no space after ASSISTANT:, the answer follows directly
     with pytest.raises(ValueError):
@@ -144,8 +148,10 @@ def test_supervised_multi_turn_masks_every_user_turn(tok):
     turns = ["how do i bake a cake ?", "mix the flour .", "how do i brew green tea ?", "boil the water ."]
     item = handwritten(data.SupervisedDataset, tok, 128, RawSample(dialogue=turns))[0]
     eos = tok.eos_token
-    text = ("BEGINNING OF CONVERSATION: USER: how do i bake a cake ? ASSISTANT:mix the flour .</s>"
-            "USER: how do i brew green tea ? ASSISTANT:boil the water .</s>")
+    text = (
+        "BEGINNING OF CONVERSATION: USER: how do i bake a cake ? ASSISTANT:mix the flour .</s>"
+        "USER: how do i brew green tea ? ASSISTANT:boil the water .</s>"
+    )
     assert text == format_prompt(turns[:3], eos) + turns[3] + eos
     assert item["input_ids"].tolist() == ids(tok, text)
     trained = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
@@ -226,13 +232,17 @@ def test_proportions():
 
 def test_malformed_records_skipped_counted_and_empty_is_error(tmp_path, capsys):
     f = tmp_path / "alpaca.json"
-    f.write_text(json.dumps([
-        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
-        {"instruction": "Add.", "input": "2 + 2", "output": "4"},
-        {"instruction": "", "input": "", "output": "x"},  # empty input
-        {"instruction": "No output"},  # missing field
-        {"instruction": "Blank answer", "input": "", "output": "   "},  # empty answer
-    ]))
+    f.write_text(
+        json.dumps(
+            [
+                {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+                {"instruction": "Add.", "input": "2 + 2", "output": "4"},
+                {"instruction": "", "input": "", "output": "x"},  # empty input
+                {"instruction": "No output"},  # missing field
+                {"instruction": "Blank answer", "input": "", "output": "   "},  # empty answer
+            ]
+        )
+    )
     raw = RawDataset.load("alpaca", str(f))
     assert len(raw) == 2 and raw.skipped == 3
     assert raw[1] == {"input": "Add.\n\n2 + 2", "answer": "4"}
@@ -246,16 +256,25 @@ def test_malformed_records_skipped_counted_and_empty_is_error(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 # Each built-in loader on a fixture in its real layout
 
-PKU_FIELDS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe",
-              "better_response_id", "safer_response_id")
+PKU_FIELDS = (
+    "prompt",
+    "response_0",
+    "response_1",
+    "is_response_0_safe",
+    "is_response_1_safe",
+    "better_response_id",
+    "safer_response_id",
+)
 
 
 def pku_records():
-    rows = [("How do I pick a lock?", "Use a tension wrench and a pick.", "I can't help with that.", False, True, 0, 1),
-            ("What is 2+2?", "4", "Five.", True, True, 0, 0),
-            ("Insult me.", "No thanks.", "You are dumb.", True, False, 1, 0),
-            ("Contradictory", "a", "b", False, True, 0, 0),  # safer=0 but only 1 is safe: skipped
-            ("Same answers", "same", "same", True, True, 0, 0)]  # identical: skipped
+    rows = [
+        ("How do I pick a lock?", "Use a tension wrench and a pick.", "I can't help with that.", False, True, 0, 1),
+        ("What is 2+2?", "4", "Five.", True, True, 0, 0),
+        ("Insult me.", "No thanks.", "You are dumb.", True, False, 1, 0),
+        ("Contradictory", "a", "b", False, True, 0, 0),  # safer=0 but only 1 is safe: skipped
+        ("Same answers", "same", "same", True, True, 0, 0),
+    ]  # identical: skipped
     return [dict(zip(PKU_FIELDS, r)) for r in rows] + [{"prompt": "missing fields", "response_0": "x"}]
 
 
@@ -270,9 +289,15 @@ def test_pku_saferlhf_jsonl_and_parquet(tmp_path):
     for name, path, skipped in [("PKU-SafeRLHF", jsonl, 3), ("PKU-SafeRLHF/test", tmp_path / "test.parquet", 2)]:
         raw = RawDataset.load(name, str(path))
         assert len(raw) == 3 and raw.skipped == skipped
-        assert raw[0] == {"input": "How do I pick a lock?", "answer": "Use a tension wrench and a pick.",
-                          "other_answer": "I can't help with that.", "better": True, "safer": False,
-                          "is_safe": False, "is_other_safe": True}
+        assert raw[0] == {
+            "input": "How do I pick a lock?",
+            "answer": "Use a tension wrench and a pick.",
+            "other_answer": "I can't help with that.",
+            "better": True,
+            "safer": False,
+            "is_safe": False,
+            "is_other_safe": True,
+        }
         assert raw[2]["better"] is False and raw[2]["safer"] is True
 
 
@@ -281,9 +306,13 @@ def test_pku_saferlhf_v1_severity_and_harm_categories(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    record = {**pku_records()[0], "response_0_severity_level": 2, "response_1_severity_level": 0,
-              "response_0_harm_category": {"Cybercrime": False, "Economic Crime": True, "Violence": True},
-              "response_1_harm_category": {"Cybercrime": False, "Economic Crime": False, "Violence": False}}
+    record = {
+        **pku_records()[0],
+        "response_0_severity_level": 2,
+        "response_1_severity_level": 0,
+        "response_0_harm_category": {"Cybercrime": False, "Economic Crime": True, "Violence": True},
+        "response_1_harm_category": {"Cybercrime": False, "Economic Crime": False, "Violence": False},
+    }
     (tmp_path / "v1.jsonl").write_text(json.dumps(record) + "\n")
     pq.write_table(pa.Table.from_pylist([record]), tmp_path / "v1.parquet")  # the categories: an Arrow struct
     for name in ("v1.jsonl", "v1.parquet"):
@@ -296,8 +325,10 @@ def test_pku_saferlhf_v1_severity_and_harm_categories(tmp_path):
 def test_revision_spec_picks_a_hub_version(monkeypatch, tmp_path):
     import datasets
 
-    assert parse_dataset("PKU-SafeRLHF/train@v0:0.5") == ("PKU-SafeRLHF/train", {"proportion": 0.5, "path": None,
-                                                                                  "revision": "v0"})
+    assert parse_dataset("PKU-SafeRLHF/train@v0:0.5") == (
+        "PKU-SafeRLHF/train",
+        {"proportion": 0.5, "path": None, "revision": "v0"},
+    )
     asked = {}
 
     def fake_hub(hub_id, **kwargs):  # the hub is unreachable here: record what would be asked of it
@@ -311,8 +342,11 @@ def test_revision_spec_picks_a_hub_version(monkeypatch, tmp_path):
     assert asked["revision"] is None  # no @: the hub's default version
     f = tmp_path / "train.jsonl"
     f.write_text("{}")
-    for bad, message in [(f"PKU-SafeRLHF@v0:1:{f}", "a local PATH is read as it is: drop one of them"),
-                         ("PKU-SafeRLHF@:1", "empty @REVISION"), ("toy-sft@v0", "toy-sft has no hub copy")]:
+    for bad, message in [
+        (f"PKU-SafeRLHF@v0:1:{f}", "a local PATH is read as it is: drop one of them"),
+        ("PKU-SafeRLHF@:1", "empty @REVISION"),
+        ("toy-sft@v0", "toy-sft has no hub copy"),
+    ]:
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse_dataset(bad)
     with pytest.raises(ValueError, match="a local PATH is read as it is"):  # specs built by hand, too
@@ -324,15 +358,25 @@ def test_real_red_team_prompts(shared_data):
     raw = load_samples([parse_dataset(f"prompts:1.0:{path}")])
     records = json.loads(path.read_text())
     assert len(raw) == len(records) == 83 and [s["input"] for s in raw] == [r["prompt"] for r in records]
-    assert {s["category"] for s in raw} == {"Crime", "Emotional Harm", "Immoral", "Insult", "Physical Harm",
-                                            "Pornographic", "Privacy", "Social Bias"}
+    assert {s["category"] for s in raw} == {
+        "Crime",
+        "Emotional Harm",
+        "Immoral",
+        "Insult",
+        "Physical Harm",
+        "Pornographic",
+        "Privacy",
+        "Social Bias",
+    }
 
 
 def test_prompts_from_csv_jsonl_and_a_named_field(tmp_path, tok, capsys):
     advbench = tmp_path / "harmful_behaviors.csv"  # AdvBench's layout
     advbench.write_text('goal,target\n"Write a script, please",Sure\nBuild a bomb,Sure\n')
-    assert [s["input"] for s in load_samples([parse_dataset(f"prompts:1:{advbench}")])] == ["Write a script, please",
-                                                                                             "Build a bomb"]
+    assert [s["input"] for s in load_samples([parse_dataset(f"prompts:1:{advbench}")])] == [
+        "Write a script, please",
+        "Build a bomb",
+    ]
     harmbench = tmp_path / "harmbench.jsonl"
     harmbench.write_text("\n".join(json.dumps({"Behavior": b, "BehaviorID": i}) for i, b in enumerate(["x", "y"])))
     assert [s["input"] for s in RawDataset.load("prompts", str(harmbench))] == ["x", "y"]
@@ -341,19 +385,30 @@ def test_prompts_from_csv_jsonl_and_a_named_field(tmp_path, tok, capsys):
     assert RawDataset.load("prompts", str(alpaca))[0] == {"input": "Add.\n\n2 + 2"}
 
     own = tmp_path / "questions.json"
-    own.write_text(json.dumps([{"id": 1, "question": "how do i bake a cake ?"}, {"id": 2, "question": None},
-                               {"id": 3, "question": "how do i brew green tea ?"}]))
+    own.write_text(
+        json.dumps(
+            [
+                {"id": 1, "question": "how do i bake a cake ?"},
+                {"id": 2, "question": None},
+                {"id": 3, "question": "how do i brew green tea ?"},
+            ]
+        )
+    )
     name, opts = parse_dataset(f"prompts:1.0:{own}#question")
     assert opts == {"proportion": 1.0, "path": str(own), "field": "question"}
     prompts = data.PromptOnlyDataset([(name, opts)], tok, 64)
     assert [p["prompt"] for p in prompts] == ["how do i bake a cake ?", "how do i brew green tea ?"]
-    assert ("dataset prompts: kept 2, skipped 1 malformed records {'unparseable': 1}; unparseable records: expected "
-            "the field question (from #question), found fields id, question") in capsys.readouterr().out
+    assert (
+        "dataset prompts: kept 2, skipped 1 malformed records {'unparseable': 1}; unparseable records: expected "
+        "the field question (from #question), found fields id, question"
+    ) in capsys.readouterr().out
     with pytest.raises(ValueError) as e:  # no known field: the error names what it wanted and what it found
         RawDataset.load("prompts", str(own))
-    assert str(e.value) == (f"dataset prompts gave no usable samples from {own} (skipped {{'unparseable': 3}}); "
-                            f"unparseable records: expected a field prompt, instruction, goal, Goal, Behavior, "
-                            f"forbidden_prompt (or name one: prompts:1.0:PATH#FIELD), found fields id, question")
+    assert str(e.value) == (
+        f"dataset prompts gave no usable samples from {own} (skipped {{'unparseable': 3}}); "
+        f"unparseable records: expected a field prompt, instruction, goal, Goal, Behavior, "
+        f"forbidden_prompt (or name one: prompts:1.0:PATH#FIELD), found fields id, question"
+    )
     with pytest.raises(argparse.ArgumentTypeError, match="only the prompts dataset takes a #FIELD"):
         parse_dataset(f"alpaca:1.0:{own}#question")
     with pytest.raises(argparse.ArgumentTypeError, match="does not exist"):
@@ -365,61 +420,111 @@ def hh(turns):
 
 
 def test_hh_rlhf_raw_processed_and_dialogue(tmp_path):
-    records = [{"chosen": hh(["Hi", "Hello!", "Tips for sleep?", "Keep a schedule.\n\nAvoid screens."]),
-                "rejected": hh(["Hi", "Hello!", "Tips for sleep?", "No."])},
-               {"chosen": hh(["Q", "A1"]), "rejected": hh(["Q", "A2"])},
-               {"chosen": hh(["Q", "A"]), "rejected": hh(["Different", "A"])},  # contexts differ: skipped
-               {"chosen": "no roles here", "rejected": "x"}]  # unparseable: skipped
+    records = [
+        {
+            "chosen": hh(["Hi", "Hello!", "Tips for sleep?", "Keep a schedule.\n\nAvoid screens."]),
+            "rejected": hh(["Hi", "Hello!", "Tips for sleep?", "No."]),
+        },
+        {"chosen": hh(["Q", "A1"]), "rejected": hh(["Q", "A2"])},
+        {"chosen": hh(["Q", "A"]), "rejected": hh(["Different", "A"])},  # contexts differ: skipped
+        {"chosen": "no roles here", "rejected": "x"},
+    ]  # unparseable: skipped
     raw_file = tmp_path / "test.jsonl.gz"
     with gzip.open(raw_file, "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     raw = RawDataset.load("hh-rlhf-helpful-preference/test", str(raw_file))
     assert len(raw) == 2 and raw.skipped == 2
-    assert raw[0] == {"input": ["Hi", "Hello!", "Tips for sleep?"], "answer": "Keep a schedule.\n\nAvoid screens.",
-                      "other_answer": "No.", "better": True}
+    assert raw[0] == {
+        "input": ["Hi", "Hello!", "Tips for sleep?"],
+        "answer": "Keep a schedule.\n\nAvoid screens.",
+        "other_answer": "No.",
+        "better": True,
+    }
     assert RawDataset.load("hh-rlhf-harmless-preference", str(raw_file))[1]["input"] == ["Q"]
     for name in ("hh-rlhf-dialogue", "hh-rlhf-helpful-dialogue", "hh-rlhf-harmless-dialogue"):
         dialogue = RawDataset.load(name, str(raw_file))
         assert dialogue[0] == {"dialogue": ["Hi", "Hello!", "Tips for sleep?", "Keep a schedule.\n\nAvoid screens."]}
     # the processed layout (PKU-Alignment/processed-hh-rlhf): context turns and answers as {role, text}
     processed = tmp_path / "processed.jsonl"
-    processed.write_text(json.dumps({"context": [{"role": "human", "text": "Hi"}, {"role": "assistant", "text": "Hey"},
-                                                 {"role": "human", "text": "Joke?"}],
-                                     "chosen": {"role": "assistant", "text": "Knock knock."},
-                                     "rejected": {"role": "assistant", "text": "No."}}) + "\n")
+    processed.write_text(
+        json.dumps(
+            {
+                "context": [
+                    {"role": "human", "text": "Hi"},
+                    {"role": "assistant", "text": "Hey"},
+                    {"role": "human", "text": "Joke?"},
+                ],
+                "chosen": {"role": "assistant", "text": "Knock knock."},
+                "rejected": {"role": "assistant", "text": "No."},
+            }
+        )
+        + "\n"
+    )
     assert RawDataset.load("hh-rlhf-helpful-preference", str(processed))[0] == {
-        "input": ["Hi", "Hey", "Joke?"], "answer": "Knock knock.", "other_answer": "No.", "better": True}
+        "input": ["Hi", "Hey", "Joke?"],
+        "answer": "Knock knock.",
+        "other_answer": "No.",
+        "better": True,
+    }
     assert RawDataset.load("hh-rlhf-dialogue", str(processed))[0]["dialogue"] == ["Hi", "Hey", "Joke?", "Knock knock."]
 
 
 def test_firefly_and_moss(tmp_path):
     firefly = tmp_path / "firefly.jsonl"
-    firefly.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
-        {"kind": "Couplet", "input": "对联：春风", "target": "秋月"}, {"kind": "X", "input": "缺少答案"}]))
+    firefly.write_text(
+        "\n".join(
+            json.dumps(r, ensure_ascii=False)
+            for r in [{"kind": "Couplet", "input": "对联：春风", "target": "秋月"}, {"kind": "X", "input": "缺少答案"}]
+        )
+    )
     raw = RawDataset.load("firefly", str(firefly))
     assert len(raw) == 1 and raw[0] == {"input": "对联：春风", "answer": "秋月"}
 
     moss2 = tmp_path / "moss2"
     moss2.mkdir()
-    (moss2 / "part1.json").write_text(json.dumps([
-        {"id": 1, "plain_text": "[Human]: 你好<eoh> [MOSS]: 你好！<eoa> [Human]: 讲个笑话<eoh> [MOSS]: 好的。<eoa>"},
-        {"id": 2, "plain_text": "garbage"}], ensure_ascii=False))
+    (moss2 / "part1.json").write_text(
+        json.dumps(
+            [
+                {
+                    "id": 1,
+                    "plain_text": "[Human]: 你好<eoh> [MOSS]: 你好！<eoa> [Human]: 讲个笑话<eoh> [MOSS]: 好的。<eoa>",
+                },
+                {"id": 2, "plain_text": "garbage"},
+            ],
+            ensure_ascii=False,
+        )
+    )
     raw = RawDataset.load("moss-002-sft", str(moss2))
     assert len(raw) == 1 and raw[0] == {"dialogue": ["你好", "你好！", "讲个笑话", "好的。"]}
 
     def turn(h, m):
-        return {"Human": f"<|Human|>: {h}<eoh>\n", "Inner Thoughts": "<|Inner Thoughts|>: None<eot>\n",
-                "Commands": "<|Commands|>: None<eoc>\n", "Tool Responses": "<|Results|>: None<eor>\n",
-                "MOSS": f"<|MOSS|>: {m}<eom>\n"}
+        return {
+            "Human": f"<|Human|>: {h}<eoh>\n",
+            "Inner Thoughts": "<|Inner Thoughts|>: None<eot>\n",
+            "Commands": "<|Commands|>: None<eoc>\n",
+            "Tool Responses": "<|Results|>: None<eor>\n",
+            "MOSS": f"<|MOSS|>: {m}<eom>\n",
+        }
 
     moss3 = tmp_path / "moss-003-sft-no-tools.jsonl"
-    moss3.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
-        {"conversation_id": 1, "num_turns": 2,
-         "chat": {"turn_1": turn("时间：现在几点？", "我不知道。"), "turn_2": turn("好吧", "抱歉。")}},
-        {"conversation_id": 2, "num_turns": 1, "chat": {"turn_1": turn("一轮", "一个回答")}}]))
+    moss3.write_text(
+        "\n".join(
+            json.dumps(r, ensure_ascii=False)
+            for r in [
+                {
+                    "conversation_id": 1,
+                    "num_turns": 2,
+                    "chat": {"turn_1": turn("时间：现在几点？", "我不知道。"), "turn_2": turn("好吧", "抱歉。")},
+                },
+                {"conversation_id": 2, "num_turns": 1, "chat": {"turn_1": turn("一轮", "一个回答")}},
+            ]
+        )
+    )
     raw = RawDataset.load("moss-003-sft", str(moss3))
-    assert raw.samples == [{"dialogue": ["时间：现在几点？", "我不知道。", "好吧", "抱歉。"]},
-                           {"dialogue": ["一轮", "一个回答"]}]
+    assert raw.samples == [
+        {"dialogue": ["时间：现在几点？", "我不知道。", "好吧", "抱歉。"]},
+        {"dialogue": ["一轮", "一个回答"]},
+    ]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -435,8 +540,9 @@ def test_save_to_disk_folder(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "flat"))
     assert [s["answer"] for s in RawDataset.load("alpaca", str(tmp_path / "flat"))] == ["0", "1", "2", "3"]
     pku = [r for r in pku_records()[:3]]
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(pku[:1]), "test": datasets.Dataset.from_list(pku[1:])}
-                         ).save_to_disk(str(tmp_path / "dict"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(pku[:1]), "test": datasets.Dataset.from_list(pku[1:])}
+    ).save_to_disk(str(tmp_path / "dict"))
     assert len(RawDataset.load("PKU-SafeRLHF/train", str(tmp_path / "dict"))) == 1
     assert len(RawDataset.load("PKU-SafeRLHF/test", str(tmp_path / "dict"))) == 2  # the split named by the dataset
 
@@ -458,8 +564,10 @@ def test_real_hh_rlhf(shared_data, capsys):
     raw = RawDataset.load("hh-rlhf-helpful-preference/test", str(shared_data / "hh-rlhf/helpful-base-test.jsonl.gz"))
     # the exact count and reasons: a change to split_transcript or malformed() shows here
     assert (len(raw), raw.skipped) == (2333, 21)
-    assert ("kept 2,333, skipped 21 malformed records {'empty input': 1, 'unparseable': 15, 'identical answers': 2, "
-            "'empty other_answer': 3}") in capsys.readouterr().out
+    assert (
+        "kept 2,333, skipped 21 malformed records {'empty input': 1, 'unparseable': 15, 'identical answers': 2, "
+        "'empty other_answer': 3}"
+    ) in capsys.readouterr().out
     for s in raw:
         assert isinstance(s["input"], list) and len(s["input"]) % 2 == 1 and s["answer"] != s["other_answer"]
         texts = [*s["input"], s["answer"], s["other_answer"]]
@@ -472,10 +580,20 @@ def test_real_pku_derived_as_safety_pairs(shared_data, tmp_path, tok):
     with open(out, "w") as f:
         for r in records:  # [safe, unsafe] (a list; the README says a JSON string, so accept both)
             safe, unsafe = json.loads(r["response"]) if isinstance(r["response"], str) else r["response"]
-            f.write(json.dumps({"prompt": r["prompt"], "response_0": safe, "response_1": unsafe,
-                                "is_response_0_safe": True, "is_response_1_safe": False,
-                                "better_response_id": 0,  # no helpfulness label in this file: a placeholder
-                                "safer_response_id": 0}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": r["prompt"],
+                        "response_0": safe,
+                        "response_1": unsafe,
+                        "is_response_0_safe": True,
+                        "is_response_1_safe": False,
+                        "better_response_id": 0,  # no helpfulness label in this file: a placeholder
+                        "safer_response_id": 0,
+                    }
+                )
+                + "\n"
+            )
     raw = RawDataset.load("PKU-SafeRLHF/test", str(out))
     assert (len(raw), raw.skipped) == (5135, 0)  # every pair of the file is well formed
     assert all(s["safer"] and s["is_safe"] and not s["is_other_safe"] for s in raw)
@@ -495,8 +613,12 @@ def bpe_tokenizer(texts):
 
     t = Tokenizer(models.BPE())
     t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "</s>"],
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=600, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="</s>", pad_token="<pad>")
 
 
@@ -528,8 +650,10 @@ def test_oracles_on_hand_written_cases():
 
 
 def test_toy_metrics():
-    m = data.toy_metrics([BAKE, BOMB, BOMB],
-                         ["mix the flour . add the sugar .", "get the explosive .", "sorry i can not help with that ."])
+    m = data.toy_metrics(
+        [BAKE, BOMB, BOMB],
+        ["mix the flour . add the sugar .", "get the explosive .", "sorry i can not help with that ."],
+    )
     assert m == {"oracle_helpfulness": 2.0, "oracle_harmful_rate": 0.5}
     assert data.toy_metrics([BAKE, "hello ?"], ["a", "b"]) is None and data.toy_metrics([], []) is None
 
@@ -546,6 +670,7 @@ def test_toy_world_is_seeded_and_as_designed():
     assert all(data.oracle_cost(s["input"], s["answer"]) < 0 for s in benign)
 
     pref = RawDataset.load("toy-preference")
+
     def reward_says(s):  # the oracle prefers `answer`
         return data.oracle_reward(s["input"], s["answer"]) > data.oracle_reward(s["input"], s["other_answer"])
 
@@ -562,8 +687,11 @@ def test_toy_world_is_seeded_and_as_designed():
     cost = data.oracle_cost
     assert all((cost(s["input"], s["answer"]) < cost(s["input"], s["other_answer"])) == s["safer"] for s in clean)
 
-    train_prompts = {s["input"] for name in ("toy-sft", "toy-preference", "toy-safety-preference", "toy-prompts")
-                     for s in RawDataset.load(name)}
+    train_prompts = {
+        s["input"]
+        for name in ("toy-sft", "toy-preference", "toy-safety-preference", "toy-prompts")
+        for s in RawDataset.load(name)
+    }
     eval_prompts = [s["input"] for s in RawDataset.load("toy-eval")]
     assert not train_prompts & set(eval_prompts)  # held-out phrasings
     sft_test = [s["input"] for s in RawDataset.load("toy-sft/test")]

@@ -108,9 +108,12 @@ def test_dpo_loss_matches_anchor_loop(case, left, beta):
     fast = logits.detach().float().requires_grad_()
     loss, metrics = vectorised(fast, ref_logits.float(), ids, mask, beta)
     loss.backward()
-    errors = {"loss": abs(loss.item() - want.item()), "grad": (fast.grad.double() - want_grad).abs().max().item(),
-              "better reward": (metrics["better_sample_reward"].double() - want_better).abs().max().item(),
-              "worse reward": (metrics["worse_sample_reward"].double() - want_worse).abs().max().item()}
+    errors = {
+        "loss": abs(loss.item() - want.item()),
+        "grad": (fast.grad.double() - want_grad).abs().max().item(),
+        "better reward": (metrics["better_sample_reward"].double() - want_better).abs().max().item(),
+        "worse reward": (metrics["worse_sample_reward"].double() - want_worse).abs().max().item(),
+    }
     print(f"{case}, {'left' if left else 'right'} padding, beta {beta}: max errors {errors}")
     assert errors["loss"] < 1e-5 and errors["grad"] < 1e-5, errors
     assert errors["better reward"] < 1e-4 and errors["worse reward"] < 1e-4, errors
@@ -118,9 +121,12 @@ def test_dpo_loss_matches_anchor_loop(case, left, beta):
     assert torch.allclose(metrics["reward_margin"].double(), want_better - want_worse, atol=1e-4)
     # padding moves no number
     other_ids, other_mask = pairs(lengths, diverge, left=not left)
-    assert pair_spans(ids[:len(lengths)], ids[len(lengths):], mask[:len(lengths)], mask[len(lengths):])[0].sum() == \
-        pair_spans(other_ids[:len(lengths)], other_ids[len(lengths):], other_mask[:len(lengths)],
-                   other_mask[len(lengths):])[0].sum()  # fmt: skip
+    assert (
+        pair_spans(ids[: len(lengths)], ids[len(lengths) :], mask[: len(lengths)], mask[len(lengths) :])[0].sum()
+        == pair_spans(
+            other_ids[: len(lengths)], other_ids[len(lengths) :], other_mask[: len(lengths)], other_mask[len(lengths) :]
+        )[0].sum()
+    )
 
 
 def test_spans_hand_worked():
@@ -213,17 +219,21 @@ def toy(tmp_path_factory):
     return root
 
 
-def dpo_args(model, out, *extra, data_flags="--train_datasets toy-preference:0.02 --eval_datasets "
-             "toy-preference/test:0.1"):  # fmt: skip
-    flags = (f"{data_flags} --max_length 64 --epochs 1 --per_device_train_batch_size 8 --per_device_eval_batch_size "
-             "25 --lr 1e-2 --lr_scheduler_type constant --lr_warmup_ratio 0 --logging_steps 1 --scale_coeff 0.5")
+def dpo_args(
+    model, out, *extra, data_flags="--train_datasets toy-preference:0.02 --eval_datasets toy-preference/test:0.1"
+):
+    flags = (
+        f"{data_flags} --max_length 64 --epochs 1 --per_device_train_batch_size 8 --per_device_eval_batch_size "
+        "25 --lr 1e-2 --lr_scheduler_type constant --lr_warmup_ratio 0 --logging_steps 1 --scale_coeff 0.5"
+    )
     model = ["--model_name_or_path", str(model)]
     return [PY, "dpo.py", *model, *flags.split(), "--output_dir", str(out), *map(str, extra)]
 
 
 def train_rows(out):
-    return [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
-            if "train/loss" in r]  # fmt: skip
+    return [
+        r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r
+    ]
 
 
 def test_run_golden_numbers_and_wiring(toy, tmp_path):
@@ -231,8 +241,9 @@ def test_run_golden_numbers_and_wiring(toy, tmp_path):
     proc = run_script(dpo_args(toy / "base", out, "--max_steps", 8))
     assert "step 8/8 | train/loss" in proc.stdout and "eval/reward_accuracy" in proc.stdout
     train = train_rows(out)
-    evals = [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
-             if "eval/loss" in r]  # fmt: skip
+    evals = [
+        r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if "eval/loss" in r
+    ]
     # the policy starts as the reference: the first micro-batch's log-ratios are 0, its loss exactly log 2
     assert train[0]["train/loss"] == pytest.approx(LOG2, abs=1e-6) and train[0]["train/reward_margin"] == 0
     assert evals[0]["eval/loss"] == pytest.approx(LOG2, abs=1e-6) and evals[0]["step"] == 0
@@ -245,13 +256,17 @@ def test_run_golden_numbers_and_wiring(toy, tmp_path):
     # it learns the preference: held-out accuracy and loss move the right way
     assert evals[-1]["eval/reward_accuracy"] > 0.6 and evals[-1]["eval/reward_margin"] > 0
     assert evals[-1]["eval/reward_margin"] == pytest.approx(
-        evals[-1]["eval/better_sample_reward"] - evals[-1]["eval/worse_sample_reward"], abs=1e-4)
+        evals[-1]["eval/better_sample_reward"] - evals[-1]["eval/worse_sample_reward"], abs=1e-4
+    )
     assert json.loads((out / "arguments.json").read_text())["scale_coeff"] == 0.5
     assert (out / "model.safetensors").exists() and not (tmp_path / "dpo.partial").exists()
 
 
-GOLDEN = {"loss": [0.6931, 0.4544, 0.4691, 0.2782], "reward_margin": [0.0, 0.8873, 1.1903, 2.4769],
-          "reward_accuracy": [0.0, 0.875, 0.75, 0.875]}  # fmt: skip
+GOLDEN = {
+    "loss": [0.6931, 0.4544, 0.4691, 0.2782],
+    "reward_margin": [0.0, 0.8873, 1.1903, 2.4769],
+    "reward_accuracy": [0.0, 0.875, 0.75, 0.875],
+}
 
 
 def test_resume_after_kill_is_bit_equal(toy, tmp_path):
@@ -263,7 +278,7 @@ def test_resume_after_kill_is_bit_equal(toy, tmp_path):
     assert "resum" in out.lower()
     assert_same_weights(tmp_path / "whole", tmp_path / "resumed")
     whole, resumed = rows(tmp_path / "whole", "train/loss"), rows(tmp_path / "resumed", "train/loss")
-    assert whole == resumed[-len(whole):] and len(whole) == 6
+    assert whole == resumed[-len(whole) :] and len(whole) == 6
 
 
 def test_lora_reference_is_the_adapter_off(toy, tmp_path):
@@ -288,10 +303,30 @@ def test_zero3_and_fused_logprobs_match_zero0(toy, tmp_path):
 
 
 def test_safety_label_and_safedpo_runs(toy, tmp_path):
-    run_script(dpo_args(toy / "base", tmp_path / "safer", "--max_steps", 3, "--label", "safer", data_flags=
-                        "--train_datasets toy-safety-preference:0.02 --eval_datasets toy-safety-preference/test:0.1"))
-    proc = run_script(dpo_args(toy / "base", tmp_path / "safedpo", "--max_steps", 3, "--objective", "safedpo",
-                               "--safety_margin", 2.0, data_flags="--train_datasets toy-safe-rlhf:0.02"))
+    run_script(
+        dpo_args(
+            toy / "base",
+            tmp_path / "safer",
+            "--max_steps",
+            3,
+            "--label",
+            "safer",
+            data_flags="--train_datasets toy-safety-preference:0.02 --eval_datasets toy-safety-preference/test:0.1",
+        )
+    )
+    proc = run_script(
+        dpo_args(
+            toy / "base",
+            tmp_path / "safedpo",
+            "--max_steps",
+            3,
+            "--objective",
+            "safedpo",
+            "--safety_margin",
+            2.0,
+            data_flags="--train_datasets toy-safe-rlhf:0.02",
+        )
+    )
     # SafeDPO's first micro-batch: log-ratios 0, so the loss is the mean of -log sigma(-(h_l - h_w) Delta) > log 2
     assert train_rows(tmp_path / "safedpo")[0]["train/loss"] > LOG2 and "safedpo on the better label" in proc.stdout
 
@@ -299,23 +334,47 @@ def test_safety_label_and_safedpo_runs(toy, tmp_path):
 def test_sacpo_two_steps(toy, tmp_path):
     """SACPO: DPO on helpfulness (beta), then DPO on safety from that model, its own reference, with beta / lambda."""
     run_script(dpo_args(toy / "base", tmp_path / "helpful", "--max_steps", 3))
-    run_script(dpo_args(tmp_path / "helpful", tmp_path / "sacpo", "--max_steps", 3, "--label", "safer",
-                        "--scale_coeff", 0.5 / 2.0, data_flags="--train_datasets toy-safety-preference:0.02 "
-                        "--eval_datasets toy-safety-preference/test:0.1"))  # fmt: skip
+    run_script(
+        dpo_args(
+            tmp_path / "helpful",
+            tmp_path / "sacpo",
+            "--max_steps",
+            3,
+            "--label",
+            "safer",
+            "--scale_coeff",
+            0.5 / 2.0,
+            data_flags="--train_datasets toy-safety-preference:0.02 --eval_datasets toy-safety-preference/test:0.1",
+        )
+    )
     first_eval = json.loads((tmp_path / "sacpo" / "metrics.jsonl").read_text().splitlines()[0])
     assert first_eval["eval/loss"] == pytest.approx(LOG2, abs=1e-6)  # the reference is the step-1 model itself
 
 
-@pytest.mark.parametrize("spec,label", [
-    ("safe-unsafe-pairs/train:0.02:{}/pku-saferlhf-derived/pku_seferlhf_realign_dpo_5k.json", "safer"),
-    ("hh-rlhf-helpful-preference/test:0.02:{}/hh-rlhf/helpful-base-test.jsonl.gz", "better"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec,label",
+    [
+        ("safe-unsafe-pairs/train:0.02:{}/pku-saferlhf-derived/pku_seferlhf_realign_dpo_5k.json", "safer"),
+        ("hh-rlhf-helpful-preference/test:0.02:{}/hh-rlhf/helpful-base-test.jsonl.gz", "better"),
+    ],
+)
 def test_real_preference_file(toy, tmp_path, spec, label):
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     spec = spec.format(SHARED_DATA)
-    proc = run_script(dpo_args(toy / "base", tmp_path / "real", "--max_steps", 2, "--label", label, "--max_length",
-                               128, data_flags=f"--train_datasets {spec}"))  # fmt: skip
+    proc = run_script(
+        dpo_args(
+            toy / "base",
+            tmp_path / "real",
+            "--max_steps",
+            2,
+            "--label",
+            label,
+            "--max_length",
+            128,
+            data_flags=f"--train_datasets {spec}",
+        )
+    )
     assert "step 2/2 | train/loss" in proc.stdout
     assert train_rows(tmp_path / "real")[0]["train/loss"] == pytest.approx(LOG2, abs=1e-6)
 
@@ -326,8 +385,14 @@ def test_bad_input(toy, tmp_path):
     from conftest import ROOT, stage_env
 
     def fails(*extra):
-        proc = subprocess.run(dpo_args(toy / "base", tmp_path / "bad", *extra), cwd=ROOT, env=stage_env(),
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            dpo_args(toy / "base", tmp_path / "bad", *extra),
+            cwd=ROOT,
+            env=stage_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode != 0
         return proc.stderr.strip().splitlines()[-1]
 
@@ -339,8 +404,17 @@ def test_pku_saferlhf_layout_orders_pairs_by_either_label(toy, tmp_path):
     """A local file in PKU-SafeRLHF's layout: --label better, --label safer and SafeDPO each put the right answer first
     (toy-vocabulary text, so the toy tokenizer reads it); then a SafeDPO run on it."""
     a, b = "mix the flour . add the sugar .", "build a bomb . set the timer ."
-    records = [{"prompt": "how do i bake a cake ?", "response_0": a, "response_1": b, "is_response_0_safe": True,
-                "is_response_1_safe": False, "better_response_id": 1, "safer_response_id": 0}] * 20
+    records = [
+        {
+            "prompt": "how do i bake a cake ?",
+            "response_0": a,
+            "response_1": b,
+            "is_response_0_safe": True,
+            "is_response_1_safe": False,
+            "better_response_id": 1,
+            "safer_response_id": 0,
+        }
+    ] * 20
     path = tmp_path / "pku.json"
     path.write_text(json.dumps(records))
     tokenizer = data.load_tokenizer(str(toy / "base"))
@@ -350,8 +424,17 @@ def test_pku_saferlhf_layout_orders_pairs_by_either_label(toy, tmp_path):
     assert "flour" in first(data.SafetyPreferenceDataset(spec, tokenizer, 64))  # safer: response_0
     safe = SafeDPODataset(spec, tokenizer, 64)  # T swaps the unsafe better answer behind the safe one
     assert "flour" in first(safe) and (safe[0]["better_unsafe"], safe[0]["worse_unsafe"]) == (0, 1)
-    run_script(dpo_args(toy / "base", tmp_path / "pku", "--max_steps", 2, "--objective", "safedpo",
-                        data_flags=f"--train_datasets PKU-SafeRLHF/train:1.0:{path}"))  # fmt: skip
+    run_script(
+        dpo_args(
+            toy / "base",
+            tmp_path / "pku",
+            "--max_steps",
+            2,
+            "--objective",
+            "safedpo",
+            data_flags=f"--train_datasets PKU-SafeRLHF/train:1.0:{path}",
+        )
+    )
     # every pair is safe-over-unsafe after T: the first loss is -log sigma(-Delta) with Delta = 1
     assert train_rows(tmp_path / "pku")[0]["train/loss"] == pytest.approx(math.log1p(math.e), abs=1e-5)
 

@@ -46,9 +46,13 @@ def run(args, timeout=300, **extra_env) -> subprocess.CompletedProcess:
 
 def start(args, **extra_env) -> subprocess.Popen:
     return subprocess.Popen(
-        [PY, *map(str, args)], cwd=ROOT, env=stage_env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [PY, *map(str, args)],
+        cwd=ROOT,
+        env=stage_env(**extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-    )  # fmt: skip
+    )
 
 
 PROGRESS_BAR = re.compile(r"\[\d+:\d\d[^\]]*(/s|/it)\]$")  # tqdm's "... [00:00<00:00, 35.2it/s]" (loading, generating)
@@ -81,10 +85,32 @@ def sft(base, out, *extra):
 
 
 def ppo(toy, out, *extra):
-    return ["ppo_lag.py", "--actor_model_name_or_path", toy / "base", "--reward_model_name_or_path", toy / "rm",
-            "--cost_model_name_or_path", toy / "cm", "--train_datasets", "toy-prompts:0.02", "--max_length", "48",
-            "--max_steps", "2", "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "2",
-            "--actor_lr", "1e-3", "--critic_lr", "1e-3", "--output_dir", out, *extra]  # fmt: skip
+    return [
+        "ppo_lag.py",
+        "--actor_model_name_or_path",
+        toy / "base",
+        "--reward_model_name_or_path",
+        toy / "rm",
+        "--cost_model_name_or_path",
+        toy / "cm",
+        "--train_datasets",
+        "toy-prompts:0.02",
+        "--max_length",
+        "48",
+        "--max_steps",
+        "2",
+        "--per_device_prompt_batch_size",
+        "4",
+        "--per_device_train_batch_size",
+        "2",
+        "--actor_lr",
+        "1e-3",
+        "--critic_lr",
+        "1e-3",
+        "--output_dir",
+        out,
+        *extra,
+    ]
 
 
 def ppo_main(monkeypatch, args) -> SystemExit:
@@ -98,9 +124,24 @@ def ppo_main(monkeypatch, args) -> SystemExit:
 
 
 def arena(toy, out, *extra, datasets="toy-eval:0.02"):
-    return ["evaluate.py", "--red_corner_model_name_or_path", toy / "base", "--blue_corner_model_name_or_path",
-            toy / "base", "--datasets", datasets, "--max_length", "48", "--max_new_tokens", "4",
-            "--per_device_eval_batch_size", "8", "--output_dir", out, *extra]  # fmt: skip
+    return [
+        "evaluate.py",
+        "--red_corner_model_name_or_path",
+        toy / "base",
+        "--blue_corner_model_name_or_path",
+        toy / "base",
+        "--datasets",
+        datasets,
+        "--max_length",
+        "48",
+        "--max_new_tokens",
+        "4",
+        "--per_device_eval_batch_size",
+        "8",
+        "--output_dir",
+        out,
+        *extra,
+    ]
 
 
 def broken_copy(folder, into, edit):
@@ -182,11 +223,14 @@ def test_diverging_sft_stops_and_saves_nothing(toy_models, tmp_path):
         assert all(torch.isfinite(t).all() for t in load_file(file).values()), file
 
 
-@pytest.mark.parametrize("extra, quantity", [
-    (["--actor_lr", "1e30"], "actor weights"),  # diverges in the first update: the next rollout samples from NaN
-    (["--reward_model_name_or_path", "{rm_nan}"], "train/reward"),  # a NaN reward model
-    (["--actor_lr", "1e30", "--max_steps", "1"], "actor weights"),  # caught by the check before the final save
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra, quantity",
+    [
+        (["--actor_lr", "1e30"], "actor weights"),  # diverges in the first update: the next rollout samples from NaN
+        (["--reward_model_name_or_path", "{rm_nan}"], "train/reward"),  # a NaN reward model
+        (["--actor_lr", "1e30", "--max_steps", "1"], "actor weights"),  # caught by the check before the final save
+    ],
+)
 def test_ppo_non_finite_stops_without_saving(toy_models, rm_nan, tmp_path, extra, quantity):
     """Case 1: a NaN reward model or a huge actor lr used to crash inside sampling or save a NaN actor (exit 0)."""
     extra = [e.format(rm_nan=rm_nan) for e in extra]
@@ -214,11 +258,14 @@ def test_ppo_accumulation_ends_each_rollout_on_a_boundary(toy_models, tmp_path):
 # Case 3: the wrong kind of model (a causal LM where a score model belongs, or the reverse)
 
 
-@pytest.mark.parametrize("role, path, expected", [
-    ("--reward_model_name_or_path", "base", "causal LM"),
-    ("--cost_model_name_or_path", "base", "causal LM"),
-    ("--actor_model_name_or_path", "rm", "score model"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "role, path, expected",
+    [
+        ("--reward_model_name_or_path", "base", "causal LM"),
+        ("--cost_model_name_or_path", "base", "causal LM"),
+        ("--actor_model_name_or_path", "rm", "score model"),
+    ],
+)
 def test_ppo_wrong_kind_of_model_is_refused(toy_models, tmp_path, monkeypatch, role, path, expected):
     """Case 3: a causal LM as the reward/cost model used to be scored through a random head; a score model as the
     actor got a random lm_head. The check runs before any engine exists: in-process here."""
@@ -227,14 +274,23 @@ def test_ppo_wrong_kind_of_model_is_refused(toy_models, tmp_path, monkeypatch, r
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.lock").exists()
 
 
-@pytest.mark.parametrize("flag, folder, problem", [
-    ("--reward_model_name_or_path", "base", "is a causal LM"),  # it would score with a random head
-    ("--blue_corner_model_name_or_path", "rm", "is a score model"),  # it would answer with a random lm_head
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag, folder, problem",
+    [
+        ("--reward_model_name_or_path", "base", "is a causal LM"),  # it would score with a random head
+        ("--blue_corner_model_name_or_path", "rm", "is a score model"),  # it would answer with a random lm_head
+    ],
+)
 def test_evaluate_refuses_the_wrong_kind_of_model(toy_models, tmp_path, flag, folder, problem):
     """Case 3, in evaluate.py: checked before any model is loaded, nothing written."""
-    args = arena(toy_models, tmp_path / "arena", "--reward_model_name_or_path", toy_models / "rm",
-                 "--cost_model_name_or_path", toy_models / "cm")  # fmt: skip
+    args = arena(
+        toy_models,
+        tmp_path / "arena",
+        "--reward_model_name_or_path",
+        toy_models / "rm",
+        "--cost_model_name_or_path",
+        toy_models / "cm",
+    )
     args[args.index(flag) + 1] = toy_models / folder
     assert error_line(run(args)).startswith(f"error: {flag} {toy_models / folder} {problem}")
     assert not (tmp_path / "arena").exists()
@@ -291,14 +347,17 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/v1"  # nothing listens there any more: connection refused
 
 
-@pytest.mark.parametrize("fault, last", [
-    ("HTTP 500", "HTTP 500 Internal Server Error"),
-    ("not JSON", "an answer that is not a chat completion: b'<html>Bad gateway</html>'"),
-    ("no choices", "an answer that is not a chat completion: b'{\"error\": {\"message\": \"overloaded\"}}'"),
-    ("truncated body", "IncompleteRead"),
-    ("bad status line", "BadStatusLine"),
-    ("unreachable", "Connection refused"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "fault, last",
+    [
+        ("HTTP 500", "HTTP 500 Internal Server Error"),
+        ("not JSON", "an answer that is not a chat completion: b'<html>Bad gateway</html>'"),
+        ("no choices", 'an answer that is not a chat completion: b\'{"error": {"message": "overloaded"}}\''),
+        ("truncated body", "IncompleteRead"),
+        ("bad status line", "BadStatusLine"),
+        ("unreachable", "Connection refused"),
+    ],
+)
 def test_failing_judge_is_retried_then_one_line(fault, last):
     """Case 5: each way an endpoint fails is retried a bounded number of times, then stops with one line."""
     args = ("toy-judge", "how do i bake a cake ?", "mix the flour .", "no .", None)
@@ -320,8 +379,23 @@ def test_failing_judge_keeps_the_arena_and_writes_no_summary(toy_models, tmp_pat
     out.mkdir()
     (out / "summary.json").write_text("{}")  # an earlier complete run's: it no longer describes arena.csv
     with FaultyJudge("HTTP 500") as server:
-        line = error_line(run(arena(toy_models, out, "--judge", "--judge_url", server.url, "--judge_workers", "1",
-                                    "--judge_retries", "1", "--judge_backoff", "0.05")))  # fmt: skip
+        line = error_line(
+            run(
+                arena(
+                    toy_models,
+                    out,
+                    "--judge",
+                    "--judge_url",
+                    server.url,
+                    "--judge_workers",
+                    "1",
+                    "--judge_retries",
+                    "1",
+                    "--judge_backoff",
+                    "0.05",
+                )
+            )
+        )
     assert line.startswith(f"error: judge endpoint {server.url}/chat/completions failed 2 times (last: HTTP 500 ")
     assert line.endswith(f"; the arena without the judge is in {out / 'arena.csv'}")
     assert server.requests <= 4  # stopped at the first request that kept failing, not after all 2 x 2 x 7 of them
@@ -476,35 +550,50 @@ def test_broken_jsonl_lines_are_skipped_and_counted(tmp_path, capsys):
     folder = tmp_path / "alpaca"
     folder.mkdir()
     good = lambda i: json.dumps({"instruction": f"Say {i}.", "output": str(i)})  # noqa: E731
-    (folder / "a.jsonl").write_text("\n".join([
-        good(1),
-        '{"instruction": oops}',  # line 2: not JSON
-        good(2),
-        "[1, 2]",  # line 4: JSON, but not a record
-        "",  # blank lines are no records and no faults
-        json.dumps({"instruction": "Blank answer.", "output": " "}),  # a malformed record, counted as before
-        good(3)[:20],  # line 7: the last line cut off mid-record
-    ]))  # fmt: skip
+    (folder / "a.jsonl").write_text(
+        "\n".join(
+            [
+                good(1),
+                '{"instruction": oops}',  # line 2: not JSON
+                good(2),
+                "[1, 2]",  # line 4: JSON, but not a record
+                "",  # blank lines are no records and no faults
+                json.dumps({"instruction": "Blank answer.", "output": " "}),  # a malformed record, counted as before
+                good(3)[:20],  # line 7: the last line cut off mid-record
+            ]
+        )
+    )
     with gzip.open(folder / "b.jsonl.gz", "wt") as f:  # a good file beside it loads whole
         f.write(good(4) + "\n" + good(5) + "\n")
     raw = RawDataset.load("alpaca", str(folder))
     assert [s["answer"] for s in raw] == ["1", "2", "4", "5"] and raw.skipped == 4
     out = capsys.readouterr().out
-    assert (f"kept 4, skipped 4 malformed records {{'empty answer': 1, 'broken JSON line': 3}}; first broken line: "
-            f"{folder / 'a.jsonl'}:2 (Expecting value)") in out  # fmt: skip
+    assert (
+        f"kept 4, skipped 4 malformed records {{'empty answer': 1, 'broken JSON line': 3}}; first broken line: "
+        f"{folder / 'a.jsonl'}:2 (Expecting value)"
+    ) in out
 
 
 FILE_FAULTS = [
     ("empty.json", b"", "is empty"),
     ("empty.jsonl", b"", "is empty"),
     ("empty.jsonl.gz", b"", "is empty"),  # 0 bytes, not even a gzip header
-    ("truncated.json", b'[{"instruction": "a", "output": "b"}, {"instruction": "c", "outp',
-     r"is not valid JSON \(Unterminated string starting at: line 1 column 60\); truncated\?"),
-    ("table.json", b"instruction,output\nName a colour.,Blue.\n",
-     r"is neither a JSON array nor JSON Lines \(line 1: Expecting value\); a CSV\?"),
-    ("latin1.jsonl", '{"instruction": "Caf\u00e9?", "output": "Oui."}\n'.encode("latin-1"),
-     r"is not UTF-8 text \(byte 0xe9 on line 1\); re-encode it as UTF-8"),
-]  # fmt: skip
+    (
+        "truncated.json",
+        b'[{"instruction": "a", "output": "b"}, {"instruction": "c", "outp',
+        r"is not valid JSON \(Unterminated string starting at: line 1 column 60\); truncated\?",
+    ),
+    (
+        "table.json",
+        b"instruction,output\nName a colour.,Blue.\n",
+        r"is neither a JSON array nor JSON Lines \(line 1: Expecting value\); a CSV\?",
+    ),
+    (
+        "latin1.jsonl",
+        '{"instruction": "Caf\u00e9?", "output": "Oui."}\n'.encode("latin-1"),
+        r"is not UTF-8 text \(byte 0xe9 on line 1\); re-encode it as UTF-8",
+    ),
+]
 
 
 @pytest.mark.parametrize("name, content, problem", FILE_FAULTS, ids=[name for name, _, _ in FILE_FAULTS])
@@ -522,8 +611,19 @@ def test_stage_turns_a_data_fault_into_one_line(toy_models, tmp_path):
     training."""
     f = tmp_path / "table.json"
     f.write_text("instruction,output\nName a colour.,Blue.\n")
-    proc = run(["sft.py", "--model_name_or_path", toy_models / "base", "--train_datasets", f"alpaca:1:{f}",
-                "--max_length", "48", "--output_dir", tmp_path / "sft"])  # fmt: skip
+    proc = run(
+        [
+            "sft.py",
+            "--model_name_or_path",
+            toy_models / "base",
+            "--train_datasets",
+            f"alpaca:1:{f}",
+            "--max_length",
+            "48",
+            "--output_dir",
+            tmp_path / "sft",
+        ]
+    )
     assert error_line(proc).startswith(f"error: {f} is neither a JSON array nor JSON Lines")
     assert "step" not in proc.stdout
 
@@ -620,16 +720,30 @@ def test_broken_model_folder_gives_one_line(toy_models, tmp_path, broken):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()  # stopped before the folder
     proc = run(["chat.py", "--model_name_or_path", folder, "-p", "hi", "--max_new_tokens", "4"])
     assert error_line(proc).startswith(f"error: --model_name_or_path {folder} {needle}") and not proc.stdout
-    proc = run(["chat.py", "--red_corner_model_name_or_path", base, "--blue_corner_model_name_or_path", folder,
-                "-p", "hi", "--max_new_tokens", "4"])  # fmt: skip
+    proc = run(
+        [
+            "chat.py",
+            "--red_corner_model_name_or_path",
+            base,
+            "--blue_corner_model_name_or_path",
+            folder,
+            "-p",
+            "hi",
+            "--max_new_tokens",
+            "4",
+        ]
+    )
     assert error_line(proc).startswith(f"error: --blue_corner_model_name_or_path {folder} {needle}")  # the bad corner
 
 
-@pytest.mark.parametrize("fault, problem", [
-    ("no weights", "no weights"),
-    ("truncated safetensors", "model.safetensors is truncated"),
-    ("no tokenizer", "no tokenizer files"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "fault, problem",
+    [
+        ("no weights", "no weights"),
+        ("truncated safetensors", "model.safetensors is truncated"),
+        ("no tokenizer", "no tokenizer files"),
+    ],
+)
 def test_evaluate_names_a_broken_model_folder(toy_models, tmp_path, fault, problem):
     """Case 9, in evaluate.py: the broken corner named, before any model is loaded."""
 
@@ -654,20 +768,23 @@ def test_evaluate_names_a_broken_model_folder(toy_models, tmp_path, fault, probl
 # Case 10: flags that used to be accepted or crash late
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--threshold", "nan"], "--threshold"),
-    (["--episode_cost_window_size", "0"], "--episode_cost_window_size"),
-    (["--epochs", "0"], "--epochs"),
-    (["--lambda_lr", "-0.1"], "--lambda_lr"),
-    (["--offload", "optimizer"], "--offload"),
-    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
-    (["--actor_lr", "-0.001"], "--actor_lr must be >= 0"),  # (argparse reads "-1e-5" as a flag)
-    (["--critic_lr", "inf"], "--critic_lr"),
-    (["--lambda_max", "0"], "--lambda_max"),
-    (["--temperature", "0"], "--temperature"),
-    (["--num_return_sequences", "0"], "--num_return_sequences"),
-    (["--gradient_accumulation_steps", "3"], "--gradient_accumulation_steps"),  # case 2: 2 micro-batches a rollout
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--threshold", "nan"], "--threshold"),
+        (["--episode_cost_window_size", "0"], "--episode_cost_window_size"),
+        (["--epochs", "0"], "--epochs"),
+        (["--lambda_lr", "-0.1"], "--lambda_lr"),
+        (["--offload", "optimizer"], "--offload"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
+        (["--actor_lr", "-0.001"], "--actor_lr must be >= 0"),  # (argparse reads "-1e-5" as a flag)
+        (["--critic_lr", "inf"], "--critic_lr"),
+        (["--lambda_max", "0"], "--lambda_max"),
+        (["--temperature", "0"], "--temperature"),
+        (["--num_return_sequences", "0"], "--num_return_sequences"),
+        (["--gradient_accumulation_steps", "3"], "--gradient_accumulation_steps"),  # case 2: 2 micro-batches a rollout
+    ],
+)
 def test_ppo_bad_flags_stop_at_parsing(toy_models, tmp_path, capsys, monkeypatch, extra, message):
     """Cases 10 and 2: each used to be accepted (a NaN lambda, an actor that never stepped) or crash late. The checks
     run before any engine, model or folder exists, so main() runs in-process here (fast): exit 2, one line."""

@@ -62,24 +62,29 @@ def test_check_ranges():
         assert refused(*argv) == 2, argv
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--gamma=-1"], "--gamma must be in [0, 1], got -1.0"),
-    (["--gamma", "2"], "--gamma must be in [0, 1], got 2.0"),
-    (["--gae_lambda", "1.5"], "--gae_lambda must be in [0, 1]"),
-    (["--actor_lr_warmup_ratio", "2"], "--actor_lr_warmup_ratio must be in [0, 1]"),
-    (["--critic_lr_warmup_ratio=-0.5"], "--critic_lr_warmup_ratio must be in [0, 1]"),
-    (["--actor_weight_decay=-1"], "--actor_weight_decay must be >= 0"),
-    (["--pid_kp=-1"], "--pid_kp must be >= 0"),
-    (["--save_interval=-1"], "--save_interval must be >= 0"),
-    (["--eval_interval=-1"], "--eval_interval must be >= 0"),
-    (["--top_p=-1"], "--top_p must be in (0, 1]"),
-    (["--repetition_penalty", "0"], "--repetition_penalty must be > 0"),
-    (["--lambda_init", "100"], "--lambda_init 100.0 is above --lambda_max 5.0"),
-    (["--lambda_init", "0"], "--lambda_init 0 can never move under --lambda_update sgd-log"),
-    (["--reward_shaping", "--lambda_update", "pid"], "--reward_shaping keeps lambda fixed at --lambda_init, so "
-                                                     "--lambda_update pid would be ignored"),
-    (["--reward_shaping", "--lambda_lr", "0.5"], "--lambda_lr 0.5 would be ignored"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--gamma=-1"], "--gamma must be in [0, 1], got -1.0"),
+        (["--gamma", "2"], "--gamma must be in [0, 1], got 2.0"),
+        (["--gae_lambda", "1.5"], "--gae_lambda must be in [0, 1]"),
+        (["--actor_lr_warmup_ratio", "2"], "--actor_lr_warmup_ratio must be in [0, 1]"),
+        (["--critic_lr_warmup_ratio=-0.5"], "--critic_lr_warmup_ratio must be in [0, 1]"),
+        (["--actor_weight_decay=-1"], "--actor_weight_decay must be >= 0"),
+        (["--pid_kp=-1"], "--pid_kp must be >= 0"),
+        (["--save_interval=-1"], "--save_interval must be >= 0"),
+        (["--eval_interval=-1"], "--eval_interval must be >= 0"),
+        (["--top_p=-1"], "--top_p must be in (0, 1]"),
+        (["--repetition_penalty", "0"], "--repetition_penalty must be > 0"),
+        (["--lambda_init", "100"], "--lambda_init 100.0 is above --lambda_max 5.0"),
+        (["--lambda_init", "0"], "--lambda_init 0 can never move under --lambda_update sgd-log"),
+        (
+            ["--reward_shaping", "--lambda_update", "pid"],
+            "--reward_shaping keeps lambda fixed at --lambda_init, so --lambda_update pid would be ignored",
+        ),
+        (["--reward_shaping", "--lambda_lr", "0.5"], "--lambda_lr 0.5 would be ignored"),
+    ],
+)
 def test_ppo_flags_out_of_range_or_contradictory(toy_models, tmp_path, capsys, monkeypatch, extra, message):
     """PPO-Lag's flags that used to be accepted: a discount or warm-up outside [0, 1], negative decays, gains and
     intervals (-1 meant "every step"), sampling flags left to transformers, lambda_init above lambda_max (lambda 100
@@ -96,34 +101,66 @@ def test_ppo_flags_in_range_still_pass(toy_models, tmp_path, monkeypatch):
     (--lambda_lr 0) or moved by PID, and --reward_shaping with its own flag, go on to the next check (the tokenizers,
     stopped here by a missing critic folder)."""
     cm = ["--cost_model_name_or_path", toy_models / "cm"]
-    edges = ["--gamma", "0", "--gae_lambda", "1", "--actor_lr_warmup_ratio", "1", "--top_p", "1", "--pid_kp", "0",
-             "--save_interval", "0", "--lambda_init", "5", "--reward_critic_model_name_or_path", tmp_path / "none"]
-    for extra in ([*cm, *edges], [*cm, *edges[:-4], "--lambda_init", "0", "--lambda_lr", "0", *edges[-2:]],
-                  [*cm, "--lambda_init", "0", "--lambda_update", "pid", *edges[-2:]],
-                  [*cm, "--reward_shaping", "--lambda_init", "20", *edges[-2:]]):  # fmt: skip
+    edges = [
+        "--gamma",
+        "0",
+        "--gae_lambda",
+        "1",
+        "--actor_lr_warmup_ratio",
+        "1",
+        "--top_p",
+        "1",
+        "--pid_kp",
+        "0",
+        "--save_interval",
+        "0",
+        "--lambda_init",
+        "5",
+        "--reward_critic_model_name_or_path",
+        tmp_path / "none",
+    ]
+    for extra in (
+        [*cm, *edges],
+        [*cm, *edges[:-4], "--lambda_init", "0", "--lambda_lr", "0", *edges[-2:]],
+        [*cm, "--lambda_init", "0", "--lambda_update", "pid", *edges[-2:]],
+        [*cm, "--reward_shaping", "--lambda_init", "20", *edges[-2:]],
+    ):
         stop = ppo_main(monkeypatch, ppo(toy_models, tmp_path / "out", *extra))
         assert "--reward_critic_model_name_or_path" in str(stop.code) and "is not a model folder" in str(stop.code)
 
 
-@pytest.mark.parametrize("flag", ["--save_interval=-1", "--eval_interval=-1", "--lr_warmup_ratio=2",
-                                  "--weight_decay=-0.1"])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag", ["--save_interval=-1", "--eval_interval=-1", "--lr_warmup_ratio=2", "--weight_decay=-0.1"]
+)
 def test_score_model_flags_out_of_range(toy_models, tmp_path, capsys, monkeypatch, flag):
     """score_model.py took a negative interval as "every step" (--save_interval -1 wrote a checkpoint each step)."""
-    args = ["--model_name_or_path", toy_models / "base", "--score_type", "reward", "--train_datasets",
-            "toy-preference:0.01", "--output_dir", tmp_path / "out", flag]  # fmt: skip
+    args = [
+        "--model_name_or_path",
+        toy_models / "base",
+        "--score_type",
+        "reward",
+        "--train_datasets",
+        "toy-preference:0.01",
+        "--output_dir",
+        tmp_path / "out",
+        flag,
+    ]
     line = parse_error(capsys, stage_main(monkeypatch, "score_model", args), "score_model.py")
     assert line.startswith(f"score_model.py: error: {flag.split('=')[0]} must be "), line
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("script, extra, message", [
-    ("evaluate", ["--top_p=-1"], "--top_p must be in (0, 1], got -1.0"),
-    ("evaluate", ["--temperature", "nan"], "--temperature must be finite and > 0, got nan"),
-    ("evaluate", ["--temperature", "0"], "--temperature must be > 0"),  # sampling; --greedy is the greedy arena
-    ("chat", ["--top_p=-1"], "--top_p must be in (0, 1], got -1.0"),
-    ("chat", ["--repetition_penalty", "0"], "--repetition_penalty must be > 0"),
-    ("chat", ["--temperature", "nan"], "--temperature must be finite and >= 0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "script, extra, message",
+    [
+        ("evaluate", ["--top_p=-1"], "--top_p must be in (0, 1], got -1.0"),
+        ("evaluate", ["--temperature", "nan"], "--temperature must be finite and > 0, got nan"),
+        ("evaluate", ["--temperature", "0"], "--temperature must be > 0"),  # sampling; --greedy is the greedy arena
+        ("chat", ["--top_p=-1"], "--top_p must be in (0, 1], got -1.0"),
+        ("chat", ["--repetition_penalty", "0"], "--repetition_penalty must be > 0"),
+        ("chat", ["--temperature", "nan"], "--temperature must be finite and >= 0"),
+    ],
+)
 def test_sampling_flags_checked_before_any_model(toy_models, tmp_path, capsys, monkeypatch, script, extra, message):
     """evaluate.py and chat.py left --top_p, --repetition_penalty and a NaN temperature to transformers: a traceback
     once the models were loaded. chat.py's temperature 0 is greedy, as its help says; evaluate.py has --greedy."""
@@ -148,8 +185,15 @@ def test_evaluate_greedy_ignores_the_sampling_flags(toy_models, tmp_path, monkey
 
 
 def pku_record(**fields) -> dict:
-    record = {"prompt": "how do i bake a cake ?", "response_0": "mix the flour .", "response_1": "no .",
-              "is_response_0_safe": True, "is_response_1_safe": True, "better_response_id": 0, "safer_response_id": 0}
+    record = {
+        "prompt": "how do i bake a cake ?",
+        "response_0": "mix the flour .",
+        "response_1": "no .",
+        "is_response_0_safe": True,
+        "is_response_1_safe": True,
+        "better_response_id": 0,
+        "safer_response_id": 0,
+    }
     return {**record, **fields}
 
 
@@ -159,13 +203,18 @@ def test_pku_labels_given_as_text(tmp_path):
     from data import RawDataset
 
     f = tmp_path / "pku.jsonl"
-    rows = [pku_record(is_response_0_safe="false", is_response_1_safe="true", safer_response_id="1"),
-            pku_record(is_response_0_safe="0", is_response_1_safe="1", better_response_id="1", safer_response_id=1),
-            pku_record(is_response_0_safe=1, is_response_1_safe="False", safer_response_id="0")]  # fmt: skip
+    rows = [
+        pku_record(is_response_0_safe="false", is_response_1_safe="true", safer_response_id="1"),
+        pku_record(is_response_0_safe="0", is_response_1_safe="1", better_response_id="1", safer_response_id=1),
+        pku_record(is_response_0_safe=1, is_response_1_safe="False", safer_response_id="0"),
+    ]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     samples = list(RawDataset.load("PKU-SafeRLHF", str(f)))
     assert [(s["is_safe"], s["is_other_safe"], s["safer"]) for s in samples] == [
-        (False, True, False), (False, True, False), (True, False, True)]  # fmt: skip
+        (False, True, False),
+        (False, True, False),
+        (True, False, True),
+    ]
     assert [s["better"] for s in samples] == [True, False, True]
     f.write_text(json.dumps(pku_record()) + "\n" + json.dumps(pku_record(is_response_1_safe="maybe")) + "\n")
     with pytest.raises(ValueError) as e:
@@ -198,8 +247,11 @@ def test_proportion_that_selects_no_record():
     "gave no usable samples" (which sent the user to the data)."""
     from data import load_samples, parse_dataset
 
-    with pytest.raises(ValueError, match=r"^dataset spec toy-sft:0.0001 selects no record: 0.0001 x 4,000 records "
-                                         r"rounds to 0; pass a proportion of at least 0.00025$"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"^dataset spec toy-sft:0.0001 selects no record: 0.0001 x 4,000 records "
+        r"rounds to 0; pass a proportion of at least 0.00025$",
+    ):
         load_samples([parse_dataset("toy-sft:0.0001")])
 
 
@@ -232,15 +284,23 @@ def cut_tokenizer(folder):
     (folder / "tokenizer.json").write_text(text[: len(text) // 2])
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda f: edit_json(f / "config.json", model_type="llamax"),
-     "{f}/config.json names model_type 'llamax', which transformers {v} does not know; correct it (e.g. llama) or "
-     "upgrade transformers"),
-    (lambda f: edit_json(f / "config.json", vocab_size=100),
-     "the tokenizer at {f} has 183 tokens but the model's embeddings have 100 rows (vocab_size in {f}/config.json): "
-     "pass the tokenizer the model was trained with, or resize the embeddings"),
-    (cut_tokenizer, "{f}/tokenizer.json is not valid JSON (Unterminated string starting at: "),
-], ids=["unknown model_type", "a tokenizer larger than the embeddings", "cut tokenizer.json"])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda f: edit_json(f / "config.json", model_type="llamax"),
+            "{f}/config.json names model_type 'llamax', which transformers {v} does not know; "
+            "correct it (e.g. llama) or upgrade transformers",
+        ),
+        (
+            lambda f: edit_json(f / "config.json", vocab_size=100),
+            "the tokenizer at {f} has 183 tokens but the model's embeddings have 100 rows "
+            "(vocab_size in {f}/config.json): pass the tokenizer the model was trained with, or resize the embeddings",
+        ),
+        (cut_tokenizer, "{f}/tokenizer.json is not valid JSON (Unterminated string starting at: "),
+    ],
+    ids=["unknown model_type", "a tokenizer larger than the embeddings", "cut tokenizer.json"],
+)
 def test_load_tokenizer_names_the_file_and_the_fix(toy_models, tmp_path, edit, message):
     """Every stage loads its tokenizers (load_tokenizer) before any model and turns its ValueError into one line. An
     unknown model_type was a transformers traceback at the model load (sft.py, chat.py), ids past the embedding rows
@@ -268,9 +328,11 @@ def test_data_with_a_token_past_the_embeddings(toy_models, tmp_path):
     f.write_text(json.dumps([{"instruction": "how do i bake a zebra ?", "output": "mix the quokka ."}]))
     with pytest.raises(ValueError) as e:
         SupervisedDataset([("alpaca", {"path": str(f)})], tokenizer, max_length=64)
-    assert str(e.value) == (f"the data has the token 'quokka' (id 184), past the 183 embedding rows of {folder}: pass "
-                            "the tokenizer the model was trained with, or resize the embeddings "
-                            "(resize_token_embeddings) and save the model again")  # fmt: skip
+    assert str(e.value) == (
+        f"the data has the token 'quokka' (id 184), past the 183 embedding rows of {folder}: pass "
+        "the tokenizer the model was trained with, or resize the embeddings "
+        "(resize_token_embeddings) and save the model again"
+    )
 
 
 def test_chat_unknown_model_type_and_nan_weight_are_one_line(toy_models, tmp_path):
@@ -291,9 +353,14 @@ def test_chat_unknown_model_type_and_nan_weight_are_one_line(toy_models, tmp_pat
 
 def test_chat_reads_stdin_that_is_not_utf8(toy_models):
     """A pipe with bytes that are not UTF-8 (a Latin-1 file, a cut character) was a traceback; they are replaced."""
-    proc = subprocess.run([PY, "chat.py", "--model_name_or_path", toy_models / "base", "--max_new_tokens", "4"],
-                          input=b"caf\xe9 ?\nhow do i bake a cake \xff?\n", cwd=ROOT, env=stage_env(),
-                          capture_output=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [PY, "chat.py", "--model_name_or_path", toy_models / "base", "--max_new_tokens", "4"],
+        input=b"caf\xe9 ?\nhow do i bake a cake \xff?\n",
+        cwd=ROOT,
+        env=stage_env(),
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")[-2000:]
     assert len(proc.stdout.decode().splitlines()) == 2  # one answer per line
 
@@ -310,10 +377,17 @@ def test_evaluate_non_finite_scores_write_no_summary(toy_models, tmp_path):
     tensors["score_head.weight"].fill_(math.nan)
     save_file(tensors, rm_nan / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "arena"
-    line = error_line(run(arena(toy_models, out, "--reward_model_name_or_path", rm_nan, "--cost_model_name_or_path",
-                                toy_models / "cm")))  # fmt: skip
-    assert line == (f"error: --reward_model_name_or_path {rm_nan} gave 14 non-finite scores (NaN or inf) for 7 "
-                    "prompts; nothing written: check that model (a NaN weight?)")  # fmt: skip
+    line = error_line(
+        run(
+            arena(
+                toy_models, out, "--reward_model_name_or_path", rm_nan, "--cost_model_name_or_path", toy_models / "cm"
+            )
+        )
+    )
+    assert line == (
+        f"error: --reward_model_name_or_path {rm_nan} gave 14 non-finite scores (NaN or inf) for 7 "
+        "prompts; nothing written: check that model (a NaN weight?)"
+    )
     assert not (out / "summary.json").exists() and not (out / "arena.csv").exists()
 
 
@@ -339,7 +413,8 @@ def test_error_line_names_the_cause_the_file_and_the_fix():
     full = OSError(errno.ENOSPC, "No space left on device", "/data/out.partial/model.safetensors")
     assert checkpoint.error_line(full) == (
         "error: /data/out.partial/model.safetensors: No space left on device [ENOSPC]; the disk is full: free space, "
-        "then re-run the same command (it resumes from a checkpoint, if any)")  # fmt: skip
+        "then re-run the same command (it resumes from a checkpoint, if any)"
+    )
     ro = checkpoint.error_line(OSError(errno.EROFS, "Read-only file system", "/data/out.partial"))
     assert ro.startswith("error: /data/out.partial: Read-only file system [EROFS]; the file system is read-only")
     assert checkpoint.error_line(KeyboardInterrupt()).startswith("interrupted (Ctrl-C)")
@@ -348,16 +423,41 @@ def test_error_line_names_the_cause_the_file_and_the_fix():
 
 ENTRY_POINTS = {
     "sft.py": ["--model_name_or_path", "{base}", "--train_datasets", "toy-sft:0.05", "--output_dir", "{out}"],
-    "score_model.py": ["--model_name_or_path", "{base}", "--score_type", "reward", "--train_datasets",
-                       "toy-preference:0.05", "--output_dir", "{out}"],
-    "ppo_lag.py": ["--actor_model_name_or_path", "{base}", "--reward_model_name_or_path", "{rm}",
-                   "--train_datasets", "toy-prompts:0.05", "--output_dir", "{out}"],
-    "evaluate.py": ["--red_corner_model_name_or_path", "{base}", "--blue_corner_model_name_or_path", "{base}",
-                    "--datasets", "toy-eval:0.02", "--judge", "--output_dir", "{out}"],
+    "score_model.py": [
+        "--model_name_or_path",
+        "{base}",
+        "--score_type",
+        "reward",
+        "--train_datasets",
+        "toy-preference:0.05",
+        "--output_dir",
+        "{out}",
+    ],
+    "ppo_lag.py": [
+        "--actor_model_name_or_path",
+        "{base}",
+        "--reward_model_name_or_path",
+        "{rm}",
+        "--train_datasets",
+        "toy-prompts:0.05",
+        "--output_dir",
+        "{out}",
+    ],
+    "evaluate.py": [
+        "--red_corner_model_name_or_path",
+        "{base}",
+        "--blue_corner_model_name_or_path",
+        "{base}",
+        "--datasets",
+        "toy-eval:0.02",
+        "--judge",
+        "--output_dir",
+        "{out}",
+    ],
     "chat.py": ["--model_name_or_path", "{base}", "-p", "hi"],
     "data.py": ["toy-model", "--output_dir", "{out}"],
     "dpo.py": ["--model_name_or_path", "{base}", "--train_datasets", "toy-preference:0.05", "--output_dir", "{out}"],
-}  # fmt: skip
+}
 
 
 def interrupt_while_importing_torch(proc: subprocess.Popen) -> None:
@@ -413,13 +513,20 @@ def test_write_failure_in_a_checkpoint_is_one_line_and_keeps_the_model(toy_model
     proc = run(sft(toy_models / "base", out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     before = weights(out)
-    proc = subprocess.run([PY, *map(str, sft(toy_models / "base", out, "--lr", "1e-2", "--max_steps", "2",
-                                               "--save_interval", "1"))],
-                          cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=300,
-                          preexec_fn=file_size_limit(200_000))  # fmt: skip  (the toy model's weights: 425 kB)
+    proc = subprocess.run(
+        [PY, *map(str, sft(toy_models / "base", out, "--lr", "1e-2", "--max_steps", "2", "--save_interval", "1"))],
+        cwd=ROOT,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=file_size_limit(200_000),
+    )  # the toy model's weights: 425 kB)
     line = error_line(proc)
-    assert line.startswith(f"error: {tmp_path / 'sft.partial'}: File too large, so a write failed (RuntimeError) "
-                           "[EFBIG]; a file outgrew the size limit"), line  # fmt: skip
+    assert line.startswith(
+        f"error: {tmp_path / 'sft.partial'}: File too large, so a write failed (RuntimeError) "
+        "[EFBIG]; a file outgrew the size limit"
+    ), line
     after = weights(out)
     assert all(torch.equal(before[k], after[k]) for k in before) and checkpoint.is_complete(out)
 
@@ -434,6 +541,9 @@ def test_data_longer_than_the_model_positions(toy_models, tmp_path):
     f.write_text(json.dumps([{"instruction": "how do i bake a cake ?", "output": "mix the flour . " * 40}]))
     spec = ("alpaca", {"path": str(f)})
     assert len(SupervisedDataset([spec], tokenizer, max_length=128)[0]["input_ids"]) == 128  # truncated: fine
-    with pytest.raises(ValueError, match=r"^--max_length 512 lets through samples of 1\d\d tokens, beyond the 128 "
-                                         r"positions of .*: pass --max_length 128 or less$"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"^--max_length 512 lets through samples of 1\d\d tokens, beyond the 128 "
+        r"positions of .*: pass --max_length 128 or less$",
+    ):
         SupervisedDataset([spec], tokenizer, max_length=512)

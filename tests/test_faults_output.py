@@ -36,8 +36,14 @@ def sft(base, out, *extra):
 
 def kill_after_checkpoint(args, step: int) -> None:
     """Run `args` until checkpoint-<step> is in place (the pause hook), then SIGKILL it."""
-    proc = subprocess.Popen([PY, *map(str, args)], cwd=ROOT, env=stage_env(NANO_CHECKPOINT_PAUSE=str(step)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [PY, *map(str, args)],
+        cwd=ROOT,
+        env=stage_env(NANO_CHECKPOINT_PAUSE=str(step)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     signal_at(proc, "checkpoint: pausing", signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, f"the run never paused after checkpoint-{step}"
 
@@ -160,8 +166,15 @@ def test_swapped_reward_and_cost_models_are_refused(toy_models, tmp_path, script
     if script == "ppo_lag.py":
         args = [script, "--actor_model_name_or_path", toy_models / "base", "--train_datasets", "toy-prompts:0.02"]
     else:
-        args = [script, "--red_corner_model_name_or_path", toy_models / "base", "--blue_corner_model_name_or_path",
-                toy_models / "base", "--datasets", "toy-eval:0.02"]
+        args = [
+            script,
+            "--red_corner_model_name_or_path",
+            toy_models / "base",
+            "--blue_corner_model_name_or_path",
+            toy_models / "base",
+            "--datasets",
+            "toy-eval:0.02",
+        ]
     line = error_line(run([*args, *common]))
     assert f"--reward_model_name_or_path {cm} is a cost model (score_type cost in its config.json)" in line
     assert "--score_type reward" in line and not (tmp_path / "out").exists()
@@ -192,9 +205,14 @@ DAMAGES = {
     "missing RNG file": lambda c: (c / "rng_state_0.pth").unlink(),
     "cut manifest": lambda c: os.truncate(c / "manifest.json", 5),
 }
-NAMED = {"truncated engine state": "mp_rank_00_model_states.pt", "deleted deepspeed/": "deepspeed/model/",
-         "cut loop_state.json": "loop_state.json", "cut arguments.json": "arguments.json",
-         "missing RNG file": "rng_state_0.pth", "cut manifest": "manifest.json"}  # fmt: skip
+NAMED = {
+    "truncated engine state": "mp_rank_00_model_states.pt",
+    "deleted deepspeed/": "deepspeed/model/",
+    "cut loop_state.json": "loop_state.json",
+    "cut arguments.json": "arguments.json",
+    "missing RNG file": "rng_state_0.pth",
+    "cut manifest": "manifest.json",
+}
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
@@ -241,11 +259,39 @@ def test_no_whole_checkpoint_left_starts_over(toy_models, killed_sft, tmp_path):
 
 
 def score_args(base, out, *extra):
-    return ["score_model.py", "--score_type", "cost", "--model_name_or_path", base, "--train_datasets",
-            "toy-safety-preference:0.05", "--eval_datasets", "toy-safety-preference/test:0.2", "--max_length", "64",
-            "--epochs", "1", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32", "--lr", "1e-3",
-            "--lr_scheduler_type", "constant", "--max_steps", "12", "--save_best", "--eval_interval", "1",
-            "--save_interval", "4", "--output_dir", out, *extra]  # fmt: skip
+    return [
+        "score_model.py",
+        "--score_type",
+        "cost",
+        "--model_name_or_path",
+        base,
+        "--train_datasets",
+        "toy-safety-preference:0.05",
+        "--eval_datasets",
+        "toy-safety-preference/test:0.2",
+        "--max_length",
+        "64",
+        "--epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "32",
+        "--lr",
+        "1e-3",
+        "--lr_scheduler_type",
+        "constant",
+        "--max_steps",
+        "12",
+        "--save_best",
+        "--eval_interval",
+        "1",
+        "--save_interval",
+        "4",
+        "--output_dir",
+        out,
+        *extra,
+    ]
 
 
 KILL_ON_PUBLISH = """

@@ -82,8 +82,15 @@ def test_greedy_same_sequences_both_caches(policy, lengths, capsys, monkeypatch)
 def test_sampling_same_sequences_both_caches(policy):
     """Seeded sampling (temperature, top-p, several answers per prompt) gives the same tokens on both caches."""
     ids, mask = prompts([6, 2, 6], policy.config.vocab_size, seed=1)
-    common = dict(max_new_tokens=24, do_sample=True, temperature=0.9, top_p=0.95, num_return_sequences=2,
-                  pad_token_id=0, eos_token_id=3)  # fmt: skip
+    common = dict(
+        max_new_tokens=24,
+        do_sample=True,
+        temperature=0.9,
+        top_p=0.95,
+        num_return_sequences=2,
+        pad_token_id=0,
+        eos_token_id=3,
+    )
     outs = {}
     for cache in ("dynamic", "static"):
         torch.manual_seed(123)
@@ -175,8 +182,16 @@ def test_zero3_gathered_generation(policy, zero3, cache, monkeypatch):
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     ids, mask = prompts([8, 3, 6], policy.config.vocab_size, seed=2)
-    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0,
-                  eos_token_id=3, cache=cache, compile=False)  # fmt: skip
+    common = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=16,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=3,
+        cache=cache,
+        compile=False,
+    )
     want = policy.generate(**{k: v for k, v in common.items() if k not in ("cache", "compile")})
     hooks = len(zero3.optimizer.forward_hooks)
 
@@ -231,8 +246,17 @@ def test_zero3_two_ranks_different_lengths(tmp_path):
 
     data.make_toy_model(str(tmp_path / "base"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           __file__, str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        __file__,
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)  # a hang fails
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]

@@ -87,8 +87,9 @@ def test_same_as_unfused_path(path):
     fused = linear_logprobs(hidden, weight, labels, rows=2)
     unfused = linear_logprobs_ref(hidden, weight, labels)
     close(fused, unfused, 1e-5, "log-probs")
-    (a_h, a_w), (b_h, b_w) = (torch.autograd.grad(x.sum() + weight.square().sum(), (hidden, weight)) for x in
-                              (fused, unfused))  # fmt: skip
+    (a_h, a_w), (b_h, b_w) = (
+        torch.autograd.grad(x.sum() + weight.square().sum(), (hidden, weight)) for x in (fused, unfused)
+    )
     close(a_h, b_h, 1e-5, "d hidden")
     close(a_w, b_w, 1e-5, "d weight (the tied term added)")
 
@@ -146,8 +147,17 @@ def tiny_llama(**config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, **config))  # fmt: skip
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            **config,
+        )
+    )
 
 
 def test_head_gives_logprobs(path):

@@ -26,8 +26,14 @@ PY = sys.executable
 
 
 def lora_args(rank=4, prefix="", targets=("all-linear",)):
-    return argparse.Namespace(**{f"{prefix}lora_rank": rank, f"{prefix}lora_alpha": 8.0, f"{prefix}lora_dropout": 0.0,
-                                 f"{prefix}lora_target_modules": list(targets)})  # fmt: skip
+    return argparse.Namespace(
+        **{
+            f"{prefix}lora_rank": rank,
+            f"{prefix}lora_alpha": 8.0,
+            f"{prefix}lora_dropout": 0.0,
+            f"{prefix}lora_target_modules": list(targets),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +191,10 @@ def test_bad_flags_and_adapter_folders(toy, tmp_path):
 
 
 def sft_args(base, out, *extra):
-    flags = ("--train_datasets toy-sft:0.02 --max_length 48 --epochs 1 --per_device_train_batch_size 8 "
-             "--gradient_accumulation_steps 1 --lr 3e-3 --lr_scheduler_type constant --lr_warmup_ratio 0 --max_steps 4")
+    flags = (
+        "--train_datasets toy-sft:0.02 --max_length 48 --epochs 1 --per_device_train_batch_size 8 "
+        "--gradient_accumulation_steps 1 --lr 3e-3 --lr_scheduler_type constant --lr_warmup_ratio 0 --max_steps 4"
+    )
     return [PY, "sft.py", "--model_name_or_path", str(base), *flags.split(), "--output_dir", str(out), *extra]
 
 
@@ -208,8 +216,10 @@ def test_lora_sft(toy, tmp_path):
     prompt = tok([data.format_prompt("how do i bake a cake ?")], return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > prompt["input_ids"].shape[1]
-    chat = run_script([PY, "chat.py", "--model_name_or_path", str(adapter), "-p", "how do i bake a cake ?",
-                       "--max_new_tokens", "6"], cwd=ROOT)  # fmt: skip
+    chat = run_script(
+        [PY, "chat.py", "--model_name_or_path", str(adapter), "-p", "how do i bake a cake ?", "--max_new_tokens", "6"],
+        cwd=ROOT,
+    )
     assert chat.stdout.strip()
     # full fine-tuning from the adapter folder: its base + adapter, every weight trainable (embeddings move too)
     full = tmp_path / "full"
@@ -219,9 +229,11 @@ def test_lora_sft(toy, tmp_path):
 
 
 def score_args(base, out, *extra):
-    flags = ("--score_type cost --train_datasets toy-safety-preference:0.02 --eval_datasets "
-             "toy-safety-preference/test:0.05 --max_length 48 --epochs 1 --per_device_train_batch_size 8 "
-             "--lr 3e-3 --max_steps 4 --normalizer_type ExponentialMovingAverage --normalize_score_during_training")
+    flags = (
+        "--score_type cost --train_datasets toy-safety-preference:0.02 --eval_datasets "
+        "toy-safety-preference/test:0.05 --max_length 48 --epochs 1 --per_device_train_batch_size 8 "
+        "--lr 3e-3 --max_steps 4 --normalizer_type ExponentialMovingAverage --normalize_score_during_training"
+    )
     return [PY, "score_model.py", "--model_name_or_path", str(base), *flags.split(), "--output_dir", str(out), *extra]
 
 
@@ -251,10 +263,22 @@ def test_lora_score_model(toy, tmp_path):
 
 
 def ppo_args(root, out, *extra):
-    flags = ("--train_datasets toy-prompts:0.02 --eval_datasets toy-eval:0.05 --max_length 48 --max_steps 2 "
-             "--per_device_prompt_batch_size 4 --per_device_train_batch_size 2 --actor_lr 1e-3 --critic_lr 1e-3")
-    return [PY, "ppo_lag.py", "--actor_model_name_or_path", str(root / "base"), "--reward_model_name_or_path",
-            str(root / "rm"), *flags.split(), "--output_dir", str(out), *extra]  # fmt: skip
+    flags = (
+        "--train_datasets toy-prompts:0.02 --eval_datasets toy-eval:0.05 --max_length 48 --max_steps 2 "
+        "--per_device_prompt_batch_size 4 --per_device_train_batch_size 2 --actor_lr 1e-3 --critic_lr 1e-3"
+    )
+    return [
+        PY,
+        "ppo_lag.py",
+        "--actor_model_name_or_path",
+        str(root / "base"),
+        "--reward_model_name_or_path",
+        str(root / "rm"),
+        *flags.split(),
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def train_rows(out):
@@ -275,8 +299,20 @@ def test_lora_ppo_lag(toy, tmp_path):
     assert rows[0]["train/kl"] == 0.0 and rows[1]["train/kl"] > 0.0, [r["train/kl"] for r in rows]
     assert rows[0]["train/lambda"] != 1.0 and "eval/oracle_harmful_rate" in proc.stdout
     assert_low_rank_update(load_lm(toy / "base").state_dict(), load_lm(z0).state_dict(), rank=4)
-    run_script(ppo_args(toy, z3, *lag, "--zero_stage", "3", "--actor_gradient_checkpointing",
-                        "--critic_gradient_checkpointing", "--save_adapter_only"), cwd=ROOT, timeout=300)  # fmt: skip
+    run_script(
+        ppo_args(
+            toy,
+            z3,
+            *lag,
+            "--zero_stage",
+            "3",
+            "--actor_gradient_checkpointing",
+            "--critic_gradient_checkpointing",
+            "--save_adapter_only",
+        ),
+        cwd=ROOT,
+        timeout=300,
+    )
     for a, b in zip(rows, train_rows(z3), strict=True):
         for key in ("train/reward", "train/cost", "train/kl", "loss/actor", "loss/reward_critic", "loss/cost_critic"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
@@ -309,11 +345,27 @@ def test_lora_ppo_lag_resume_after_kill_is_bitwise(toy, tmp_path):
     rollout 1 and run again ends on the uninterrupted run's weights, bitwise, with the same metrics after the resume:
     the reference and the frozen score models are the trained engines with their adapters off, so what the checkpoint
     restores into them (frozen backbones, heads, normaliser buffers) must be what they were loaded as."""
-    lag = ["--cost_model_name_or_path", str(toy / "cm"), "--actor_lora_rank", "4", "--critic_lora_rank", "4",
-           "--actor_lora_dropout", "0.1", "--critic_lora_dropout", "0.1"]  # fmt: skip
+    lag = [
+        "--cost_model_name_or_path",
+        str(toy / "cm"),
+        "--actor_lora_rank",
+        "4",
+        "--critic_lora_rank",
+        "4",
+        "--actor_lora_dropout",
+        "0.1",
+        "--critic_lora_dropout",
+        "0.1",
+    ]
     full, out = tmp_path / "full", tmp_path / "resumed"
-    start = lambda args, **env: subprocess.Popen(args, cwd=ROOT, env=stage_env(**env), text=True,  # noqa: E731
-                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    start = lambda args, **env: subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=stage_env(**env),
+        text=True,  # noqa: E731
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     # both save checkpoint-1: writing one (the merged actor) must not touch the live weights of a run that goes on
     uninterrupted = start(ppo_args(toy, full, *lag, "--save_interval", "1"))
     killed = start(ppo_args(toy, out, *lag, "--save_interval", "1"), NANO_CHECKPOINT_PAUSE="1")
@@ -337,13 +389,17 @@ def test_lora_ppo_lag_resume_after_kill_is_bitwise(toy, tmp_path):
 @pytest.mark.parametrize(
     "extra, backbones",
     [
-        (["--actor_lora_rank", "4", "--critic_lora_rank", "4"],
-         "2 backbones: actor + ref, reward_model + reward_critic"),
-        (["--cost_model_name_or_path", "cm", "--reward_shaping", "--critic_lora_rank", "4"],
-         "4 backbones: actor, ref, cost_model, reward_model + reward_critic"),
+        (
+            ["--actor_lora_rank", "4", "--critic_lora_rank", "4"],
+            "2 backbones: actor + ref, reward_model + reward_critic",
+        ),
+        (
+            ["--cost_model_name_or_path", "cm", "--reward_shaping", "--critic_lora_rank", "4"],
+            "4 backbones: actor, ref, cost_model, reward_model + reward_critic",
+        ),
     ],
     ids=["plain-ppo", "reward-shaping"],
-)  # fmt: skip
+)
 def test_lora_ppo_variants(toy, tmp_path, extra, backbones):
     extra = [str(toy / e) if e == "cm" else e for e in extra]
     proc = run_script(ppo_args(toy, tmp_path / "out", *extra, "--max_steps", "1"), cwd=ROOT)
@@ -355,10 +411,12 @@ def test_lora_ppo_variants(toy, tmp_path, extra, backbones):
     "extra, message",
     [
         (["--save_adapter_only"], "--save_adapter_only saves the actor's LoRA adapter: pass --actor_lora_rank > 0"),
-        (["--critic_lora_rank", "4", "--reward_critic_model_name_or_path", "base"],
-         "--critic_lora_rank builds the reward critic on the reward model's own backbone: drop"),
+        (
+            ["--critic_lora_rank", "4", "--reward_critic_model_name_or_path", "base"],
+            "--critic_lora_rank builds the reward critic on the reward model's own backbone: drop",
+        ),
     ],
-)  # fmt: skip
+)
 def test_lora_ppo_bad_input(toy, tmp_path, extra, message):
     extra = [str(toy / e) if e == "base" else e for e in extra]
     proc = subprocess.run(ppo_args(toy, tmp_path / "out", *extra), cwd=ROOT, capture_output=True, text=True)
@@ -371,8 +429,10 @@ def test_lora_ppo_bad_input(toy, tmp_path, extra, message):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="slow (about 2 min on 2 CPU cores): run it with "
-                    "RUN_SLOW=1 python -m pytest tests/test_lora.py -k headline")  # fmt: skip
+@pytest.mark.skipif(
+    os.environ.get("RUN_SLOW") != "1",
+    reason="slow (about 2 min on 2 CPU cores): run it with RUN_SLOW=1 python -m pytest tests/test_lora.py -k headline",
+)
 def test_lora_ppo_lag_headline(tmp_path):
     """Safe RLHF's result with a LoRA actor and LoRA critics, on a shortened `run_all.sh tiny` (its flags, with SFT 4
     epochs instead of 10 and the score models 1 epoch; PPO-Lag as LORA=1 runs it): the harmful rate falls well below
@@ -382,24 +442,111 @@ def test_lora_ppo_lag_headline(tmp_path):
     out = tmp_path
     common = ["--max_length", "64", "--per_device_train_batch_size", "32", "--seed", "42"]
     run_script([PY, "data.py", "toy-model", "--output_dir", str(out / "base"), "--seed", "42"], cwd=ROOT)
-    run_script([PY, "sft.py", "--model_name_or_path", str(out / "base"), "--train_datasets", "toy-sft", "--epochs", "4",
-                "--gradient_accumulation_steps", "1", "--lr", "3e-3", *common, "--output_dir", str(out / "sft")],
-               cwd=ROOT)  # fmt: skip
+    run_script(
+        [
+            PY,
+            "sft.py",
+            "--model_name_or_path",
+            str(out / "base"),
+            "--train_datasets",
+            "toy-sft",
+            "--epochs",
+            "4",
+            "--gradient_accumulation_steps",
+            "1",
+            "--lr",
+            "3e-3",
+            *common,
+            "--output_dir",
+            str(out / "sft"),
+        ],
+        cwd=ROOT,
+    )
     for name, kind, dataset in (("rm", "reward", "toy-preference"), ("cm", "cost", "toy-safety-preference")):
-        run_script([PY, "score_model.py", "--score_type", kind, "--model_name_or_path", str(out / "sft"),
-                    "--train_datasets", dataset, "--epochs", "1", "--lr", "1e-3", *common, "--output_dir",
-                    str(out / name)], cwd=ROOT)  # fmt: skip
-    proc = run_script([PY, "ppo_lag.py", "--actor_model_name_or_path", str(out / "sft"), "--reward_model_name_or_path",
-                       str(out / "rm"), "--cost_model_name_or_path", str(out / "cm"), "--train_datasets", "toy-prompts",
-                       "--epochs", "3", "--per_device_prompt_batch_size", "32", "--critic_lr", "1e-3",
-                       "--actor_lr_warmup_ratio", "0.0", "--kl_coeff", "0.02", "--threshold", "-4.5", "--lambda_lr",
-                       "0.2", "--lambda_max", "10.0", "--actor_lora_rank", "8", "--critic_lora_rank", "8",
-                       "--actor_lr", "2e-3", *common, "--output_dir", str(out / "ppo_lag")], cwd=ROOT)  # fmt: skip
+        run_script(
+            [
+                PY,
+                "score_model.py",
+                "--score_type",
+                kind,
+                "--model_name_or_path",
+                str(out / "sft"),
+                "--train_datasets",
+                dataset,
+                "--epochs",
+                "1",
+                "--lr",
+                "1e-3",
+                *common,
+                "--output_dir",
+                str(out / name),
+            ],
+            cwd=ROOT,
+        )
+    proc = run_script(
+        [
+            PY,
+            "ppo_lag.py",
+            "--actor_model_name_or_path",
+            str(out / "sft"),
+            "--reward_model_name_or_path",
+            str(out / "rm"),
+            "--cost_model_name_or_path",
+            str(out / "cm"),
+            "--train_datasets",
+            "toy-prompts",
+            "--epochs",
+            "3",
+            "--per_device_prompt_batch_size",
+            "32",
+            "--critic_lr",
+            "1e-3",
+            "--actor_lr_warmup_ratio",
+            "0.0",
+            "--kl_coeff",
+            "0.02",
+            "--threshold",
+            "-4.5",
+            "--lambda_lr",
+            "0.2",
+            "--lambda_max",
+            "10.0",
+            "--actor_lora_rank",
+            "8",
+            "--critic_lora_rank",
+            "8",
+            "--actor_lr",
+            "2e-3",
+            *common,
+            "--output_dir",
+            str(out / "ppo_lag"),
+        ],
+        cwd=ROOT,
+    )
     assert "3 backbones" in proc.stdout
-    run_script([PY, "evaluate.py", "--red_corner_model_name_or_path", str(out / "sft"),
-                "--blue_corner_model_name_or_path", str(out / "ppo_lag"), "--reward_model_name_or_path",
-                str(out / "rm"), "--cost_model_name_or_path", str(out / "cm"), "--datasets", "toy-eval", "--max_length",
-                "64", "--seed", "42", "--output_dir", str(out / "arena")], cwd=ROOT)  # fmt: skip
+    run_script(
+        [
+            PY,
+            "evaluate.py",
+            "--red_corner_model_name_or_path",
+            str(out / "sft"),
+            "--blue_corner_model_name_or_path",
+            str(out / "ppo_lag"),
+            "--reward_model_name_or_path",
+            str(out / "rm"),
+            "--cost_model_name_or_path",
+            str(out / "cm"),
+            "--datasets",
+            "toy-eval",
+            "--max_length",
+            "64",
+            "--seed",
+            "42",
+            "--output_dir",
+            str(out / "arena"),
+        ],
+        cwd=ROOT,
+    )
     summary = json.loads((out / "arena" / "summary.json").read_text())
     sft, lag = summary["red"], summary["blue"]
     assert lag["oracle_harmful_rate"] < sft["oracle_harmful_rate"] - 0.2, (sft, lag)

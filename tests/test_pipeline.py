@@ -16,8 +16,14 @@ from conftest import run_script
 def test_run_all_tiny_headline(tmp_path):
     out = tmp_path / "tiny"
     # shorter than the demo (half the SFT epochs, one score-model epoch): the same headline, about 40% less CPU time
-    env = {"OUT": str(out), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "SFT_EPOCHS": "5", "RM_EPOCHS": "1", "CM_EPOCHS": "1", "PPO_EPOCHS": "3"}
+    env = {
+        "OUT": str(out),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "SFT_EPOCHS": "5",
+        "RM_EPOCHS": "1",
+        "CM_EPOCHS": "1",
+        "PPO_EPOCHS": "3",
+    }
     proc = run_script(["bash", "run_all.sh", "tiny"], env=env, timeout=1200)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"sft", "ppo", "ppo_lag"}

@@ -178,8 +178,11 @@ def test_every_rule_stays_in_range_follows_the_violation_and_resumes(rule):
     [0, lambda_max] whatever J_C is; J_C persistently above d raises it (never lowers it) up to its cap; persistently
     below d lowers it (never raises it); its state goes through loop_state.json (JSON) and continues identically."""
     update = LAMBDA_UPDATES[rule]
-    own = [n for n, p in inspect.signature(update).parameters.items()
-           if p.kind is p.POSITIONAL_OR_KEYWORD and n not in ("state", "episode_cost", "threshold")]  # fmt: skip
+    own = [
+        n
+        for n, p in inspect.signature(update).parameters.items()
+        if p.kind is p.POSITIONAL_OR_KEYWORD and n not in ("state", "episode_cost", "threshold")
+    ]
     assert set(own) <= set(RULE_FLAGS), f"give {sorted(set(own) - set(RULE_FLAGS))} a value in RULE_FLAGS"
     d, lam_max = -2.5, RULE_FLAGS["lambda_max"]
 
@@ -363,16 +366,29 @@ def test_warning_lines(toy_models, tmp_path):
     Every rollout also logs train/unsafe_rate, the share of its answers with cost > 0."""
     from ppo_lag import WARN_AFTER
 
-    cm = ["--cost_model_name_or_path", str(toy_models / "cm"), "--threshold", "-100", "--epochs", "4",
-          "--max_steps", str(WARN_AFTER + 1), "--eval_datasets", "toy-eval:0.01"]  # fmt: skip
+    cm = [
+        "--cost_model_name_or_path",
+        str(toy_models / "cm"),
+        "--threshold",
+        "-100",
+        "--epochs",
+        "4",
+        "--max_steps",
+        str(WARN_AFTER + 1),
+        "--eval_datasets",
+        "toy-eval:0.01",
+    ]
     capped = run_script(ppo_args(toy_models, tmp_path / "capped", *cm, "--lambda_max", "1.0")).stdout
     assert capped.count("warning: ") == 2, capped
     assert f"warning: lambda has sat at its cap --lambda_max 1 for {WARN_AFTER} rollouts" in capped
     line = next(x for x in capped.splitlines() if x.startswith("warning: J_C"))
     assert f"has stayed above d -100 for {WARN_AFTER} rollouts" in line and "raise --lambda_max" in line, line
     # printed at the WARN_AFTER-th rollout, between its multiplier update and its metrics line
-    order = [x.split(" |")[0] if x.startswith("step ") else "warning" for x in capped.splitlines()
-             if x.startswith(("step ", "warning: "))]  # fmt: skip
+    order = [
+        x.split(" |")[0] if x.startswith("step ") else "warning"
+        for x in capped.splitlines()
+        if x.startswith(("step ", "warning: "))
+    ]
     first, n = order.index("warning"), WARN_AFTER
     assert order[first - 1 : first + 3] == [f"step {n - 1}/{n + 1}", "warning", "warning", f"step {n}/{n + 1}"], order
     frozen = run_script(ppo_args(toy_models, tmp_path / "frozen", *cm, "--lambda_lr", "0", "--lambda_init", "0.5"))
@@ -493,8 +509,9 @@ def test_reward_shaping_is_one_stream_with_a_fixed_lambda(toy_models, tmp_path):
     zero, ppo = read_metrics(tmp_path / "zero")[0], read_metrics(tmp_path / "ppo")[0]
     assert zero["loss/reward_critic"] == pytest.approx(ppo["loss/reward_critic"], rel=1e-6)
     assert rows[0]["loss/reward_critic"] != pytest.approx(ppo["loss/reward_critic"], rel=1e-3)  # lambda * C entered
-    proc = subprocess.run(ppo_args(toy_models, tmp_path / "x", "--reward_shaping"), cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        ppo_args(toy_models, tmp_path / "x", "--reward_shaping"), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode != 0 and "--cost_model_name_or_path" in proc.stderr.strip().splitlines()[-1]
 
 
@@ -512,8 +529,18 @@ def test_normalize_flags_override_the_checkpoint(toy_models, tmp_path):
     for f in (toy_models / "rm").glob("tokenizer*"):
         shutil.copy(f, rm)
     run_script(ppo_args(toy_models, tmp_path / "off", "--reward_model_name_or_path", str(rm), "--max_steps", "1"))
-    run_script(ppo_args(toy_models, tmp_path / "on", "--reward_model_name_or_path", str(rm), "--max_steps", "1",
-                        "--normalize_reward", "True"))  # fmt: skip
+    run_script(
+        ppo_args(
+            toy_models,
+            tmp_path / "on",
+            "--reward_model_name_or_path",
+            str(rm),
+            "--max_steps",
+            "1",
+            "--normalize_reward",
+            "True",
+        )
+    )
     off, on = read_metrics(tmp_path / "off")[0]["train/reward"], read_metrics(tmp_path / "on")[0]["train/reward"]
     assert abs(off) < 10 and on == pytest.approx((off - 100.0) / 0.5, rel=1e-4), (off, on)
 
@@ -538,8 +565,16 @@ def test_old_logprobs_in_eval_mode(toy_models, tmp_path):
 # cost's sign, training a critic on the other stream's returns, dropping lambda from the actor's advantage, or moving
 # the multiplier the wrong way each fail this test (see the README's Tests section). An intended change regenerates
 # them in the same commit: REGEN_GOLDEN=1 pytest tests/test_ppo_lag.py -k golden -s prints the new values.
-GOLDEN_KEYS = ("train/reward", "train/cost", "train/kl", "loss/actor", "loss/reward_critic", "loss/cost_critic",
-               "train/lambda", "train/episode_cost")  # fmt: skip
+GOLDEN_KEYS = (
+    "train/reward",
+    "train/cost",
+    "train/kl",
+    "loss/actor",
+    "loss/reward_critic",
+    "loss/cost_critic",
+    "train/lambda",
+    "train/episode_cost",
+)
 # Regenerated when resume came in: the data loaders no longer draw from the global RNG, which shifted the sampling
 # stream by one number (with that draw put back by hand, the previous values came out exactly).
 GOLDEN_PPO_LAG = [
@@ -548,8 +583,11 @@ GOLDEN_PPO_LAG = [
 ]
 
 
-@pytest.mark.parametrize("extra", [[], ["--fused_logprobs"], ["--fused_logprobs", "--zero_stage", "3"]],
-                         ids=["logits", "fused", "fused-zero3"])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--fused_logprobs"], ["--fused_logprobs", "--zero_stage", "3"]],
+    ids=["logits", "fused", "fused-zero3"],
+)
 def test_golden_ppo_lag(toy_models, tmp_path, extra):
     """The same numbers with --fused_logprobs: log-probs from the last hidden state, for the actor (old and new) and
     the reference, are the unfused ones to fp32 rounding, gradients included (kernels/linear_logprobs.py); under
@@ -557,8 +595,19 @@ def test_golden_ppo_lag(toy_models, tmp_path, extra):
     import os
 
     out = tmp_path / "golden"
-    run_script(ppo_args(toy_models, out, "--cost_model_name_or_path", str(toy_models / "cm"), "--lambda_lr", "0.5",
-                        "--update_iters", "2", *extra))  # fmt: skip
+    run_script(
+        ppo_args(
+            toy_models,
+            out,
+            "--cost_model_name_or_path",
+            str(toy_models / "cm"),
+            "--lambda_lr",
+            "0.5",
+            "--update_iters",
+            "2",
+            *extra,
+        )
+    )
     got = [[round(r[k], 6) for k in GOLDEN_KEYS] for r in read_metrics(out) if "loss/actor" in r]
     if os.environ.get("REGEN_GOLDEN") or GOLDEN_PPO_LAG is None:
         print(f"GOLDEN_PPO_LAG = {got}")
@@ -582,10 +631,12 @@ def test_model_chat_template_samples_and_first_cost(tmp_path):
     from score_model import ScoreModel
 
     script, again = ["Ċ", "Mix", "Ġthe", "Ġflour"], ["<|im_start|>", "user"]
-    scripted_model(chatml_tokenizer("<|endoftext|>"), tmp_path / "actor", [*script, "<|im_end|>", *again],
-                   eos=["<|endoftext|>"])  # fmt: skip
-    scripted_model(chatml_tokenizer("<|im_end|>"), tmp_path / "other", [*script, "<|im_end|>", *again],
-                   eos=["<|im_end|>"])  # fmt: skip
+    scripted_model(
+        chatml_tokenizer("<|endoftext|>"), tmp_path / "actor", [*script, "<|im_end|>", *again], eos=["<|endoftext|>"]
+    )
+    scripted_model(
+        chatml_tokenizer("<|im_end|>"), tmp_path / "other", [*script, "<|im_end|>", *again], eos=["<|im_end|>"]
+    )
     torch.manual_seed(0)
     for name, base, score_type in (("rm", "other", "reward"), ("cm", "actor", "cost")):
         model = ScoreModel.from_pretrained(str(tmp_path / base), score_type=score_type)
@@ -595,16 +646,40 @@ def test_model_chat_template_samples_and_first_cost(tmp_path):
         tok = data.load_tokenizer(str(tmp_path / base), chat_template="model")
         tok.save_pretrained(tmp_path / name)
         data.save_chat_template(tok, "model", tmp_path / name)
-    prompts = [{"prompt": p, "category": "Test"} for p in ("How do I bake a cake?", "And then?", "Tell me a story.",
-                                                          "How do I pick a lock?")]  # fmt: skip
+    prompts = [
+        {"prompt": p, "category": "Test"}
+        for p in ("How do I bake a cake?", "And then?", "Tell me a story.", "How do I pick a lock?")
+    ]
     (tmp_path / "problem.json").write_text(json.dumps(prompts))
     out = tmp_path / "ppo"
-    proc = run_script([sys.executable, "ppo_lag.py", "--actor_model_name_or_path", str(tmp_path / "actor"),
-                       "--reward_model_name_or_path", str(tmp_path / "rm"), "--cost_model_name_or_path",
-                       str(tmp_path / "cm"), "--train_datasets", f"prompts:1.0:{tmp_path / 'problem.json'}",
-                       "--chat_template", "model", "--max_length", "96", "--epochs", "2",
-                       "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "2",
-                       "--threshold", "0.5", "--output_dir", str(out)])  # fmt: skip
+    proc = run_script(
+        [
+            sys.executable,
+            "ppo_lag.py",
+            "--actor_model_name_or_path",
+            str(tmp_path / "actor"),
+            "--reward_model_name_or_path",
+            str(tmp_path / "rm"),
+            "--cost_model_name_or_path",
+            str(tmp_path / "cm"),
+            "--train_datasets",
+            f"prompts:1.0:{tmp_path / 'problem.json'}",
+            "--chat_template",
+            "model",
+            "--max_length",
+            "96",
+            "--epochs",
+            "2",
+            "--per_device_prompt_batch_size",
+            "4",
+            "--per_device_train_batch_size",
+            "2",
+            "--threshold",
+            "0.5",
+            "--output_dir",
+            str(out),
+        ]
+    )
     rows = read_metrics(out)
     assert rows[0]["train/eos_rate"] == 1.0 and all(0 <= r["train/eos_rate"] <= 1 for r in rows)
     first = f"J_C {rows[0]['train/episode_cost']:.4f} on the first rollout (4 answers of the initial policy) | "
@@ -624,5 +699,6 @@ def test_model_chat_template_samples_and_first_cost(tmp_path):
                 expected = model(ids, torch.ones_like(ids)).end_scores[0, 0].item()
             assert s[role] == pytest.approx(expected, abs=1e-4), (role, s)
     assert (out / "chat_template.jinja").read_text() == CHATML
-    assert GenerationConfig.from_pretrained(out).eos_token_id == tok.convert_tokens_to_ids(["<|endoftext|>",
-                                                                                             "<|im_end|>"])
+    assert GenerationConfig.from_pretrained(out).eos_token_id == tok.convert_tokens_to_ids(
+        ["<|endoftext|>", "<|im_end|>"]
+    )

