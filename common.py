@@ -2,6 +2,7 @@
 optimizer, the DeepSpeed config and engines, data loaders over a rank's shard, and the metrics line with its sinks.
 Nothing here is Safe RLHF: the algorithms stay in the stage files, which read top to bottom with this one beside."""
 
+import argparse
 import json
 import math
 import os
@@ -56,6 +57,47 @@ def clock(device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.time()
+
+
+def add_run_arguments(parser, unit: str = "optimizer steps") -> None:
+    """The flags every training stage takes for its output, checkpoints, metrics and system (the algorithm's flags
+    stay in the stage). unit: what --logging_steps and the intervals count."""
+    add = parser.add_argument
+    # output and checkpoints (checkpoint.py's protocol)
+    add("--output_dir", required=True, help="the final HF folder (written as <output_dir>.partial, then swapped in)")
+    add("--logging_steps", type=int, default=1, help=f"{unit} between metrics lines")
+    add("--eval_interval", type=int, default=0, help=f"{unit} between evals (0: only at the end)")
+    add("--save_interval", type=int, default=0, help=f"{unit} between full checkpoints, checkpoint-<step>/ (0: none)")
+    add("--save_total_limit", type=int, help="keep the newest K checkpoints (default: all)")
+    add(
+        "--resume_from_checkpoint",
+        default="auto",
+        help="auto: continue from the newest checkpoint in <output_dir>.partial if any; PATH: from that checkpoint; "
+        "none: start over (discards the old checkpoints)",
+    )
+    add("--log_type", choices=["none", "wandb", "tensorboard"], default="none", help="extra metrics sink")
+    add("--log_project", default="nano-safe-rlhf", help="wandb project / tensorboard sub-folder")
+    # system
+    add("--seed", type=int, default=42, help="random seed (data order, subsets, sampling: + rank)")
+    add("--trust_remote_code", action="store_true", help="allow custom model code from the folder or hub")
+    add("--zero_stage", type=int, choices=[0, 1, 2, 3], default=0, help="DeepSpeed ZeRO stage of the trained models")
+    add("--offload", choices=["none", "parameter", "optimizer", "all"], default="none", help="ZeRO offload to CPU")
+    add("--bf16", action="store_true", help="bfloat16 weights and compute")
+    add(
+        "--ds_config",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
+        help="DeepSpeed systems config (JSON)",
+    )
+    add("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored")
+
+
+def str2bool(text: str) -> bool:
+    """argparse type for the anchor's `--flag True/False` style."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
