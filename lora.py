@@ -189,3 +189,21 @@ def from_pretrained(load, path, **kwargs):
 
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.requires_grad_(True)  # peft froze the base; a stage that loads it decides what it trains
+
+
+def adapter_off(model, peft_model, normalize=False):
+    """`model` (an engine or module around `peft_model`) with the LoRA adapters and trained head copies switched off:
+    the model it was loaded as. With LoRA this is PPO's frozen reference (the actor) and its frozen reward and cost
+    models (each inside its critic), so none is loaded twice. normalize: apply the score model's normaliser, as its
+    do_normalize would (the critic's values, with the adapter on, stay raw)."""
+
+    def forward(*args, **kwargs):
+        with peft_model.disable_adapter():
+            out = model(*args, **kwargs)
+        if normalize:
+            score_model = peft_model.get_base_model()
+            out = type(out)(*(score_model.normalizer.normalize(x, score_model.score_type) for x in out))
+        return out
+
+    forward.module = peft_model  # what it runs, for code that reaches inside (kernels.head_gives_logprobs)
+    return forward
