@@ -3,6 +3,7 @@ optimizer, the DeepSpeed config and engines, data loaders over a rank's shard, a
 Nothing here is Safe RLHF: the algorithms stay in the stage files, which read top to bottom with this one beside."""
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -199,6 +200,7 @@ def metrics_logger(run_dir, args, total_steps: int):
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard", args.log_project))
+        atexit.register(writer.close)  # flushes the last events
         sink = lambda metrics, step: [writer.add_scalar(k, v, step) for k, v in metrics.items()]
 
     def fmt(key, value):

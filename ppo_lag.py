@@ -226,26 +226,16 @@ def sample_answers(actor, tok, batch, args, stops, step, num_return_sequences=1,
     device = actor.device
     input_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     P = input_ids.shape[1]
+    kw = dict(
+        do_sample=True, temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty
+    )
+    kw.update(max_new_tokens=args.max_length - P, num_return_sequences=num_return_sequences, eos_token_id=stops)
+    kw.update(max_cache_len=args.max_length, cache=args.generation_cache, gather=args.gather_for_generation)
+    kw.update(pad_token_id=tok.pad_token_id, desc=desc)  # desc: a bar over the new tokens (rank 0, in a terminal)
+    kw["synced_gpus"] = args.zero_stage == 3 and torch.distributed.get_world_size() > 1  # ZeRO-3 per-token fetch
     try:
         with torch.no_grad():
-            seq = rollout.generate(
-                actor,
-                input_ids,
-                prompt_mask,
-                max_new_tokens=args.max_length - P,
-                max_cache_len=args.max_length,
-                cache=args.generation_cache or rollout.default_cache(device),
-                gather=args.gather_for_generation,
-                do_sample=True,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty,
-                num_return_sequences=num_return_sequences,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=stops,
-                synced_gpus=args.zero_stage == 3 and torch.distributed.get_world_size() > 1,  # ZeRO-3 per-token fetch
-                desc=desc,  # a bar over the new tokens (rank 0, on a terminal, when the call takes long)
-            )
+            seq = rollout.generate(actor, input_ids, prompt_mask, **kw)
     except RuntimeError:  # sampling from a policy whose weights went non-finite fails in here: name the cause
         check_finite({"actor weights": 1.0 if weights_finite(actor.module) else math.nan}, step)
         raise
