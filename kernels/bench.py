@@ -631,15 +631,15 @@ SAVE_MARKER = "bench_model.json"  # --save_model writes the shape here; a DIR ho
 
 
 def toy_tokenizer(vocab_size: int, model_max_length: int):
-    """The toy world's word-level tokenizer (data.toy_tokenizer) with its vocabulary padded by filler words
+    """The toy world's word-level tokenizer (toy.toy_tokenizer) with its vocabulary padded by filler words
     `filler<id>` up to `vocab_size`, so that toy prompts still tokenize as words and every id a model of that
     vocabulary samples decodes to a word (and encodes back to the same id)."""
-    import data
+    import toy
 
-    words = len(data.toy_tokenizer().get_vocab())
+    words = len(toy.toy_tokenizer().get_vocab())
     if vocab_size < words:
         raise SystemExit(f"error: --vocab {vocab_size} is below the toy tokenizer's {words} words; raise it")
-    return data.toy_tokenizer([f"filler{i}" for i in range(words, vocab_size)], model_max_length)
+    return toy.toy_tokenizer([f"filler{i}" for i in range(words, vocab_size)], model_max_length)
 
 
 def long_prompts(tokenizer, n: int, length: int) -> list[str]:
@@ -647,15 +647,16 @@ def long_prompts(tokenizer, n: int, length: int) -> list[str]:
     exactly `length` tokens (BOS included): toy prompts alone are 15-25 tokens, a real dataset's are longer."""
     import random
 
-    import data
+    import templates
+    import toy
 
     def n_tokens(text):
-        return len(data.tokenize(tokenizer, data.chat_prompt(tokenizer, text))["input_ids"])
+        return len(templates.tokenize(tokenizer, templates.chat_prompt(tokenizer, text))["input_ids"])
 
-    words = [w for w in data.toy_vocabulary() if w.isalpha() and w.islower()]  # one token each, not the template's
+    words = [w for w in toy.toy_vocabulary() if w.isalpha() and w.islower()]  # one token each, not the template's
     rng, prompts = random.Random(0), []
     while len(prompts) < n:
-        request = data.toy_prompt(rng, rng.choice(sorted(data.TOPICS)))
+        request = toy.toy_prompt(rng, rng.choice(sorted(toy.TOPICS)))
         fill = length - n_tokens(request)
         if fill < 0:
             raise SystemExit(

@@ -142,13 +142,13 @@ step "ppo_lag.py on CUDA with each generation cache, and with --fused_logprobs (
 root=/tmp/gpu_check_toy
 $PY - "$root" <<'PYEOF'
 import sys, torch
-import data
+import templates, toy
 from score_model import ScoreModel
 root = sys.argv[1]
-data.make_toy_model(f"{root}/base")
+toy.make_toy_model(f"{root}/base")
 torch.manual_seed(0)
 ScoreModel.from_pretrained(f"{root}/base", score_type="reward").save_pretrained(f"{root}/rm")
-data.load_tokenizer(f"{root}/base").save_pretrained(f"{root}/rm")
+templates.load_tokenizer(f"{root}/base").save_pretrained(f"{root}/rm")
 PYEOF
 for cache in static dynamic fused; do  # fused: the static cache with --fused_logprobs
     extra=(--generation_cache "${cache/fused/static}")
