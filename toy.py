@@ -288,7 +288,7 @@ def write_model_folder(model, tokenizer, arguments: dict, output_dir: str) -> No
 
 def toy_tokenizer(extra_words: list[str] = (), model_max_length: int = 128):
     """The toy world's word-level tokenizer: ids 0-3 the specials (<pad> <unk> <s> </s>), then the toy vocabulary,
-    then `extra_words` (kernels/bench.py pads a large model's vocabulary with them, so every id decodes)."""
+    then `extra_words` (scripts/bench.py pads a large model's vocabulary with them, so every id decodes)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

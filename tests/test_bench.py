@@ -1,4 +1,4 @@
-"""kernels/bench.py --save_model: the folders scripts/gpu_check.sh runs a real ppo_lag.py step on, at a tiny shape."""
+"""scripts/bench.py --save_model: the folders scripts/gpu_check.sh runs a real ppo_lag.py step on, at a tiny shape."""
 
 import json
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import ROOT, run_script
 
 TINY = [
     "--hidden",
@@ -31,7 +31,7 @@ TINY = [
 
 
 def save_model(out, *flags):
-    return run_script([sys.executable, "kernels/bench.py", "--save_model", str(out), *TINY, *flags])
+    return run_script([sys.executable, "scripts/bench.py", "--save_model", str(out), *TINY, *flags])
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,9 @@ def test_ppo_lag_runs_on_saved_model(saved, tmp_path):
 
 def test_save_model_bad_input(tmp_path, monkeypatch):
     """One `error:` line and nothing written (in this process: a subprocess per case would cost seconds each)."""
-    from kernels import bench
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
     from toy import toy_vocabulary
 
     def refused(out, *flags):
@@ -159,7 +161,7 @@ def test_actor_memory_rows():
     proc = run_script(
         [
             sys.executable,
-            "kernels/bench.py",
+            "scripts/bench.py",
             "--actor_memory",
             "--hidden",
             "64",
