@@ -18,6 +18,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(PYTEST_ARGS) tests
 
+# the kernels against the peers' code; the whole-model ones: $(PY) scripts/bench.py --rollout (or --actor_memory,
+# --ppo_memory, --save_model DIR)
 bench: $(VENV)/.installed
 	$(PY) kernels/bench.py
 

@@ -48,7 +48,7 @@ def fit_history(turns: list[str], n_tokens, budget: int) -> tuple[list[str], int
 
 
 def main():
-    from data import CHAT_TEMPLATE_HELP, parse_chat_template
+    from templates import CHAT_TEMPLATE_HELP, parse_chat_template
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
@@ -90,7 +90,7 @@ def main():
     import transformers
     from transformers import AutoModelForCausalLM, TextStreamer
 
-    from data import chat_prompt, load_tokenizer, stop_ids, tokenize
+    from templates import chat_prompt, load_tokenizer, stop_ids, tokenize
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

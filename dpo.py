@@ -68,21 +68,18 @@ from checkpoint import (
     save_checkpoint,
     weights_finite,
 )
-from data import (
-    CHAT_TEMPLATE_HELP,
-    IGNORE_INDEX,
-    PreferenceDataset,
-    SafetyPreferenceDataset,
-    add_pad_token,
-    load_tokenizer,
-    parse_chat_template,
-    parse_dataset,
-    save_chat_template,
-    stop_ids,
-)
+from data import IGNORE_INDEX, PreferenceDataset, SafetyPreferenceDataset, parse_dataset
 from kernels import logprobs
 from kernels.linear_logprobs import fused_head_problem, head_gives_logprobs
 from sft import lr_lambda
+from templates import (
+    CHAT_TEMPLATE_HELP,
+    add_pad_token,
+    load_tokenizer,
+    parse_chat_template,
+    save_chat_template,
+    stop_ids,
+)
 
 METRICS = ("loss", "reward_accuracy", "reward_margin", "better_sample_reward", "worse_sample_reward", "reward")
 

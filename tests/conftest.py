@@ -117,12 +117,13 @@ def shared_data():
 def toy_models(tmp_path_factory):
     """The toy world's models: `base`, a toy causal LM (the policy, the actor); `rm` and `cm`, a reward and a cost
     model initialised from it (random heads, seeded 0 and 1), each with its tokenizer."""
-    import data
+    import templates
+    import toy
     from score_model import ScoreModel
 
     root = tmp_path_factory.mktemp("toy_models")
-    data.make_toy_model(str(root / "base"))
-    tokenizer = data.load_tokenizer(str(root / "base"))
+    toy.make_toy_model(str(root / "base"))
+    tokenizer = templates.load_tokenizer(str(root / "base"))
     with torch.random.fork_rng():  # seeded heads (reproducible numbers), the global RNG of the tests left as it was
         for seed, (name, score_type) in enumerate((("rm", "reward"), ("cm", "cost"))):
             torch.manual_seed(seed)

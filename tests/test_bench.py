@@ -1,4 +1,4 @@
-"""kernels/bench.py --save_model: the folders scripts/gpu_check.sh runs a real ppo_lag.py step on, at a tiny shape."""
+"""scripts/bench.py --save_model: the folders scripts/gpu_check.sh runs a real ppo_lag.py step on, at a tiny shape."""
 
 import json
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import ROOT, run_script
 
 TINY = [
     "--hidden",
@@ -31,7 +31,7 @@ TINY = [
 
 
 def save_model(out, *flags):
-    return run_script([sys.executable, "kernels/bench.py", "--save_model", str(out), *TINY, *flags])
+    return run_script([sys.executable, "scripts/bench.py", "--save_model", str(out), *TINY, *flags])
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,8 @@ def saved(tmp_path_factory):
 
 
 def test_save_model_folders(saved):
-    import data
+    import templates
+    import toy
 
     shape = json.loads((saved / "bench_model.json").read_text())
     assert {k: shape[k] for k in ("hidden", "layers", "vocab", "batch", "prompt", "new_tokens", "max_length")} == {
@@ -60,26 +61,27 @@ def test_save_model_folders(saved):
     for name in ("reward", "cost"):  # the score type each folder is read as
         assert json.loads((saved / name / "config.json").read_text())["score_type"] == name
     # 4 x --batch distinct prompts, each exactly --prompt tokens in the anchor's template, ending in a toy request
-    tokenizer = data.load_tokenizer(str(saved / "actor"))
+    tokenizer = templates.load_tokenizer(str(saved / "actor"))
     prompts = [json.loads(line)["prompt"] for line in (saved / "prompts.jsonl").read_text().splitlines()]
     assert len(set(prompts)) == len(prompts) == 16
     for p in prompts:
-        ids = data.tokenize(tokenizer, data.chat_prompt(tokenizer, p))["input_ids"]
+        ids = templates.tokenize(tokenizer, templates.chat_prompt(tokenizer, p))["input_ids"]
         assert len(ids) == 32 and tokenizer.unk_token_id not in ids, p
-        assert data.toy_topic(p) is not None, p
+        assert toy.toy_topic(p) is not None, p
 
 
 def test_tokenizer_decodes_every_id(saved, tmp_path):
-    import data
+    import templates
+    from toy import make_toy_model
 
-    tokenizer = data.load_tokenizer(str(saved / "actor"))
+    tokenizer = templates.load_tokenizer(str(saved / "actor"))
     tokens = tokenizer.convert_ids_to_tokens(list(range(512)))
     assert len(tokenizer) == 512 and len(set(tokens)) == 512 and all(tokens), tokens
     assert all(tokenizer.decode([i]) for i in range(512))
     # the toy world's tokenizer, its words at their ids, then filler words that encode back to the same ids
     with torch.random.fork_rng():  # it seeds the global RNG; leave the other tests' as it was
-        data.make_toy_model(str(tmp_path / "toy"))
-    toy = data.load_tokenizer(str(tmp_path / "toy")).get_vocab()
+        make_toy_model(str(tmp_path / "toy"))
+    toy = templates.load_tokenizer(str(tmp_path / "toy")).get_vocab()
     assert {w: i for i, w in enumerate(tokens) if i < len(toy)} == toy
     fillers = list(range(len(toy), 512))
     assert tokens[len(toy) :] == [f"filler{i}" for i in fillers]
@@ -130,12 +132,14 @@ def test_ppo_lag_runs_on_saved_model(saved, tmp_path):
 
 def test_save_model_bad_input(tmp_path, monkeypatch):
     """One `error:` line and nothing written (in this process: a subprocess per case would cost seconds each)."""
-    from data import toy_vocabulary
-    from kernels import bench
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    from toy import toy_vocabulary
 
     def refused(out, *flags):
         monkeypatch.setattr(sys, "argv", ["bench.py", "--save_model", str(out), *TINY, *flags])
-        with pytest.raises(SystemExit) as e, torch.random.fork_rng():  # data.make_toy_model seeds the global RNG
+        with pytest.raises(SystemExit) as e, torch.random.fork_rng():  # toy.make_toy_model seeds the global RNG
             bench.main()
         return str(e.value.code)
 
@@ -157,7 +161,7 @@ def test_actor_memory_rows():
     proc = run_script(
         [
             sys.executable,
-            "kernels/bench.py",
+            "scripts/bench.py",
             "--actor_memory",
             "--hidden",
             "64",

@@ -9,14 +9,14 @@ import pytest
 
 from chat import fit_history
 from conftest import ROOT, run_script
-from data import format_prompt
+from templates import format_prompt
 
 PY = sys.executable
 
 
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
-    from data import make_toy_model
+    from toy import make_toy_model
 
     root = tmp_path_factory.mktemp("toy_chat")
     make_toy_model(str(root / "a"), seed=0)

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from test_resume import assert_same_weights, finish, kill_at_pause, rows, start, start_killed
 
 import data
+import templates
 from conftest import SHARED_DATA, run_script
 from dpo import SafeDPODataset, dpo_loss, pair_spans, safedpo_margin, safedpo_order, token_logprobs
+from toy import make_toy_model
 
 PY = sys.executable
 LOG2 = math.log(2.0)
@@ -188,7 +190,7 @@ def test_safedpo_matches_reference():
 
 
 def test_safedpo_dataset_applies_the_transformation(toy):
-    tokenizer = data.load_tokenizer(str(toy / "base"))
+    tokenizer = templates.load_tokenizer(str(toy / "base"))
     ds = SafeDPODataset([("toy-safe-rlhf", {"proportion": 0.05, "path": None})], tokenizer, 64)
     raw = data.load_samples([("toy-safe-rlhf", {"proportion": 0.05, "path": None})], 42)
     assert len(ds) == len(raw) > 300
@@ -212,7 +214,7 @@ def test_safedpo_dataset_applies_the_transformation(toy):
 def toy(tmp_path_factory):
     """The toy base model, and a copy with attention dropout (so that training consumes random numbers)."""
     root = tmp_path_factory.mktemp("dpo")
-    data.make_toy_model(str(root / "base"))
+    make_toy_model(str(root / "base"))
     shutil.copytree(root / "base", root / "dropout")
     config = json.loads((root / "dropout" / "config.json").read_text())
     (root / "dropout" / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.1}))
@@ -417,7 +419,7 @@ def test_pku_saferlhf_layout_orders_pairs_by_either_label(toy, tmp_path):
     ] * 20
     path = tmp_path / "pku.json"
     path.write_text(json.dumps(records))
-    tokenizer = data.load_tokenizer(str(toy / "base"))
+    tokenizer = templates.load_tokenizer(str(toy / "base"))
     spec = [("PKU-SafeRLHF/train", {"proportion": 1.0, "path": str(path)})]
     first = lambda ds: tokenizer.decode(ds[0][next(k for k in ds[0] if k.endswith("input_ids"))])  # noqa: E731
     assert "bomb" in first(data.PreferenceDataset(spec, tokenizer, 64))  # better: response_1 (unsafe)
@@ -440,7 +442,7 @@ def test_pku_saferlhf_layout_orders_pairs_by_either_label(toy, tmp_path):
 
 
 def test_pairs_truncated_to_identical_are_dropped_and_counted(toy, tmp_path):
-    tokenizer = data.load_tokenizer(str(toy / "base"))
+    tokenizer = templates.load_tokenizer(str(toy / "base"))
     ds = data.PreferenceDataset([("toy-preference", {"proportion": 0.02, "path": None})], tokenizer, 20)
     same = ds.identical  # the dataset drops them (the anchor asserts on such a pair)
     assert same > 0 and not any(torch.equal(d["better_input_ids"], d["worse_input_ids"]) for d in ds.data)

@@ -35,8 +35,9 @@ def toy(tmp_path_factory):
     (generation_config), so each of its answers ends after one token; `toy.jinja`: a chat template in toy words."""
     import shutil
 
-    from data import load_tokenizer, make_toy_model
     from score_model import ScoreModel
+    from templates import load_tokenizer
+    from toy import make_toy_model
 
     root = tmp_path_factory.mktemp("toy")
     make_toy_model(str(root / "a"), seed=0)
@@ -195,7 +196,7 @@ MC_EXAMPLES = [
 def test_choice_logprobs_match_slow_loop(toy):
     from transformers import AutoModelForCausalLM
 
-    from data import format_prompt, load_tokenizer
+    from templates import format_prompt, load_tokenizer
 
     model, tok = AutoModelForCausalLM.from_pretrained(toy / "a").eval(), load_tokenizer(str(toy / "a"))
     with torch.no_grad():
@@ -290,8 +291,8 @@ def test_arena_toy(toy, tmp_path):
     assert f"arena: {n} prompts" in proc.stdout and "red unsafe" in proc.stdout and "oracle harm" in proc.stdout
     assert not list(out.glob("*.tmp"))
     # the reward model's tokenizer differs, so its scores are of the re-tokenized text: recompute them here
-    from data import format_prompt, load_tokenizer
     from score_model import ScoreModel
+    from templates import format_prompt, load_tokenizer
 
     rm, tok = ScoreModel.from_pretrained(str(toy / "rm")).eval(), load_tokenizer(str(toy / "rm"))
     for side in ("red", "blue"):
@@ -334,8 +335,8 @@ def chatml_arena(tmp_path_factory):
     cost model on base. Context 512: byte-level tokens of real prompts are many."""
     from test_templates import chatml_tokenizer, scripted_model
 
-    from data import save_chat_template
     from score_model import ScoreModel
+    from templates import save_chat_template
 
     root = tmp_path_factory.mktemp("chatml_arena")
     script = ["Ċ", "Mix", "Ġthe", "Ġflour"]
@@ -530,7 +531,7 @@ def test_judge_loopback(toy, tmp_path):
     assert f"arena: {n} prompts | eos (answers that ended): red {100 * red_ended / n:.1f}% | blue 100.0%" in proc.stdout
     from transformers import AutoModelForCausalLM
 
-    from data import chat_prompt, load_tokenizer
+    from templates import chat_prompt, load_tokenizer
 
     tok = load_tokenizer(str(toy / "a"), chat_template=str(toy / "toy.jinja"))
     for side, folder in (("red", "a"), ("blue", "c")):
@@ -571,7 +572,7 @@ def test_bigbench_known_answers(toy, tmp_path):
     """Targets on the slow loop's most likely choice for three examples and on the least likely for the fourth: 0.75."""
     from transformers import AutoModelForCausalLM
 
-    from data import format_prompt, load_tokenizer
+    from templates import format_prompt, load_tokenizer
 
     model, tok = AutoModelForCausalLM.from_pretrained(toy / "a").eval(), load_tokenizer(str(toy / "a"))
     examples = [{"input": q, "target_scores": {c: 0 for c in choices}} for q, choices in MC_EXAMPLES]

@@ -225,7 +225,8 @@ def test_pku_labels_given_as_text(tmp_path):
 def test_pairs_made_identical_by_truncation_are_dropped(toy_models, tmp_path, capsys):
     """Two answers that differ only past --max_length are one sequence twice: nothing to compare (accuracy 0, exit
     0). They are dropped and counted, for the reward and the cost model alike."""
-    from data import PreferenceDataset, SafetyPreferenceDataset, load_tokenizer
+    from data import PreferenceDataset, SafetyPreferenceDataset
+    from templates import load_tokenizer
 
     tokenizer = load_tokenizer(str(toy_models / "base"))
     common = "mix the flour . add the sugar . heat the oven . bake the batter . " * 4
@@ -272,7 +273,7 @@ def edit_json(file, **fields):
 
 def add_tokens(folder):
     """Two words the toy vocabulary lacks, as added tokens: ids 183 and 184 of a 183-row embedding."""
-    from data import load_tokenizer
+    from templates import load_tokenizer
 
     tokenizer = load_tokenizer(str(folder))
     tokenizer.add_tokens(["zebra", "quokka"])
@@ -307,7 +308,7 @@ def test_load_tokenizer_names_the_file_and_the_fix(toy_models, tmp_path, edit, m
     an IndexError in the first forward, a cut tokenizer.json a bare parser message naming no file."""
     import transformers
 
-    from data import load_tokenizer
+    from templates import load_tokenizer
 
     folder = copy_of(toy_models, tmp_path, edit)
     with pytest.raises(ValueError) as e:
@@ -318,7 +319,8 @@ def test_load_tokenizer_names_the_file_and_the_fix(toy_models, tmp_path, edit, m
 def test_data_with_a_token_past_the_embeddings(toy_models, tmp_path):
     """Tokens added to the tokenizer but not to the model: a training stage's data that uses one stops at loading,
     naming the token (an IndexError in the first forward before); unused ones are no fault."""
-    from data import SupervisedDataset, load_tokenizer
+    from data import SupervisedDataset
+    from templates import load_tokenizer
 
     folder = copy_of(toy_models, tmp_path, add_tokens)
     f = tmp_path / "sft.json"
@@ -455,7 +457,7 @@ ENTRY_POINTS = {
         "{out}",
     ],
     "chat.py": ["--model_name_or_path", "{base}", "-p", "hi"],
-    "data.py": ["toy-model", "--output_dir", "{out}"],
+    "toy.py": ["--output_dir", "{out}"],
     "dpo.py": ["--model_name_or_path", "{base}", "--train_datasets", "toy-preference:0.05", "--output_dir", "{out}"],
 }
 
@@ -534,7 +536,8 @@ def test_write_failure_in_a_checkpoint_is_one_line_and_keeps_the_model(toy_model
 def test_data_longer_than_the_model_positions(toy_models, tmp_path):
     """--max_length beyond the model's positions was accepted: a learned position table fails with an IndexError, a
     rotary one trains angles it never saw. A sample that would go past them stops the data with the longest allowed."""
-    from data import SupervisedDataset, load_tokenizer
+    from data import SupervisedDataset
+    from templates import load_tokenizer
 
     tokenizer = load_tokenizer(str(toy_models / "base"))  # max_position_embeddings 128
     f = tmp_path / "sft.json"

@@ -87,7 +87,7 @@ def test_a_folder_that_is_not_ours_is_refused_and_kept(toy_models, tmp_path):
     checkpoint.prepare_output(str(tmp_path / "ours"))
     checkpoint.release_output(str(tmp_path / "ours"))
     # the toy base model's writer (no lock: it saves in one go) follows the same rule
-    line = error_line(run(["data.py", "toy-model", "--output_dir", mine]))
+    line = error_line(run(["toy.py", "--output_dir", mine]))
     assert "is a folder that no stage of ours wrote" in line and (mine / "notes.txt").read_text() == "notes"
 
 

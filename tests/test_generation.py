@@ -1,6 +1,6 @@
 """rollout.generate: every cache and ZeRO-3 path decodes the same tokens as the policy's own `generate`.
 
-The toy world's base model (a random 2-layer Llama, data.make_toy_model) on CUDA when there is one, else the CPU.
+The toy world's base model (a random 2-layer Llama, toy.make_toy_model) on CUDA when there is one, else the CPU.
 Greedy decoding must give identical sequences with the dynamic and the static cache, over left-padded batches of
 mixed prompt lengths in which some rows hit EOS mid-way; seeded sampling must give identical sequences too. That
 holds exactly, not just in distribution: the static cache changes where keys and values are stored and how long the
@@ -32,10 +32,10 @@ COMPILE = None if DEVICE.type == "cuda" else "eager"  # None: transformers' own 
 def policy(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    import data
+    import toy
 
     path = tmp_path_factory.mktemp("gen") / "base"
-    data.make_toy_model(str(path))
+    toy.make_toy_model(str(path))
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(DEVICE).eval()
 
 
@@ -241,10 +241,10 @@ def test_zero3_two_ranks_different_lengths(tmp_path):
     import subprocess
     import sys
 
-    import data
+    import toy
     from conftest import ROOT
 
-    data.make_toy_model(str(tmp_path / "base"))
+    toy.make_toy_model(str(tmp_path / "base"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable,

@@ -15,12 +15,13 @@ import sys
 import pytest
 import torch
 
-import data
 import lora
+import templates
 from checkpoint import check_model_folder
 from conftest import ROOT, run_script, signal_at, stage_env
 from lora import adapter_off
 from score_model import ScoreModel
+from toy import make_toy_model
 
 PY = sys.executable
 
@@ -40,8 +41,8 @@ def lora_args(rank=4, prefix="", targets=("all-linear",)):
 def toy(tmp_path_factory):
     """The toy base model, and reward / cost models on it with random heads (as in test_ppo_lag.py)."""
     root = tmp_path_factory.mktemp("lora")
-    data.make_toy_model(str(root / "base"))
-    tokenizer = data.load_tokenizer(str(root / "base"))
+    make_toy_model(str(root / "base"))
+    tokenizer = templates.load_tokenizer(str(root / "base"))
     for seed, (name, score_type) in enumerate((("rm", "reward"), ("cm", "cost"))):
         torch.manual_seed(seed)
         model = ScoreModel.from_pretrained(str(root / "base"), score_type=score_type)
@@ -169,7 +170,7 @@ def test_bad_flags_and_adapter_folders(toy, tmp_path):
     adapter = tmp_path / "adapter"
     model = lora.add_lora(load_lm(toy / "base"), lora_args(), "", str(toy / "base"))
     lora.save_pretrained(model, adapter, adapter_only=True)
-    data.load_tokenizer(str(toy / "base")).save_pretrained(adapter)
+    templates.load_tokenizer(str(toy / "base")).save_pretrained(adapter)
     check_model_folder(str(adapter), "causal_lm", "--x")
     with pytest.raises(SystemExit, match="is a causal LM's LoRA adapter, with no score head"):
         check_model_folder(str(adapter), "score_model", "--reward_model_name_or_path")
@@ -212,8 +213,8 @@ def test_lora_sft(toy, tmp_path):
     for key, value in model.state_dict().items():
         assert torch.allclose(via_adapter.state_dict()[key], value, atol=1e-6), key
     assert all(p.requires_grad for p in via_adapter.parameters())  # loaded as any model: a stage decides what trains
-    tok = data.load_tokenizer(str(merged), padding_side="left")
-    prompt = tok([data.format_prompt("how do i bake a cake ?")], return_tensors="pt")
+    tok = templates.load_tokenizer(str(merged), padding_side="left")
+    prompt = tok([templates.format_prompt("how do i bake a cake ?")], return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > prompt["input_ids"].shape[1]
     chat = run_script(
@@ -441,7 +442,7 @@ def test_lora_ppo_lag_headline(tmp_path):
     it); `LORA=1 bash run_all.sh tiny` is the full-length run (README)."""
     out = tmp_path
     common = ["--max_length", "64", "--per_device_train_batch_size", "32", "--seed", "42"]
-    run_script([PY, "data.py", "toy-model", "--output_dir", str(out / "base"), "--seed", "42"], cwd=ROOT)
+    run_script([PY, "toy.py", "--output_dir", str(out / "base"), "--seed", "42"], cwd=ROOT)
     run_script(
         [
             PY,

@@ -627,6 +627,7 @@ def test_model_chat_template_samples_and_first_cost(tmp_path):
     from transformers import GenerationConfig
 
     import data
+    import templates
     from ppo_lag import SAMPLES_PER_LOG
     from score_model import ScoreModel
 
@@ -643,9 +644,9 @@ def test_model_chat_template_samples_and_first_cost(tmp_path):
         for param in model.model.parameters():  # a random backbone: scores that depend on the prompt
             torch.nn.init.normal_(param, std=0.3)
         model.save_pretrained(tmp_path / name)
-        tok = data.load_tokenizer(str(tmp_path / base), chat_template="model")
+        tok = templates.load_tokenizer(str(tmp_path / base), chat_template="model")
         tok.save_pretrained(tmp_path / name)
-        data.save_chat_template(tok, "model", tmp_path / name)
+        templates.save_chat_template(tok, "model", tmp_path / name)
     prompts = [
         {"prompt": p, "category": "Test"}
         for p in ("How do I bake a cake?", "And then?", "Tell me a story.", "How do I pick a lock?")
@@ -691,7 +692,7 @@ def test_model_chat_template_samples_and_first_cost(tmp_path):
     assert {s["prompt"] for s in samples[:SAMPLES_PER_LOG]} == {p["prompt"] for p in prompts}
     for name, role, base in (("rm", "reward", "other"), ("cm", "cost", "actor")):  # the frozen models, by hand
         model = ScoreModel.from_pretrained(str(tmp_path / name)).eval()
-        tok = data.load_tokenizer(str(tmp_path / base), chat_template="model")
+        tok = templates.load_tokenizer(str(tmp_path / base), chat_template="model")
         for s in samples[:SAMPLES_PER_LOG]:
             ids = torch.tensor([data.conversation_ids(tok, s["prompt"], s["response"], "model")])
             assert tok.decode(ids[0]) == chatml_text(s["prompt"], "Mix the flour").removesuffix("\n")

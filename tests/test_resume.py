@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import checkpoint
-import data
+import templates
+import toy
 from conftest import ROOT, stage_env
 
 PY = sys.executable
@@ -95,11 +96,11 @@ def models(tmp_path_factory):
     from score_model import ScoreModel
 
     root = tmp_path_factory.mktemp("resume")
-    data.make_toy_model(str(root / "base"))
+    toy.make_toy_model(str(root / "base"))
     shutil.copytree(root / "base", root / "dropout")
     config = json.loads((root / "dropout" / "config.json").read_text())
     (root / "dropout" / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.1}))
-    tokenizer = data.load_tokenizer(str(root / "base"))
+    tokenizer = templates.load_tokenizer(str(root / "base"))
     for seed, (name, score_type) in enumerate((("rm", "reward"), ("cm", "cost"))):
         torch.manual_seed(seed)
         ScoreModel.from_pretrained(str(root / "base"), score_type=score_type).save_pretrained(str(root / name))

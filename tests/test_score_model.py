@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import data
+import templates
+import toy
 from conftest import ROOT, run_script
 from score_model import Normalizer, ScoreModel, cost_loss, diverge_span, lr_lambda, pair_metrics, reward_loss
 
@@ -250,7 +252,7 @@ def test_normalize_functions():
 @pytest.fixture(scope="session")
 def toy_base(tmp_path_factory):
     path = tmp_path_factory.mktemp("score_model") / "base"
-    data.make_toy_model(str(path))
+    toy.make_toy_model(str(path))
     return path
 
 
@@ -282,7 +284,7 @@ def test_from_causal_lm_new_head_and_padding(toy_base, capsys):
     assert "score head" in capsys.readouterr().out  # says the head is new
     lm = AutoModelForCausalLM.from_pretrained(str(toy_base))
     assert all(torch.equal(p, lm.model.state_dict()[k]) for k, p in model.model.state_dict().items())
-    tok = data.load_tokenizer(str(toy_base))
+    tok = templates.load_tokenizer(str(toy_base))
     ids, mask = toy_batch(tok, TEXTS)
     with torch.no_grad():
         out = model(ids, mask)
@@ -311,7 +313,7 @@ def test_save_load_round_trip(toy_base, tmp_path):
     assert {k: config[k] for k in expected} == expected
     assert (tmp_path / "rm" / "model.safetensors").exists() and config["architectures"] == ["LlamaForScore"]
     loaded = ScoreModel.from_pretrained(str(tmp_path / "rm")).eval()
-    ids, mask = toy_batch(data.load_tokenizer(str(toy_base)), TEXTS)
+    ids, mask = toy_batch(templates.load_tokenizer(str(toy_base)), TEXTS)
     with torch.no_grad():
         a, b = model.eval()(ids, mask), loaded(ids, mask)
     close(a.end_scores, b.end_scores), close(a.scores, b.scores)
@@ -379,7 +381,7 @@ def test_loads_beaver_layouts(toy_base, tmp_path, layout):
     backbone = AutoModel.from_pretrained(str(toy_base)).eval()
     weight, bias = beaver_checkpoint(tmp_path / layout, backbone, layout, torch.Generator().manual_seed(1))
     model = ScoreModel.from_pretrained(str(tmp_path / layout)).eval()
-    ids, mask = toy_batch(data.load_tokenizer(str(toy_base)), TEXTS)
+    ids, mask = toy_batch(templates.load_tokenizer(str(toy_base)), TEXTS)
     expected = manual_end_scores(backbone, ids, mask, weight, bias)
     with torch.no_grad():
         got = model(ids, mask).end_scores
@@ -550,7 +552,7 @@ def test_cost_model_smoke_zero3_save_best(toy_base, tmp_path):
     assert arguments["score_type"] == "cost" and (out / "score_histogram.png").exists()
     best = max(evals, key=lambda r: r["eval/accuracy_sign"])  # the first of equals, as the stage keeps it
     assert best is not evals[-1], "this run's best eval is now its last: pick another --lr / --max_steps"
-    tokenizer = data.load_tokenizer(str(out))
+    tokenizer = templates.load_tokenizer(str(out))
     pairs = data.SafetyPreferenceDataset([data.parse_dataset(eval_spec)], tokenizer, 64, 42)
     got = rescore(out, pairs, pairs.collate, "cost")
     assert_same_eval(got, best)
@@ -630,7 +632,7 @@ def test_reward_model_on_real_hh_rlhf(shared_data, tmp_path):
             str(out),
         ]
     )
-    pairs = data.PreferenceDataset([data.parse_dataset(spec)], data.load_tokenizer(str(out)), 64, 42)
+    pairs = data.PreferenceDataset([data.parse_dataset(spec)], templates.load_tokenizer(str(out)), 64, 42)
     n_eval = round(0.2 * len(pairs))
     assert f"train {len(pairs) - n_eval} pairs, eval {n_eval} |" in proc.stdout
     held_out = torch.utils.data.random_split(pairs, [len(pairs) - n_eval, n_eval], torch.Generator().manual_seed(42))[1]
@@ -760,13 +762,13 @@ def test_eval_at_step_0_leaves_training_alone(toy_base, tmp_path):
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 5] and rows[0]["step"] == 0
     torch.manual_seed(42)  # the stage's seed before it builds the model: the same new head
     ScoreModel.from_pretrained(str(toy_base), score_type="reward").save_pretrained(tmp_path / "untrained")
-    tokenizer = data.load_tokenizer(str(toy_base))
+    tokenizer = templates.load_tokenizer(str(toy_base))
     pairs = data.PreferenceDataset([data.parse_dataset(eval_spec)], tokenizer, 64, 42)
     assert_same_eval(rescore(tmp_path / "untrained", pairs, pairs.collate, "reward"), rows[0])
     assert abs(rows[0]["eval/reward_mean"] - rows[-1]["eval/reward_mean"]) > 1e-3  # and the trained model differs
     saved = AutoTokenizer.from_pretrained(out)
     turns = [{"role": "user", "content": "how do i bake a cake ?"}]
-    assert saved.apply_chat_template(turns, add_generation_prompt=True, tokenize=False) == data.format_prompt(
+    assert saved.apply_chat_template(turns, add_generation_prompt=True, tokenize=False) == templates.format_prompt(
         "how do i bake a cake ?"
     )
 
@@ -824,7 +826,7 @@ def test_model_chat_template(tmp_path):
     rows = read_metrics(out)
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1]
     assert (out / "chat_template.jinja").read_text() == CHATML == AutoTokenizer.from_pretrained(out).chat_template
-    saved = data.load_tokenizer(str(out), chat_template="model")
+    saved = templates.load_tokenizer(str(out), chat_template="model")
     pairs = data.SafetyPreferenceDataset([data.parse_dataset(spec)], saved, 128, 42, chat_template="model")
     first = pairs.collate([pairs[0]])["input_ids"][0, :2].tolist()
     assert first == tok.convert_tokens_to_ids(["<|im_start|>", "system"])  # ChatML, its system message first
@@ -901,7 +903,7 @@ def test_non_finite_weights_are_never_saved(toy_base, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(toy_base, base)
     weights = load_file(base / "model.safetensors")
-    weights["model.embed_tokens.weight"][data.load_tokenizer(str(base)).unk_token_id] = math.nan
+    weights["model.embed_tokens.weight"][templates.load_tokenizer(str(base)).unk_token_id] = math.nan
     save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
     line = diverging_run(base, tmp_path / "rm", "--max_steps", "1")
     assert line == "error: non-finite weights (nan) at step 1; stopping without saving (lower --lr, check the data)"

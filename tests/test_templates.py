@@ -1,5 +1,5 @@
-"""Chat templates (data.py): `--chat_template model` (or a Jinja file) through apply_chat_template on a locally built
-tokenizer with a ChatML template: SFT label masks that train exactly the assistant turns, prompts ending with the
+"""Chat templates (templates.py): `--chat_template model` (or a Jinja file) through apply_chat_template on a locally
+built tokenizer with a ChatML template: SFT label masks that train exactly the assistant turns, prompts ending with the
 generation prompt, preference and safety pairs; the saved template round trip (anchor and model); the refusals."""
 
 import argparse
@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import data
-from data import IGNORE_INDEX, RawDataset, RawSample, format_prompt
+import templates
+from data import IGNORE_INDEX, RawDataset, RawSample
+from templates import format_prompt
+from toy import make_toy_model
 
 SYSTEM = "You are a test assistant."
 CHATML = (
@@ -92,7 +95,7 @@ def chatml_base(path, eos_token="<|im_end|>", context=256):
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
-    data.save_chat_template(tok, "model", path)
+    templates.save_chat_template(tok, "model", path)
     return path
 
 
@@ -129,14 +132,14 @@ def scripted_model(tok, path, script: list[str], eos: list[str], context: int = 
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids(eos)
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    data.save_chat_template(tok, "model", path)
+    templates.save_chat_template(tok, "model", path)
     return path
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     path = tmp_path_factory.mktemp("toy") / "base"
-    data.make_toy_model(str(path))
+    make_toy_model(str(path))
     return path
 
 
@@ -204,7 +207,7 @@ def test_prompts_end_with_the_generation_prompt(chatml):
     assert texts[1].endswith(f"{U2}<|im_end|>\n<|im_start|>assistant\n")
     assert batch["prompts"] == [U1, U2] and batch["inputs"] == [U1, [U1, A1, U2]]
     assert (batch["input_ids"][0, : -lengths[0]] == chatml.pad_token_id).all()  # left padded
-    assert data.chat_prompt(chatml, [U1, A1, U2], "model") == texts[1]
+    assert templates.chat_prompt(chatml, [U1, A1, U2], "model") == texts[1]
 
 
 def test_pairs_are_prompt_answer_and_end_of_turn(chatml):
@@ -229,12 +232,12 @@ def test_template_file_is_used_like_model(chatml, tmp_path):
         "+ m['content'] + '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '### Bot: ' }}"
         "{% endif %}"
     )
-    assert data.parse_chat_template(str(jinja)) == str(jinja)
+    assert templates.parse_chat_template(str(jinja)) == str(jinja)
     item = dataset(data.SupervisedDataset, chatml, RawSample(input=U1, answer=A1), chat_template=str(jinja))[0]
     assert chatml.chat_template == jinja.read_text()  # installed on the tokenizer
     assert chatml.decode(item["input_ids"]) == f"### User: {U1}<|im_end|>### Bot: {A1}<|im_end|>"
     assert trained_spans(chatml, item["labels"]) == [f"{A1}<|im_end|>"]
-    assert data.chat_prompt(chatml, U1, str(jinja)) == f"### User: {U1}<|im_end|>### Bot: "
+    assert templates.chat_prompt(chatml, U1, str(jinja)) == f"### User: {U1}<|im_end|>### Bot: "
 
 
 def test_bos_is_written_once(tmp_path):
@@ -246,7 +249,7 @@ def test_bos_is_written_once(tmp_path):
     assert ids[:2].count(tok.bos_token_id) == 1 and ids.count(tok.bos_token_id) == 1
     anchor = dataset(data.SupervisedDataset, tok, RawSample(input=U1, answer=A1), chat_template="anchor")[0]
     assert anchor["input_ids"].tolist() == tok(format_prompt(U1, "</s>") + A1 + "</s>")["input_ids"]
-    data.save_chat_template(tok, "anchor", tmp_path)
+    templates.save_chat_template(tok, "anchor", tmp_path)
     assert tok.chat_template.startswith("{{- bos_token -}}")
     messages = [{"role": "user", "content": U1}]
     assert (
@@ -260,20 +263,20 @@ def test_stop_ids(chatml, toy, tmp_path):
     from transformers import GenerationConfig
 
     eot, eos = chatml.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    assert data.stop_ids(chatml, "model") == [eot]
-    assert data.stop_ids(chatml, "model", GenerationConfig(eos_token_id=[eos, eot])) == [eot, eos]
-    assert data.stop_ids(chatml, "anchor", GenerationConfig(eos_token_id=eos)) == [eot, eos]
+    assert templates.stop_ids(chatml, "model") == [eot]
+    assert templates.stop_ids(chatml, "model", GenerationConfig(eos_token_id=[eos, eot])) == [eot, eos]
+    assert templates.stop_ids(chatml, "anchor", GenerationConfig(eos_token_id=eos)) == [eot, eos]
     base = chatml_tokenizer("<|endoftext|>")
-    assert data.stop_ids(base, "model") == [eos, eot]  # Qwen base: ChatML ends a turn with a token that is not EOS
-    assert data.stop_ids(base, "anchor") == [eos]  # the anchor's template ends a turn with the EOS
+    assert templates.stop_ids(base, "model") == [eos, eot]  # Qwen base: ChatML ends a turn with a token that is not EOS
+    assert templates.stop_ids(base, "anchor") == [eos]  # the anchor's template ends a turn with the EOS
     plain = tmp_path / "plain.jinja"  # a turn that ends in ordinary text: nothing to stop at but the EOS
     plain.write_text(
         "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' .\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
     )
-    assert data.set_chat_template(base, str(plain)) == "model" and data.stop_ids(base, "model") == [eos]
-    tok = data.load_tokenizer(str(toy))
-    assert data.stop_ids(tok, "anchor") == [tok.eos_token_id]
+    assert templates.set_chat_template(base, str(plain)) == "model" and templates.stop_ids(base, "model") == [eos]
+    tok = templates.load_tokenizer(str(toy))
+    assert templates.stop_ids(tok, "anchor") == [tok.eos_token_id]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,10 +286,10 @@ def test_stop_ids(chatml, toy, tmp_path):
 def test_saved_anchor_template_round_trip(toy, tmp_path):
     from transformers import AutoTokenizer
 
-    tok = data.load_tokenizer(str(toy))
+    tok = templates.load_tokenizer(str(toy))
     out = tmp_path / "sft"
     tok.save_pretrained(out)
-    data.save_chat_template(tok, "anchor", out)  # after save_pretrained ...
+    templates.save_chat_template(tok, "anchor", out)  # after save_pretrained ...
     tok.save_pretrained(tmp_path / "again")  # ... and a save_pretrained after it writes the same
     for folder in (out, tmp_path / "again"):
         saved = AutoTokenizer.from_pretrained(folder)
@@ -304,7 +307,7 @@ def test_saved_anchor_template_round_trip(toy, tmp_path):
             render([{"role": "system", "content": "be nice"}] + single)
     # trained in anchor mode, reloaded in model mode: the same samples
     row = RawSample(dialogue=[u1, a1, u2, "boil the water ."])
-    saved = data.load_tokenizer(str(out), chat_template="model")
+    saved = templates.load_tokenizer(str(out), chat_template="model")
     a = dataset(data.SupervisedDataset, tok, row, chat_template="anchor")[0]
     b = dataset(data.SupervisedDataset, saved, row)[0]
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
@@ -320,8 +323,8 @@ def test_saved_model_template_round_trip(chatml, tmp_path):
     settings = json.loads((after / "tokenizer_config.json").read_text())
     settings["chat_template"] = "{{ 'stale' }}"  # a legacy copy in the config
     (after / "tokenizer_config.json").write_text(json.dumps(settings))
-    data.save_chat_template(chatml, "model", after)  # after save_pretrained ...
-    data.save_chat_template(chatml, "model", before)  # ... or before it
+    templates.save_chat_template(chatml, "model", after)  # after save_pretrained ...
+    templates.save_chat_template(chatml, "model", before)  # ... or before it
     chatml.save_pretrained(before)
     for out in (after, before):
         saved = AutoTokenizer.from_pretrained(out)
@@ -338,17 +341,17 @@ def test_saved_model_template_round_trip(chatml, tmp_path):
 
 def test_model_mode_without_a_template_is_one_line(toy, tmp_path):
     with pytest.raises(ValueError, match=f"the tokenizer at {toy} has no chat template: use --chat_template anchor"):
-        data.load_tokenizer(str(toy), chat_template="model")
-    tok = data.load_tokenizer(str(toy))
+        templates.load_tokenizer(str(toy), chat_template="model")
+    tok = templates.load_tokenizer(str(toy))
     with pytest.raises(ValueError, match="has no chat template") as e:
         dataset(data.PromptOnlyDataset, tok, RawSample(input="how do i bake a cake ?"))
     assert "\n" not in str(e.value)
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}{{ m['content'] }")
     with pytest.raises(ValueError, match=f"the chat template of {broken} cannot render a user message: "):
-        data.set_chat_template(tok, str(broken))
+        templates.set_chat_template(tok, str(broken))
     with pytest.raises(argparse.ArgumentTypeError, match="give anchor, model or the path of a Jinja file"):
-        data.parse_chat_template("chatml")
+        templates.parse_chat_template("chatml")
 
 
 def test_template_that_rewrites_earlier_turns_is_refused(chatml):
