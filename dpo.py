@@ -203,7 +203,8 @@ def evaluate(policy, ref, loader, scale_coeff, fused=False, safety_margin=None) 
         for batch in rollout.progress(loader, desc="eval", unit="batch"):
             batch = {k: v.to(policy.device) for k, v in batch.items()}
             _, metrics = pair_loss(policy, ref, batch, scale_coeff, fused, safety_margin)
-            totals += torch.stack([*(m.sum() for m in metrics.values()), torch.tensor(float(len(metrics["loss"])))])
+            pairs = torch.tensor(float(len(metrics["loss"])), device=policy.device)  # stack() takes one device
+            totals += torch.stack([*(m.sum() for m in metrics.values()), pairs])
     dist.all_reduce(totals)
     policy.train()
     return {f"eval/{k}": v for k, v in zip(METRICS, totals[:-1] / totals[-1])}
