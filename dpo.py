@@ -45,33 +45,22 @@ import copy
 import io
 import itertools
 import json
-import math
 import os
-import socket
 import time
-import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+import common
 import lora
 import rollout
-from checkpoint import (
-    check_finite,
-    check_model_folder,
-    find_resume,
-    interrupted,
-    load_checkpoint,
-    prepare_output,
-    publish,
-    save_checkpoint,
-    weights_finite,
-)
+from checkpoint import find_resume, interrupted, load_checkpoint, prepare_output, publish, save_model
+from common import print0
 from data import IGNORE_INDEX, PreferenceDataset, SafetyPreferenceDataset, parse_dataset
 from kernels import logprobs
 from kernels.linear_logprobs import fused_head_problem, head_gives_logprobs
-from sft import lr_lambda
 from templates import (
     CHAT_TEMPLATE_HELP,
     add_pad_token,
@@ -175,12 +164,8 @@ class SafeDPODataset(PreferenceDataset):
         a, b = self.answer_ids(s["input"], better), self.answer_ids(s["input"], worse)
         if a is None or b is None:
             return None
-        return {
-            "better_input_ids": a,
-            "worse_input_ids": b,
-            "better_unsafe": int(better_unsafe),
-            "worse_unsafe": int(worse_unsafe),
-        }
+        flags = {"better_unsafe": int(better_unsafe), "worse_unsafe": int(worse_unsafe)}
+        return {"better_input_ids": a, "worse_input_ids": b, **flags}
 
     def collate(self, batch):
         flags = {k: torch.tensor([b[k] for b in batch]) for k in ("better_unsafe", "worse_unsafe")}
@@ -188,100 +173,93 @@ class SafeDPODataset(PreferenceDataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The model calls of the loop
 
 
-def main():
+def pair_loss(policy, ref, batch, scale_coeff, fused=False, safety_margin=None):
+    """The batch's loss and per-pair metrics: one policy forward and one reference forward over both halves (rows [:B]
+    the preferred answers, [B:] the others). safety_margin: SafeDPO's Delta (the batch has the safety indicators)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    B = ids.size(0) // 2
+    better_span, worse_span = pair_spans(ids[:B], ids[B:], mask[:B], mask[B:])
+    span = torch.cat([better_span, worse_span])  # (2B, T)
+    logp = (token_logprobs(policy, ids, mask, fused) * span).sum(-1)  # (2B,)
+    with torch.no_grad():
+        ref_logp = (token_logprobs(ref, ids, mask, fused) * span).sum(-1)
+    margin = None
+    if safety_margin is not None:
+        margin = safedpo_margin(batch["better_unsafe"], batch["worse_unsafe"], safety_margin)
+    return dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], scale_coeff, margin)
+
+
+def evaluate(policy, ref, loader, scale_coeff, fused=False, safety_margin=None) -> dict:
+    """The pair metrics averaged over every rank's pairs, as eval/<name>."""
+    policy.eval()
+    totals = torch.zeros(len(METRICS) + 1, device=policy.device)  # per-pair sums, pairs
+    with torch.no_grad():
+        for batch in rollout.progress(loader, desc="eval", unit="batch"):
+            batch = {k: v.to(policy.device) for k, v in batch.items()}
+            _, metrics = pair_loss(policy, ref, batch, scale_coeff, fused, safety_margin)
+            pairs = torch.tensor(float(len(metrics["loss"])), device=policy.device)  # stack() takes one device
+            totals += torch.stack([*(m.sum() for m in metrics.values()), pairs])
+    dist.all_reduce(totals)
+    policy.train()
+    return {f"eval/{k}": v for k, v in zip(METRICS, totals[:-1] / totals[-1])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
     # data
-    parser.add_argument(
-        "--train_datasets", type=parse_dataset, nargs="+", required=True, help="NAME[:PROPORTION[:PATH]] ..."
-    )
-    parser.add_argument(
-        "--eval_datasets", type=parse_dataset, nargs="+", default=None, help="NAME[:PROPORTION[:PATH]] ..."
-    )
-    parser.add_argument("--max_length", type=int, default=512, help="tokens per sequence (answers truncated)")
-    parser.add_argument(
+    add("--train_datasets", type=parse_dataset, nargs="+", required=True, help="NAME[:PROPORTION[:PATH]] ...")
+    add("--eval_datasets", type=parse_dataset, nargs="+", default=None, help="NAME[:PROPORTION[:PATH]] ...")
+    add("--max_length", type=int, default=512, help="tokens per sequence (answers truncated)")
+    add(
         "--chat_template",
         type=parse_chat_template,
         default="anchor",
         help=f"how conversations are written (and saved with the model): {CHAT_TEMPLATE_HELP}",
     )
-    parser.add_argument(
-        "--label",
-        choices=["better", "safer"],
-        default="better",
-        help="which label orders a pair: helpfulness (better) or safety (safer)",
-    )
+    add("--label", choices=["better", "safer"], default="better", help="which label orders a pair: helpfulness, safety")
     # model
-    parser.add_argument("--model_name_or_path", required=True, help="the starting policy (also the reference)")
-    parser.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the folder/hub")
+    add("--model_name_or_path", required=True, help="the starting policy (also the reference)")
     lora.add_arguments(parser)
-    parser.add_argument("--save_adapter_only", action="store_true", help="save the LoRA adapter folder, not merged")
+    add("--save_adapter_only", action="store_true", help="save the LoRA adapter folder, not merged")
     # algorithm
-    parser.add_argument("--scale_coeff", type=float, default=0.1, help="beta: the KL coefficient of DPO (nats^-1)")
-    parser.add_argument(
-        "--objective",
-        choices=["dpo", "safedpo"],
-        default="dpo",
-        help="dpo, or safedpo: helpfulness pairs reordered by T and a safety margin",
-    )
-    parser.add_argument(
-        "--safety_margin",
-        type=float,
-        default=1.0,
-        help="SafeDPO's Delta: the extra logit a safe-over-unsafe pair must win by",
-    )
+    add("--scale_coeff", type=float, default=0.1, help="beta: the KL coefficient of DPO (nats^-1)")
+    add("--objective", choices=["dpo", "safedpo"], default="dpo", help="safedpo: pairs reordered by T, a safety margin")
+    add("--safety_margin", type=float, default=1.0, help="SafeDPO's Delta: logit margin of safe over unsafe answers")
     # optimisation
-    parser.add_argument("--epochs", type=int, default=2, help="passes over the train set")
-    parser.add_argument(
-        "--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests)"
-    )
-    parser.add_argument("--per_device_train_batch_size", type=int, default=16, help="pairs per micro-batch per rank")
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=16, help="pairs per eval batch per rank")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=1e-6, help="peak learning rate")
-    parser.add_argument(
-        "--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup"
-    )
-    parser.add_argument("--lr_warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
-    parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decay (not on biases and norms)")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument(
+    add("--epochs", type=int, default=2, help="passes over the train set")
+    add("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests)")
+    add("--per_device_train_batch_size", type=int, default=16, help="pairs per micro-batch per rank")
+    add("--per_device_eval_batch_size", type=int, default=16, help="pairs per eval batch per rank")
+    add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    add("--lr", type=float, default=1e-6, help="peak learning rate")
+    add("--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup")
+    add("--lr_warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
+    add("--weight_decay", type=float, default=0.05, help="AdamW decay (not on biases and norms)")
+    add("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    add(
         "--fused_logprobs",
         action="store_true",
         help="log-probs straight from the last hidden state "
         "(kernels/linear_logprobs.py): no (B, T, V) logits nor their gradient",
     )
-    # logging
-    parser.add_argument("--output_dir", required=True, help="final HF folder (written via <output_dir>.partial)")
-    parser.add_argument("--logging_steps", type=int, default=10, help="optimizer steps between metrics lines")
-    parser.add_argument(
-        "--eval_interval", type=int, default=0, help="optimizer steps between evals (0: only at the end)"
-    )
-    parser.add_argument(
-        "--save_interval", type=int, default=0, help="steps between full checkpoints, checkpoint-<step>/ (0: none)"
-    )
-    parser.add_argument(
-        "--save_total_limit", type=int, default=None, help="keep the newest K checkpoints (default: all)"
-    )
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        default="auto",
-        help="auto: continue from the newest checkpoint in <output_dir>.partial if any; PATH: from that checkpoint; "
-        "none: start over (discards the old checkpoints)",
-    )
-    parser.add_argument(
-        "--log_type", choices=["none", "wandb", "tensorboard"], default="none", help="extra metrics sink"
-    )
-    parser.add_argument("--log_project", default="nano-safe-rlhf", help="wandb project / tensorboard sub-folder")
-    # system
-    parser.add_argument("--seed", type=int, default=42, help="seed for data order and subsets")
-    parser.add_argument("--zero_stage", type=int, choices=[0, 1, 2, 3], default=0, help="DeepSpeed ZeRO stage")
-    parser.add_argument("--offload", choices=["none", "parameter", "optimizer", "all"], default="none", help="to CPU")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute")
-    parser.add_argument("--ds_config", default=str(Path(__file__).with_name("ds_config.json")), help="DeepSpeed JSON")
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored")
+    # output, checkpoints, metrics, system: common.py's flags; a metrics line every 10 steps
+    common.add_run_arguments(parser)
+    parser.set_defaults(logging_steps=10)
     args = parser.parse_args()
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args) -> None:
+    """Flag ranges and combinations (argparse's one line, exit 2), before anything slow."""
     ranges = {**checkpoint.TRAIN_RANGES, "scale_coeff": "finite and > 0", "safety_margin": "finite and >= 0"}
     checkpoint.check_ranges(parser, args, ranges)
     if args.zero_stage < {"parameter": 3, "all": 3, "optimizer": 1}.get(args.offload, 0):
@@ -291,36 +269,22 @@ def main():
     lora.check_arguments(parser, args)
     if args.save_adapter_only and not args.lora_rank:
         parser.error("--save_adapter_only saves a LoRA adapter: pass --lora_rank > 0")
-    check_model_folder(args.model_name_or_path, "causal_lm", "--model_name_or_path")  # before any process group
+    # the model folder too, before any process group
+    checkpoint.check_model_folder(args.model_name_or_path, "causal_lm", "--model_name_or_path")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main():
+    args = parse_args()
     from transformers import AutoModelForCausalLM
 
     from ppo_lag import adapter_off
 
-    rollout.silence_library_bars()
-
-    # distributed preamble: a plain `python dpo.py` is a world of one
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    import deepspeed
-    import torch.distributed as dist
-
-    warnings.filterwarnings("ignore", ".*is deprecated. Please use `torch.distributed", FutureWarning)  # ZeRO-3
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else a 30 s JIT compile on CPU
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    rank, world_size, _ = common.init_distributed()  # a plain `python dpo.py` is a world of one
     master_process = rank == 0
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
     torch.manual_seed(args.seed)
-
-    def print0(*a, **k):
-        if master_process:
-            print(*a, **k, flush=True)
-
     partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
     if master_process:  # lock <output_dir>, check it can be written, recover an interrupted swap: before slow work
         partial = prepare_output(args.output_dir, vars(args), args.resume_from_checkpoint)
@@ -328,11 +292,8 @@ def main():
     resume_dir = find_resume(partial, args.resume_from_checkpoint, vars(args), eval_flags)
 
     # data: rows [:B] of input_ids are the preferred answers, rows [B:] the others; data.py reports on every rank
-    Dataset = (
-        SafeDPODataset
-        if args.objective == "safedpo"
-        else {"better": PreferenceDataset, "safer": SafetyPreferenceDataset}[args.label]
-    )
+    Dataset = {"better": PreferenceDataset, "safer": SafetyPreferenceDataset}[args.label]
+    Dataset = SafeDPODataset if args.objective == "safedpo" else Dataset
     try:
         tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right", chat_template=args.chat_template)
         with contextlib.nullcontext() if master_process else contextlib.redirect_stdout(io.StringIO()):
@@ -348,21 +309,11 @@ def main():
             f"error: {len(train_dataset)} train pairs < one global batch of {global_batch} "
             f"(= {micro} per device x {accum} accumulation x {world_size} ranks); lower the batch flags"
         )
-    # each loader its own generator: a resumed run must not draw from the global one where the first run did not
-    train_sampler = torch.utils.data.DistributedSampler(train_dataset, world_size, rank, shuffle=True, seed=args.seed)
-    train_loader = torch.utils.data.DataLoader(
-        train_dataset, micro, sampler=train_sampler, collate_fn=train_dataset.collate, generator=torch.Generator()
-    )
+    train_sampler, train_loader = common.sharded_loader(train_dataset, micro, rank, world_size, args.seed)
     eval_loader = None
     if eval_dataset:
-        eval_sampler = torch.utils.data.DistributedSampler(eval_dataset, world_size, rank, shuffle=False)
-        eval_loader = torch.utils.data.DataLoader(
-            eval_dataset,
-            args.per_device_eval_batch_size,
-            sampler=eval_sampler,
-            collate_fn=eval_dataset.collate,
-            generator=torch.Generator(),
-        )
+        batch = args.per_device_eval_batch_size
+        eval_loader = common.sharded_loader(eval_dataset, batch, rank, world_size, args.seed, shuffle=False)[1]
     steps_per_epoch = len(train_loader) // accum
     total_steps = args.epochs * steps_per_epoch
     total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
@@ -374,12 +325,10 @@ def main():
     )
 
     # models: the policy (trained) and the reference (frozen: a second copy, or the policy with its adapter off)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-
     model = lora.from_pretrained(  # an adapter folder: its base with the adapter folded in
         AutoModelForCausalLM.from_pretrained,
         args.model_name_or_path,
-        dtype=dtype,
+        dtype=torch.bfloat16 if args.bf16 else torch.float32,
         trust_remote_code=args.trust_remote_code,
     )
     if args.save_adapter_only and tokenizer.pad_token is None:  # the new pad row would live outside the adapter
@@ -390,7 +339,7 @@ def main():
     add_pad_token(tokenizer, model)
     model.config.pad_token_id = tokenizer.pad_token_id
     # the reference: an exact copy of the starting policy, a new pad row included (that row is drawn at random)
-    ref_model = None if args.lora_rank else copy.deepcopy(model).requires_grad_(False)
+    ref_model = None if args.lora_rank else copy.deepcopy(model)
     stops = stop_ids(tokenizer, args.chat_template, model.generation_config)
     model.generation_config.update(
         eos_token_id=stops[0] if len(stops) == 1 else stops, pad_token_id=tokenizer.pad_token_id
@@ -405,122 +354,23 @@ def main():
         )
     if args.lora_rank:
         model = lora.add_lora(model, args, "", args.model_name_or_path)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_lambda(step, total_steps, warmup_steps, args.lr_scheduler_type)
+    optimizer, scheduler = common.optimizer(
+        model, args.lr, args.weight_decay, args.lr_scheduler_type, total_steps, args.lr_warmup_ratio
     )
-    with open(args.ds_config) as f:
-        base_config = json.load(f)
-
-    def ds_config(train):
-        config = json.loads(json.dumps(base_config))
-        config.update(
-            train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, train_batch_size=global_batch
-        )
-        zero = config.setdefault("zero_optimization", {})
-        zero["stage"] = args.zero_stage if train else (3 if args.zero_stage == 3 else 0)
-        zero["offload_param"] = {
-            "device": "cpu" if args.offload in ("parameter", "all") and zero["stage"] == 3 else "none"
-        }
-        zero["offload_optimizer"] = {"device": "cpu" if train and args.offload in ("optimizer", "all") else "none"}
-        config["zero_force_ds_cpu_optimizer"] = False  # we pass a torch optimizer on purpose
-        config["bf16"] = {**config.get("bf16", {}), "enabled": args.bf16}
-        return config
-
-    print0(f"deepspeed config: {json.dumps(ds_config(True))}")
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(True))
+    config = common.ds_config(args, world_size)
+    print0(f"deepspeed config: {json.dumps(config)}")
+    engine = common.engine(model, config, (optimizer, scheduler))
     if args.lora_rank:  # at the start B = 0: the adapter switched off is the starting policy, not a second copy
         ref = adapter_off(engine, engine.module)
-    else:
-        ref = deepspeed.initialize(model=ref_model, config=ds_config(False))[0]
-        ref.eval()
+    else:  # frozen: ZeRO-3 when the policy is, else none
+        ref = common.engine(ref_model, common.ds_config(args, world_size, train=False))
+    log = common.metrics_logger(partial, args, total_steps)
+    safety_margin = args.safety_margin if args.objective == "safedpo" else None  # DPO: no margin
 
-    if args.log_type == "wandb" and master_process:
-        import wandb
-
-        wandb.init(project=args.log_project, config=vars(args))
-    if args.log_type == "tensorboard" and master_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(partial / "tensorboard" / args.log_project)
-
-    def log(step, metrics):
-        metrics = {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
-        check_finite(metrics, step)  # all-reduced values: every rank stops together
-        fmt = lambda k, v: (
-            f"{k} {v:,.0f}" if k.startswith("perf/") else f"{k} {v:.2e}" if k.endswith("/lr") else f"{k} {v:.4f}"
-        )
-        print0(" | ".join([f"step {step}/{total_steps}"] + [fmt(k, v) for k, v in metrics.items()]))
-        if master_process:
-            with open(partial / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-            if args.log_type == "wandb":
-                wandb.log(metrics, step=step)
-            elif args.log_type == "tensorboard":
-                for k, v in metrics.items():
-                    writer.add_scalar(k, v, step)
-
-    def pair_loss(batch):
-        """The batch's loss and per-pair metrics: one policy forward and one reference forward over both halves."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        B = ids.size(0) // 2
-        better_span, worse_span = pair_spans(ids[:B], ids[B:], mask[:B], mask[B:])
-        span = torch.cat([better_span, worse_span])  # (2B, T)
-        logp = (token_logprobs(engine, ids, mask, args.fused_logprobs) * span).sum(-1)  # (2B,)
-        with torch.no_grad():
-            ref_logp = (token_logprobs(ref, ids, mask, args.fused_logprobs) * span).sum(-1)
-        margin = None
-        if args.objective == "safedpo":
-            margin = safedpo_margin(batch["better_unsafe"], batch["worse_unsafe"], args.safety_margin)
-        return dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], args.scale_coeff, margin)
-
-    def evaluate():
-        engine.eval()
-        totals = torch.zeros(len(METRICS) + 1, device=engine.device)  # per-pair sums, pairs
-        with torch.no_grad():
-            for batch in rollout.progress(eval_loader, desc="eval", unit="batch"):
-                batch = {k: v.to(engine.device) for k, v in batch.items()}
-                _, metrics = pair_loss(batch)
-                totals += torch.stack([*(m.sum() for m in metrics.values()), torch.tensor(float(len(metrics["loss"])))])
-        dist.all_reduce(totals)
-        engine.train()
-        return {f"eval/{k}": v for k, v in zip(METRICS, totals[:-1] / totals[-1])}
-
-    def save(path, loop_state=None):
-        """An ordinary HF folder, arguments.json last; under ZeRO-3 all ranks gather the partitioned weights. Never
-        a non-finite model. With `loop_state`, a full checkpoint-<step>/ (engine state, RNG, loop state) in `path`."""
-        finite = torch.tensor(float(weights_finite(engine.module)), device=engine.device)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        check_finite({"weights": 1.0 if finite.item() else math.nan}, step)
-        state_dict = (
-            engine._zero3_consolidated_16bit_state_dict() if args.zero_stage == 3 else engine.module.state_dict()
-        )
-
-        def write_model(folder):
-            lora.save_pretrained(engine.module, folder, state_dict, args.save_adapter_only)
-            tokenizer.save_pretrained(folder)
-            save_chat_template(tokenizer, args.chat_template, folder)
-
-        if loop_state is not None:
-            save_checkpoint(
-                path,
-                step,
-                {"model": engine},
-                loop_state,
-                write_model,
-                vars(args),
-                args.save_total_limit,
-                {"running": running.tolist()},
-            )
-            return
-        if master_process:
-            write_model(path)
-            with open(Path(path) / "arguments.json", "w") as f:
-                json.dump(vars(args), f, indent=2)
-        dist.barrier()
+    def write_model(folder, state_dict):  # rank 0; state_dict: the gathered one under ZeRO-3, else None
+        lora.save_pretrained(engine.module, folder, state_dict, args.save_adapter_only)
+        tokenizer.save_pretrained(folder)
+        save_chat_template(tokenizer, args.chat_template, folder)
 
     # the loop: both halves through the policy and the reference, the DPO loss, backward; DeepSpeed owns gradient
     # accumulation (engine.backward scales the loss by 1/accum, engine.step updates on every accum-th micro-batch)
@@ -534,8 +384,8 @@ def main():
         running = torch.tensor(state["running"], device=engine.device)
     t0 = time.time()
     try:  # Ctrl-C: one line, exit 130, the .partial left in place
-        if eval_loader is not None and resume_dir is None:
-            log(0, evaluate())  # the starting policy: loss log 2, rewards 0
+        if eval_loader is not None and resume_dir is None:  # the starting policy: loss log 2, rewards 0
+            log(0, evaluate(engine, ref, eval_loader, args.scale_coeff, args.fused_logprobs, safety_margin))
             t0 = time.time()
         for epoch in range(start_epoch, args.epochs):
             train_sampler.set_epoch(epoch)
@@ -546,7 +396,7 @@ def main():
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 # 1) log-probs of both answers under the policy and the reference, summed over the differing span
                 # 2) the DPO loss (or SafeDPO's)
-                loss, metrics = pair_loss(batch)
+                loss, metrics = pair_loss(engine, ref, batch, args.scale_coeff, args.fused_logprobs, safety_margin)
                 # 3) backward and (on boundaries) optimizer + LR step
                 engine.backward(loss)
                 engine.step()
@@ -566,29 +416,26 @@ def main():
                     dist.all_reduce(running)
                     elapsed, t0 = time.time() - t0, time.time()
                     stats = {f"train/{k}": v for k, v in zip(METRICS, running[:-2] / running[-2])}
-                    log(
-                        step,
-                        {
-                            **stats,
-                            "train/lr": scheduler.get_last_lr()[0],
-                            "train/epoch": step / steps_per_epoch,
-                            "perf/tok_per_sec": running[-1] / elapsed,
-                        },
-                    )
+                    stats.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch})
+                    log(step, {**stats, "perf/tok_per_sec": running[-1] / elapsed})
                     running.zero_()
                 t_pause = time.time()
                 eval_now = args.eval_interval and step % args.eval_interval == 0 or step == total_steps
                 if eval_loader is not None and eval_now:
-                    log(step, evaluate())
+                    log(step, evaluate(engine, ref, eval_loader, args.scale_coeff, args.fused_logprobs, safety_margin))
                 if args.save_interval and step % args.save_interval == 0 and step < total_steps:
-                    save(partial, {"epoch": epoch, "position": position, "micro_step": micro_step})
+                    # a full checkpoint-<step>/: engine state, RNG, where the loop stands, this rank's running sums
+                    loop_state = {"epoch": epoch, "position": position, "micro_step": micro_step}
+                    full = dict(engines={"model": engine}, state=loop_state, save_total_limit=args.save_total_limit)
+                    full["rank_state"] = {"running": running.tolist()}
+                    save_model(engine, partial, step, write_model, vars(args), full)
                 t0 += time.time() - t_pause
                 if step == total_steps:
                     break
             skip = 0
             if step == total_steps:
                 break
-        save(partial)
+        save_model(engine, partial, step, write_model, vars(args))
     except KeyboardInterrupt:
         interrupted(step, partial)
 

@@ -33,28 +33,19 @@ import contextlib
 import io
 import itertools
 import json
-import math
 import os
-import socket
 import time
-import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
+import common
 import lora
 import rollout
-from checkpoint import (
-    check_finite,
-    check_model_folder,
-    find_resume,
-    interrupted,
-    load_checkpoint,
-    prepare_output,
-    publish,
-    save_checkpoint,
-    weights_finite,
-)
+from checkpoint import find_resume, interrupted, load_checkpoint, prepare_output, publish, save_model
+from common import print0
 from data import IGNORE_INDEX, SupervisedDataset, parse_dataset
 from kernels import cross_entropy, mean_nll
 from kernels.linear_logprobs import fused_head_problem, head_gives_logprobs
@@ -68,7 +59,7 @@ from templates import (
 )
 
 # ----------------------------------------------------------------------------------------------------------------
-# The math
+# The math, and the model calls of the loop
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -76,92 +67,81 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index=IGNORE_INDEX)
 
 
-def lr_lambda(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
-    """LR multiplier: linear warmup 0 -> 1 over warmup_steps, then cosine/linear decay to 0 or constant."""
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)  # transformers' and the anchor's rule
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return max(0.0, 1.0 - progress) if kind == "linear" else 1.0
+def batch_loss(model, batch: dict, fused: bool = False) -> torch.Tensor:
+    """The batch's masked next-token cross-entropy: from the logits (B, T, V), or fused (--fused_logprobs) from the
+    log-probs the lm_head gives for one forward (kernels.head_gives_logprobs), the same number."""
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if not fused:
+        return sft_loss(model(**inputs).logits, batch["labels"])
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # t predicts t + 1
+    with head_gives_logprobs(model, targets):
+        return mean_nll(model(**inputs).logits, targets, IGNORE_INDEX)  # the "logits" are log p(target): (B, T)
+
+
+def evaluate(model, loader, fused: bool = False) -> dict:
+    """Eval loss (per answer token, over every rank's shard) and perplexity."""
+    model.eval()
+    totals = torch.zeros(2, device=model.device)  # (sum of token losses, answer tokens)
+    with torch.no_grad():
+        for batch in rollout.progress(loader, desc="eval", unit="batch"):  # rank 0, in a terminal (rollout.py)
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            totals += torch.stack([batch_loss(model, batch, fused).float() * n, n.float()])
+    dist.all_reduce(totals)
+    model.train()
+    loss = totals[0] / totals[1]
+    return {"eval/loss": loss, "eval/perplexity": loss.exp()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Configuration
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
     # data
-    parser.add_argument(
-        "--train_datasets", type=parse_dataset, nargs="+", required=True, help="NAME[:PROPORTION[:PATH]] ..."
-    )
-    parser.add_argument(
-        "--eval_datasets", type=parse_dataset, nargs="+", default=None, help="NAME[:PROPORTION[:PATH]] ..."
-    )
-    parser.add_argument("--eval_split_ratio", type=float, default=None, help="hold out this fraction of train for eval")
-    parser.add_argument("--max_length", type=int, default=512, help="tokens per sequence (answers truncated)")
-    parser.add_argument(
+    add("--train_datasets", type=parse_dataset, nargs="+", required=True, help="NAME[:PROPORTION[:PATH]] ...")
+    add("--eval_datasets", type=parse_dataset, nargs="+", default=None, help="NAME[:PROPORTION[:PATH]] ...")
+    add("--eval_split_ratio", type=float, default=None, help="hold out this fraction of train for eval")
+    add("--max_length", type=int, default=512, help="tokens per sequence (answers truncated)")
+    add(
         "--chat_template",
         type=parse_chat_template,
         default="anchor",
         help=f"how conversations are written (and saved with the model): {CHAT_TEMPLATE_HELP}",
     )
     # model
-    parser.add_argument("--model_name_or_path", required=True, help="HF model folder or hub id")
-    parser.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the folder/hub")
+    add("--model_name_or_path", required=True, help="HF model folder or hub id")
     lora.add_arguments(parser)
-    parser.add_argument("--save_adapter_only", action="store_true", help="save the LoRA adapter folder, not merged")
+    add("--save_adapter_only", action="store_true", help="save the LoRA adapter folder, not merged")
     # optimisation
-    parser.add_argument("--epochs", type=int, default=3, help="passes over the train set")
-    parser.add_argument(
-        "--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests)"
-    )
-    parser.add_argument("--per_device_train_batch_size", type=int, default=4, help="sequences per micro-batch per rank")
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=4, help="sequences per eval batch per rank")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=8, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
-    parser.add_argument(
-        "--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup"
-    )
-    parser.add_argument("--lr_warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
-    parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decay (not on biases and norms)")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument(
+    add("--epochs", type=int, default=3, help="passes over the train set")
+    add("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests)")
+    add("--per_device_train_batch_size", type=int, default=4, help="sequences per micro-batch per rank")
+    add("--per_device_eval_batch_size", type=int, default=4, help="sequences per eval batch per rank")
+    add("--gradient_accumulation_steps", type=int, default=8, help="micro-batches per optimizer step")
+    add("--lr", type=float, default=2e-5, help="peak learning rate")
+    add("--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup")
+    add("--lr_warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
+    add("--weight_decay", type=float, default=0.0, help="AdamW decay (not on biases and norms)")
+    add("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    add(
         "--fused_logprobs",
         action="store_true",
         help="the loss straight from the last hidden state "
         "(kernels/linear_logprobs.py): no (B, T, V) logits nor their gradient",
     )
-    # logging
-    parser.add_argument("--output_dir", required=True, help="final HF folder (written via <output_dir>.partial)")
-    parser.add_argument("--logging_steps", type=int, default=10, help="optimizer steps between metrics lines")
-    parser.add_argument(
-        "--eval_interval", type=int, default=0, help="optimizer steps between evals (0: only at the end)"
-    )
-    parser.add_argument(
-        "--save_interval", type=int, default=0, help="steps between full checkpoints, checkpoint-<step>/ (0: none)"
-    )
-    parser.add_argument(
-        "--save_total_limit", type=int, default=None, help="keep the newest K checkpoints (default: all)"
-    )
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        default="auto",
-        help="auto: continue from the newest checkpoint in <output_dir>.partial if any; PATH: from that checkpoint; "
-        "none: start over (discards the old checkpoints)",
-    )
-    parser.add_argument(
-        "--log_type", choices=["none", "wandb", "tensorboard"], default="none", help="extra metrics sink"
-    )
-    parser.add_argument("--log_project", default="nano-safe-rlhf", help="wandb project / tensorboard sub-folder")
-    # system
-    parser.add_argument("--seed", type=int, default=42, help="seed for data order and subsets")
-    parser.add_argument("--zero_stage", type=int, choices=[0, 1, 2, 3], default=0, help="DeepSpeed ZeRO stage")
-    parser.add_argument("--offload", choices=["none", "parameter", "optimizer", "all"], default="none", help="to CPU")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute")
-    parser.add_argument("--ds_config", default=str(Path(__file__).with_name("ds_config.json")), help="DeepSpeed JSON")
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored")
+    # output, checkpoints, metrics, system: common.py's flags; a metrics line every 10 steps
+    common.add_run_arguments(parser)
+    parser.set_defaults(logging_steps=10)
     args = parser.parse_args()
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args) -> None:
+    """Flag ranges and combinations (argparse's one line, exit 2), before anything slow."""
     checkpoint.check_ranges(parser, args, checkpoint.TRAIN_RANGES)
     if args.eval_split_ratio is not None and (args.eval_datasets or not 0 < args.eval_split_ratio < 1):
         parser.error("--eval_split_ratio must be in (0, 1) and cannot be combined with --eval_datasets")
@@ -170,36 +150,20 @@ def main():
     lora.check_arguments(parser, args)
     if args.save_adapter_only and not args.lora_rank:
         parser.error("--save_adapter_only saves a LoRA adapter: pass --lora_rank > 0")
-    check_model_folder(args.model_name_or_path, "causal_lm", "--model_name_or_path")  # before any process group
+    # the model folder too, before any process group
+    checkpoint.check_model_folder(args.model_name_or_path, "causal_lm", "--model_name_or_path")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main():
+    args = parse_args()
     from transformers import AutoModelForCausalLM
 
-    rollout.silence_library_bars()  # "Loading weights" / "Writing model shards": in a terminal only, as our own bars
-
-    # distributed preamble: a plain `python sft.py` is a world of one
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    import deepspeed
-    import torch.distributed as dist
-
-    # ZeRO-3 on torch 2.13
-    warnings.filterwarnings("ignore", ".*is deprecated. Please use `torch.distributed", FutureWarning)
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else a 30 s JIT compile on CPU
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    rank, world_size, _ = common.init_distributed()  # a plain `python sft.py` is a world of one
     master_process = rank == 0
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
     torch.manual_seed(args.seed)
-
-    def print0(*a, **k):
-        if master_process:
-            print(*a, **k, flush=True)
-
     partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
     if master_process:  # lock <output_dir>, check it can be written, recover an interrupted swap: before slow work
         partial = prepare_output(args.output_dir, vars(args), args.resume_from_checkpoint)
@@ -217,7 +181,6 @@ def main():
             eval_dataset = args.eval_datasets and SupervisedDataset(args.eval_datasets, tokenizer, **kwargs)
     except ValueError as e:  # no EOS token, no chat template, no usable samples, nothing fits max_length, ...
         raise SystemExit(f"error: {e}") from None
-    collate = train_dataset.collate
     if args.eval_split_ratio:
         n_eval = max(1, round(args.eval_split_ratio * len(train_dataset)))
         train_dataset, eval_dataset = torch.utils.data.random_split(
@@ -230,28 +193,14 @@ def main():
             f"error: {len(train_dataset)} train samples < one global batch of {global_batch} "
             f"(= {micro} per device x {accum} accumulation x {world_size} ranks); lower the batch flags"
         )
-    # DistributedSampler pads each rank to the same count (repeating a few samples), so every rank runs the same
-    # number of forwards: ZeRO-3 gathers parameters collectively and would hang otherwise
-    # the loaders get their own generators: each iter() of a loader otherwise draws from the global one, which drives
-    # dropout, and a resumed run would draw again where the uninterrupted one did not
-    train_sampler = torch.utils.data.DistributedSampler(train_dataset, world_size, rank, shuffle=True, seed=args.seed)
-    train_loader = torch.utils.data.DataLoader(
-        train_dataset, micro, sampler=train_sampler, collate_fn=collate, generator=torch.Generator()
-    )
+    train_sampler, train_loader = common.sharded_loader(train_dataset, micro, rank, world_size, args.seed)
     eval_loader = None
     if eval_dataset is not None:
-        eval_sampler = torch.utils.data.DistributedSampler(eval_dataset, world_size, rank, shuffle=False)
-        eval_loader = torch.utils.data.DataLoader(
-            eval_dataset,
-            args.per_device_eval_batch_size,
-            sampler=eval_sampler,
-            collate_fn=collate,
-            generator=torch.Generator(),
-        )
+        batch = args.per_device_eval_batch_size
+        eval_loader = common.sharded_loader(eval_dataset, batch, rank, world_size, args.seed, shuffle=False)[1]
     steps_per_epoch = len(train_loader) // accum
     total_steps = args.epochs * steps_per_epoch
     total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    # as transformers' schedulers (the anchor's): int(ratio * steps) warm-up steps, none for "constant"
     warmup_steps = 0 if args.lr_scheduler_type == "constant" else int(args.lr_warmup_ratio * total_steps)
     print0(
         f"train {len(train_dataset):,} samples, eval {len(eval_dataset or []):,} | global batch "
@@ -259,11 +208,10 @@ def main():
     )
 
     # model, optimizer, engine
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = lora.from_pretrained(  # an adapter folder: its base with the adapter folded in
         AutoModelForCausalLM.from_pretrained,
         args.model_name_or_path,
-        dtype=dtype,
+        dtype=torch.bfloat16 if args.bf16 else torch.float32,
         trust_remote_code=args.trust_remote_code,
     )
     if args.save_adapter_only and tokenizer.pad_token is None:  # the new pad row would live outside the adapter
@@ -288,107 +236,18 @@ def main():
         )
     if args.lora_rank:  # the base frozen; the optimizer sees the adapters only
         model = lora.add_lora(model, args, "", args.model_name_or_path)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]  # matrices decay; biases, norms not
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(
-        [g for g in groups if g["params"]],  # adapters alone have no 1-d group: an empty one trips the scheduler
-        lr=args.lr,
-        betas=(0.9, 0.95),
+    optimizer, scheduler = common.optimizer(
+        model, args.lr, args.weight_decay, args.lr_scheduler_type, total_steps, args.lr_warmup_ratio
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_lambda(step, total_steps, warmup_steps, args.lr_scheduler_type)
-    )
-    with open(args.ds_config) as f:
-        ds_config = json.load(f)
-    ds_config.update(
-        train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, train_batch_size=global_batch
-    )
-    zero = ds_config.setdefault("zero_optimization", {})
-    zero["stage"] = args.zero_stage
-    zero["offload_param"] = {"device": "cpu" if args.offload in ("parameter", "all") else "none"}
-    zero["offload_optimizer"] = {"device": "cpu" if args.offload in ("optimizer", "all") else "none"}
-    if args.offload in ("optimizer", "all"):
-        ds_config["zero_force_ds_cpu_optimizer"] = False  # we pass a torch optimizer on purpose
-    ds_config["bf16"] = {**ds_config.get("bf16", {}), "enabled": args.bf16}
-    print0(f"deepspeed config: {json.dumps(ds_config)}")
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    config = common.ds_config(args, world_size)
+    print0(f"deepspeed config: {json.dumps(config)}")
+    engine = common.engine(model, config, (optimizer, scheduler))
+    log = common.metrics_logger(partial, args, total_steps)
 
-    if args.log_type == "wandb" and master_process:
-        import wandb
-
-        wandb.init(project=args.log_project, config=vars(args))
-    if args.log_type == "tensorboard" and master_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(partial / "tensorboard" / args.log_project)
-
-    def log(step, metrics):
-        metrics = {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
-        check_finite(metrics, step)  # all-reduced values: every rank stops together
-        fmt = lambda k, v: (
-            f"{k} {v:,.0f}" if k.startswith("perf/") else f"{k} {v:.2e}" if k.endswith("/lr") else f"{k} {v:.4f}"
-        )
-        print0(" | ".join([f"step {step}/{total_steps}"] + [fmt(k, v) for k, v in metrics.items()]))
-        if master_process:
-            with open(partial / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-            if args.log_type == "wandb":
-                wandb.log(metrics, step=step)
-            elif args.log_type == "tensorboard":
-                for k, v in metrics.items():
-                    writer.add_scalar(k, v, step)
-
-    def loss_of(batch):
-        """The batch's masked next-token cross-entropy: from the logits (B, T, V), or with --fused_logprobs from the
-        log-probs the lm_head gives for one forward (kernels.head_gives_logprobs), the same number."""
-        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        if not args.fused_logprobs:
-            return sft_loss(engine(**inputs).logits, batch["labels"])
-        targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # t predicts t + 1
-        with head_gives_logprobs(engine, targets):
-            return mean_nll(engine(**inputs).logits, targets, IGNORE_INDEX)  # the "logits" are log p(target): (B, T)
-
-    def evaluate():
-        engine.eval()
-        totals = torch.zeros(2, device=engine.device)  # (sum of token losses, answer tokens)
-        with torch.no_grad():
-            for batch in rollout.progress(eval_loader, desc="eval", unit="batch"):  # rank 0, terminal (rollout.py)
-                batch = {k: v.to(engine.device) for k, v in batch.items()}
-                n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-                totals += torch.stack([loss_of(batch).float() * n, n.float()])
-        dist.all_reduce(totals)
-        engine.train()
-        loss = totals[0] / totals[1]
-        return {"eval/loss": loss, "eval/perplexity": loss.exp()}
-
-    def save(path, loop_state=None):
-        """An ordinary HF folder, arguments.json last; under ZeRO-3 all ranks gather the partitioned weights into
-        rank 0's copy. Never a non-finite model: the check takes one host sync per save. With `loop_state`, a full
-        checkpoint-<step>/ in `path`: the engine's DeepSpeed state, RNG states and the loop state too."""
-        finite = torch.tensor(float(weights_finite(engine.module)), device=engine.device)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # a NaN in one rank's ZeRO partition stops every rank
-        check_finite({"weights": 1.0 if finite.item() else math.nan}, step)
-        state_dict = (
-            engine._zero3_consolidated_16bit_state_dict() if args.zero_stage == 3 else engine.module.state_dict()
-        )
-
-        def write_model(folder):
-            lora.save_pretrained(engine.module, folder, state_dict, args.save_adapter_only)  # LoRA: merged by default
-            tokenizer.save_pretrained(folder)
-            save_chat_template(tokenizer, args.chat_template, folder)  # the template it was trained in, for serving
-
-        if loop_state is not None:
-            rank_state = {"running": running.tolist()}  # this rank's sums since the last metrics line
-            save_checkpoint(
-                path, step, {"model": engine}, loop_state, write_model, vars(args), args.save_total_limit, rank_state
-            )
-            return
-        if master_process:
-            write_model(path)
-            with open(Path(path) / "arguments.json", "w") as f:
-                json.dump(vars(args), f, indent=2)
-        dist.barrier()
+    def write_model(folder, state_dict):  # rank 0; state_dict: the gathered one under ZeRO-3, else None
+        lora.save_pretrained(engine.module, folder, state_dict, args.save_adapter_only)  # LoRA: merged by default
+        tokenizer.save_pretrained(folder)
+        save_chat_template(tokenizer, args.chat_template, folder)  # the template it was trained in, for serving
 
     # the loop: forward, masked CE, backward; DeepSpeed owns gradient accumulation (engine.backward scales the loss
     # by 1/accum, engine.step only updates on every accum-th micro-batch)
@@ -403,7 +262,7 @@ def main():
     t0 = time.time()
     try:  # Ctrl-C: one line, exit 130, the .partial left in place
         if eval_loader is not None and resume_dir is None:  # step 0 (as the anchor): the untrained model's eval, to
-            log(0, evaluate())  # compare the later ones with
+            log(0, evaluate(engine, eval_loader, args.fused_logprobs))  # compare the later ones with
             t0 = time.time()
         for epoch in range(start_epoch, args.epochs):
             train_sampler.set_epoch(epoch)  # the epoch's order depends on (seed, epoch) only: a resume skips into it
@@ -413,7 +272,7 @@ def main():
                     bar = rollout.progress(total=steps_to_line * accum - micro_step % accum, desc="train", unit="mb")
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 # 1) forward and masked next-token cross-entropy
-                loss = loss_of(batch)
+                loss = batch_loss(engine, batch, args.fused_logprobs)
                 # 2) backward and (on boundaries) optimizer + LR step
                 engine.backward(loss)
                 engine.step()
@@ -439,16 +298,20 @@ def main():
                 t_pause = time.time()  # eval and save time does not count against throughput
                 eval_now = args.eval_interval and step % args.eval_interval == 0 or step == total_steps
                 if eval_loader is not None and eval_now:
-                    log(step, evaluate())
+                    log(step, evaluate(engine, eval_loader, args.fused_logprobs))
                 if args.save_interval and step % args.save_interval == 0 and step < total_steps:
-                    save(partial, {"epoch": epoch, "position": position, "micro_step": micro_step})
+                    # a full checkpoint-<step>/: engine state, RNG, where the loop stands, this rank's running sums
+                    loop_state = {"epoch": epoch, "position": position, "micro_step": micro_step}
+                    full = dict(engines={"model": engine}, state=loop_state, save_total_limit=args.save_total_limit)
+                    full["rank_state"] = {"running": running.tolist()}
+                    save_model(engine, partial, step, write_model, vars(args), full)
                 t0 += time.time() - t_pause
                 if step == total_steps:
                     break
             skip = 0
             if step == total_steps:
                 break
-        save(partial)  # the final model, arguments.json last
+        save_model(engine, partial, step, write_model, vars(args))  # the final model, arguments.json last
     except KeyboardInterrupt:
         interrupted(step, partial)
 

@@ -13,8 +13,9 @@ import torch
 import data
 import templates
 import toy
+from common import lr_schedule
 from conftest import ROOT, run_script
-from sft import lr_lambda, sft_loss
+from sft import sft_loss
 
 
 @pytest.fixture(scope="session")
@@ -71,11 +72,13 @@ def test_sft_loss_matches_slow_loop():
     assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
 
 
-def test_lr_lambda():
-    assert [lr_lambda(s, 10, 2, "cosine") for s in (0, 1, 2, 6, 10)] == pytest.approx([0, 0.5, 1, 0.5, 0])
-    assert [lr_lambda(s, 10, 2, "linear") for s in (2, 6, 10)] == pytest.approx([1, 0.5, 0])
-    assert [lr_lambda(s, 10, 2, "constant") for s in (1, 6, 10)] == pytest.approx([0.5, 1, 1])
-    assert lr_lambda(0, 10, 0, "cosine") == 1.0
+def test_lr_schedule():
+    # lr_schedule(kind, total_steps, warmup_ratio)(step): 10 steps, ratio 0.2 = 2 warm-up steps
+    assert [lr_schedule("cosine", 10, 0.2)(s) for s in (0, 1, 2, 6, 10)] == pytest.approx([0, 0.5, 1, 0.5, 0])
+    assert [lr_schedule("linear", 10, 0.2)(s) for s in (2, 6, 10)] == pytest.approx([1, 0.5, 0])
+    # "constant" has no warm-up whatever the ratio (sft.py always gave it 0 warm-up steps)
+    assert [lr_schedule("constant", 10, 0.2)(s) for s in (1, 6, 10)] == pytest.approx([1, 1, 1])
+    assert lr_schedule("cosine", 10, 0.0)(0) == 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
