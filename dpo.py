@@ -59,8 +59,8 @@ import rollout
 from checkpoint import find_resume, interrupted, load_checkpoint, prepare_output, publish, save_model
 from common import print0
 from data import IGNORE_INDEX, PreferenceDataset, SafetyPreferenceDataset, parse_dataset
-from kernels import logprobs
-from kernels.linear_logprobs import fused_head_problem, head_gives_logprobs
+from kernels.linear_logprobs import fused_head_problem
+from kernels.linear_logprobs import token_logprobs as kernel_token_logprobs
 from templates import (
     CHAT_TEMPLATE_HELP,
     add_pad_token,
@@ -131,17 +131,11 @@ def token_logprobs(model, input_ids, attention_mask, fused=False):
     """(B, T) fp32: column t holds log p(x_t | x_<t) for each real token after a row's first, 0 on the first and on
     padding. Position ids count real tokens (left padding scores as right). fused: the lm_head gives the log-probs."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     real = attention_mask.bool()
-    labels = input_ids[:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), IGNORE_INDEX)  # (B, T - 1): a real token
-    # predicted from a real one (with left padding the first real token is predicted from a pad: no log-prob)
-    if fused:
-        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
-        with head_gives_logprobs(model, targets):
-            logp = model(**inputs).logits[:, :-1]  # the "logits" are log p(target) now: (B, T - 1)
-    else:
-        logp = logprobs(model(**inputs).logits[:, :-1], labels)  # (B, T - 1), 0 where the label is IGNORE_INDEX
-    return F.pad(logp, (1, 0))  # (B, T): nothing predicts the first token
+    # a real token predicted from a real one (with left padding the first real token is predicted from a pad)
+    labels = input_ids.masked_fill(~(real & F.pad(real[:, :-1], (1, 0))), IGNORE_INDEX)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+    return F.pad(kernel_token_logprobs(model, inputs, 1, fused), (1, 0))  # (B, T): nothing predicts the first token
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,7 +274,7 @@ def main():
     args = parse_args()
     from transformers import AutoModelForCausalLM
 
-    from ppo_lag import adapter_off
+    from lora import adapter_off
 
     rank, world_size, _ = common.init_distributed()  # a plain `python dpo.py` is a world of one
     master_process = rank == 0

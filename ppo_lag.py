@@ -44,7 +44,6 @@ import checkpoint
 
 # isort: split
 import argparse
-import inspect
 import itertools
 import json
 import math
@@ -61,8 +60,8 @@ import rollout
 from checkpoint import check_finite, check_model_folder, find_resume, interrupted, load_checkpoint, weights_finite
 from common import print0, str2bool
 from data import IGNORE_INDEX, PromptOnlyDataset, SupervisedDataset, parse_dataset
-from kernels import gae, logprobs, mean_nll
-from kernels.linear_logprobs import causal_lm, fused_head_problem, head_gives_logprobs
+from kernels import gae, mean_nll
+from kernels.linear_logprobs import fused_head_problem, token_logprobs
 from rollout import response_mask
 from templates import CHAT_TEMPLATE_HELP, load_tokenizer, parse_chat_template, save_chat_template, stop_ids
 from toy import toy_metrics
@@ -235,27 +234,11 @@ def sample_answers(actor, tok, batch, args, stops, step, num_return_sequences=1,
     return seq, attention_mask, mask, P
 
 
-def token_logp(model, inputs, P, fused=False):
-    """log p(x_t | x_<t) for t >= P of inputs["input_ids"] (B, T) -> (B, T - P) fp32; labels outside the vocabulary
-    (-100) give 0. The logits of the positions that predict them only, then the streaming log-prob kernel; fused
-    (--fused_logprobs): the lm_head itself gives the log-probs for that forward (kernels.head_gives_logprobs)."""
-    labels = inputs.get("labels", inputs["input_ids"])[:, P:]
-    inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    keep = labels.size(1) + 1  # positions P - 1 .. T - 1 (the last predicts nothing and is dropped)
-    inputs["use_cache"] = False
-    if "logits_to_keep" in inspect.signature(causal_lm(model).forward).parameters:
-        inputs["logits_to_keep"] = keep  # transformers' causal LMs: the prompt's logits are never computed
-    if not fused:
-        return logprobs(model(**inputs).logits[:, -keep:-1], labels)
-    targets = torch.nn.functional.pad(labels, (P - 1, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
-    with head_gives_logprobs(model, targets):
-        return model(**inputs).logits[:, -keep:-1]  # the "logits" are log p(target) now: (B, L)
-
-
 def policy_logp(model, seq, attention_mask, P, fused=False):
     """log pi(y_t | x, y_<t) for the response tokens: (B, L) fp32."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
-    return token_logp(model, dict(input_ids=seq, attention_mask=attention_mask, position_ids=position_ids), P, fused)
+    inputs = dict(input_ids=seq, attention_mask=attention_mask, position_ids=position_ids)
+    return token_logprobs(model, inputs, P, fused)
 
 
 def critic_values(critic, seq, attention_mask, P):
@@ -728,7 +711,7 @@ def main():
                     if ptx is not None:
                         ptx_batch = {k: v.to(device) for k, v in next(ptx_iter).items()}
                         ptx_drawn += 1
-                        lp = token_logp(actor, ptx_batch, 1, args.fused_logprobs)  # answer tokens, 0 elsewhere
+                        lp = token_logprobs(actor, ptx_batch, 1, args.fused_logprobs)  # answer tokens, 0 elsewhere
                         ptx_loss = mean_nll(lp, ptx_batch["labels"][:, 1:], IGNORE_INDEX)
                         loss = loss + args.ptx_coeff * ptx_loss
                         stats["loss/ptx"].append(ptx_loss.detach())

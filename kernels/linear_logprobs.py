@@ -20,6 +20,7 @@ the weight's dtype (each GEMM accumulates in fp32 inside; bf16 rounds once per c
 
 import contextlib
 import importlib
+import inspect
 
 import torch
 
@@ -160,3 +161,22 @@ def head_gives_logprobs(model, targets, temperature=1.0):
         yield
     finally:
         del head.forward  # the class's forward again
+
+
+def token_logprobs(model, inputs: dict, P: int = 1, fused: bool = False):
+    """log p(x_t | x_<t) for t >= P of a causal LM's inputs["input_ids"] (B, T) -> (B, T - P) fp32 (inputs["labels"],
+    when given, are the targets instead; labels outside the vocabulary, e.g. -100, give 0). Only the positions that
+    predict them get logits (transformers' logits_to_keep), then `logprobs`; fused: the lm_head itself gives the
+    log-probs for that forward (head_gives_logprobs), the same numbers without the (B, T, V) logits."""
+    labels = inputs.get("labels", inputs["input_ids"])[:, P:]
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    keep = labels.size(1) + 1  # positions P - 1 .. T - 1 (the last predicts nothing and is dropped)
+    inputs["use_cache"] = False
+    lm = causal_lm(model)
+    if "logits_to_keep" in inspect.signature(getattr(lm, "forward", lm)).parameters:
+        inputs["logits_to_keep"] = keep  # the prompt's logits are never computed
+    if not fused:
+        return LP.logprobs(model(**inputs).logits[:, -keep:-1], labels)
+    targets = torch.nn.functional.pad(labels, (P - 1, 1), value=-100)  # position t predicts token t + 1
+    with head_gives_logprobs(model, targets):
+        return model(**inputs).logits[:, -keep:-1]  # the "logits" are log p(target) now: (B, T - P)
