@@ -530,7 +530,7 @@ def main():
         return
 
     # -- arena: 1) prompts, 2) answers of both policies, 3) reward and cost, 4) gather, report, judge, save
-    from score_model import ScoreModel
+    from models import ScoreModel
 
     try:  # the prompts first: bad data stops the run before any model is loaded
         prompts = PromptOnlyDataset(args.datasets, toks["red"], args.max_length, args.seed, args.chat_template)

@@ -472,7 +472,7 @@ def main():
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from score_model import ScoreModel
+    from models import ScoreModel
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo does it all; avoids a 30 s JIT build
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")

@@ -118,7 +118,7 @@ def toy_models(tmp_path_factory):
     """The toy world's models: `base`, a toy causal LM (the policy, the actor); `rm` and `cm`, a reward and a cost
     model initialised from it (random heads, seeded 0 and 1), each with its tokenizer."""
     import data
-    from score_model import ScoreModel
+    from models import ScoreModel
 
     root = tmp_path_factory.mktemp("toy_models")
     data.make_toy_model(str(root / "base"))

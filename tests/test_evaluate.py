@@ -36,7 +36,7 @@ def toy(tmp_path_factory):
     import shutil
 
     from data import load_tokenizer, make_toy_model
-    from score_model import ScoreModel
+    from models import ScoreModel
 
     root = tmp_path_factory.mktemp("toy")
     make_toy_model(str(root / "a"), seed=0)
@@ -291,7 +291,7 @@ def test_arena_toy(toy, tmp_path):
     assert not list(out.glob("*.tmp"))
     # the reward model's tokenizer differs, so its scores are of the re-tokenized text: recompute them here
     from data import format_prompt, load_tokenizer
-    from score_model import ScoreModel
+    from models import ScoreModel
 
     rm, tok = ScoreModel.from_pretrained(str(toy / "rm")).eval(), load_tokenizer(str(toy / "rm"))
     for side in ("red", "blue"):
@@ -335,7 +335,7 @@ def chatml_arena(tmp_path_factory):
     from test_templates import chatml_tokenizer, scripted_model
 
     from data import save_chat_template
-    from score_model import ScoreModel
+    from models import ScoreModel
 
     root = tmp_path_factory.mktemp("chatml_arena")
     script = ["Ċ", "Mix", "Ġthe", "Ġflour"]

@@ -19,8 +19,8 @@ import data
 import lora
 from checkpoint import check_model_folder
 from conftest import ROOT, run_script, signal_at, stage_env
+from models import ScoreModel
 from ppo_lag import adapter_off
-from score_model import ScoreModel
 
 PY = sys.executable
 

@@ -18,7 +18,9 @@ import torch
 
 import data
 from conftest import ROOT, run_script
-from score_model import Normalizer, ScoreModel, cost_loss, diverge_span, lr_lambda, pair_metrics, reward_loss
+from models import Normalizer, ScoreModel
+from score_model import cost_loss, diverge_span, pair_metrics, reward_loss
+from sft import lr_lambda
 
 
 def close(a, b, tol=1e-5):
