@@ -13,16 +13,14 @@ import torch
 from conftest import ROOT, LoopbackServer, run_script, send_json
 from evaluate import (
     arena_counts,
-    call_judge,
     category_table,
     choice_logprobs,
     format_arena,
-    judge_totals,
     multiple_choice_grade,
-    parse_judge_reply,
     plot_runs,
     read_bigbench_task,
 )
+from judge import call_judge, judge_totals, parse_judge_reply
 
 PY = sys.executable
 
