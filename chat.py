@@ -6,9 +6,10 @@ i.e. `BEGINNING OF CONVERSATION: USER: u1 ASSISTANT:a1</s>USER: ... ASSISTANT:`)
 (`--chat_template model`: apply_chat_template, e.g. ChatML) or a Jinja file. An answer ends at its first stop token
 (the EOS, the model's generation_config EOS list, the template's end of turn such as <|im_end|>) and only the answer
 is printed; a note on stderr says when it hit the token cap instead. The oldest exchanges are dropped when the
-conversation would not leave `max_new_tokens` of the model's context. Deviations from the anchor's CLI: arena
-answers stream one after the other (red, then blue), not in two columns; plain input() (with readline editing where
-available) instead of a rich UI.
+conversation would not leave `max_new_tokens` of the model's context.
+
+Deviations from the anchor's CLI: arena answers stream one after the other (red, then blue), not in two columns;
+plain input() (with readline editing where available) instead of a rich UI.
 
     python chat.py --model_name_or_path output/ppo-lag
     python chat.py --red_corner_model_name_or_path output/sft --blue_corner_model_name_or_path output/ppo-lag
@@ -25,10 +26,8 @@ import sys
 import checkpoint  # its handler: Ctrl-C and the errors a user can fix end in one line (error_line)
 import lora
 
-HELP = (
-    "commands: /help | /reset: new conversation | /clear: clear the screen too | /regenerate: answer the last "
-    "message again | /exit or /quit (or Ctrl-D, Ctrl-C)"
-)
+HELP = "commands: /help | /reset: new conversation | /clear: clear the screen too | /regenerate: answer the last "
+HELP += "message again | /exit or /quit (or Ctrl-D, Ctrl-C)"
 COLOURS = {"you": "\033[1;32m", "assistant": "\033[1;36m", "red": "\033[1;31m", "blue": "\033[1;34m"}
 note = functools.partial(print, file=sys.stderr, flush=True)  # status lines: stdout holds only the answers (pipes)
 
@@ -51,28 +50,25 @@ def main():
     from templates import CHAT_TEMPLATE_HELP, parse_chat_template
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
     # data
-    parser.add_argument(
-        "--chat_template",
-        type=parse_chat_template,
-        default="anchor",
-        help=f"how the conversation is written for the model(s): {CHAT_TEMPLATE_HELP}",
-    )
+    template_help = f"how the conversation is written for the model(s): {CHAT_TEMPLATE_HELP}"
+    add("--chat_template", type=parse_chat_template, default="anchor", help=template_help)
     # model
-    parser.add_argument("--model_name_or_path", default=None, help="the policy to chat with")
-    parser.add_argument("--red_corner_model_name_or_path", default=None, help="arena: the red policy")
-    parser.add_argument("--blue_corner_model_name_or_path", default=None, help="arena: the blue policy")
+    add("--model_name_or_path", default=None, help="the policy to chat with")
+    add("--red_corner_model_name_or_path", default=None, help="arena: the red policy")
+    add("--blue_corner_model_name_or_path", default=None, help="arena: the blue policy")
     # algorithm (generation)
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass")
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="answer cap in tokens (<= half the context)")
-    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    add("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
+    add("--top_p", type=float, default=1.0, help="nucleus sampling mass")
+    add("--max_new_tokens", type=int, default=512, help="answer cap in tokens (<= half the context)")
+    add("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats")
     # logging
-    parser.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
-    parser.add_argument("--verbose", action="store_true", help="print each full templated prompt to stderr")
+    add("-p", "--prompt", default=None, help="answer this one message and exit")
+    add("--verbose", action="store_true", help="print each full templated prompt to stderr")
     # system
-    parser.add_argument("--seed", type=int, default=42, help="sampling seed")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 weights")
+    add("--seed", type=int, default=42, help="sampling seed")
+    add("--bf16", action="store_true", help="bfloat16 weights")
     args = parser.parse_args()
     red, blue = args.red_corner_model_name_or_path, args.blue_corner_model_name_or_path
     arena = bool(red or blue)
@@ -109,12 +105,9 @@ def main():
         raise SystemExit(f"error: {e}") from None
     template = args.chat_template  # "anchor", or the tokenizer's template (a Jinja file is installed on it now)
 
-    bots = []
-    for name, path in paths.items():
-        model = lora.from_pretrained(  # an adapter folder: its base with the adapter folded in
-            AutoModelForCausalLM.from_pretrained, path, dtype=torch.bfloat16 if args.bf16 else torch.float32
-        )
-        model = model.to(device).eval()
+    bots, dtype = [], torch.bfloat16 if args.bf16 else torch.float32
+    for name, path in paths.items():  # an adapter folder: its base with the adapter folded in
+        model = lora.from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=dtype).to(device).eval()
         if not checkpoint.weights_finite(model):  # else a traceback from inside sampling, at the first message
             flag = flags.get(name, "--model_name_or_path")
             raise SystemExit(
@@ -123,19 +116,9 @@ def main():
             )
         context = getattr(model.config, "max_position_embeddings", None) or 2048
         max_new = min(args.max_new_tokens, context // 2)
-        tok = tokenizers[name]
-        stops = stop_ids(tok, template, model.generation_config)  # EOS, the config's EOS list, the end of turn
-        bots.append(
-            {
-                "name": name,
-                "model": model,
-                "tokenizer": tok,
-                "stops": stops,
-                "history": [],
-                "max_new": max_new,
-                "budget": context - max_new,
-            }
-        )
+        stops = stop_ids(tokenizers[name], template, model.generation_config)  # EOS, config's EOS list, end of turn
+        bot = dict(name=name, model=model, tokenizer=tokenizers[name], stops=stops, history=[], max_new=max_new)
+        bots.append({**bot, "budget": context - max_new})
 
     def answer(bot, message: str) -> None:
         """Stream bot's answer to `message` after its history, then remember the exchange."""
@@ -149,10 +132,8 @@ def main():
         if ids.shape[1] > bot["budget"]:
             return note(f"(message too long: {ids.shape[1]} tokens > {bot['budget']}; not sent)")
         if (top := int(ids.max())) >= bot["model"].get_input_embeddings().num_embeddings:  # else an IndexError
-            return note(
-                f"(the token {tok.convert_ids_to_tokens(top)!r} has no embedding row in {bot['name']}'s model; "
-                "not sent)"
-            )
+            token = tok.convert_ids_to_tokens(top)
+            return note(f"(the token {token!r} has no embedding row in {bot['name']}'s model; not sent)")
         if args.verbose:
             note(f"[{bot['name']} prompt] {prompt}")
         if interactive or arena:

@@ -300,7 +300,7 @@ def load_models(args, actor_tok, score_toks, optimizer_steps, world_size):
     copy of the head on) that is also its frozen score model (both off): 3 backbones instead of 6."""
     from transformers import AutoModelForCausalLM
 
-    from score_model import ScoreModel
+    from models import ScoreModel
 
     use_cost, lagrangian = args.cost_model_name_or_path is not None, is_lagrangian(args)
     dtype = torch.bfloat16 if args.bf16 else torch.float32

@@ -53,8 +53,9 @@ def ppo_step_memory(spec: dict) -> dict:
     from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
     import lora
-    from ppo_lag import actor_loss_fn, adapter_off, critic_loss_fn, kl_shaped_rewards
-    from score_model import ScoreModel
+    from lora import adapter_off
+    from models import ScoreModel
+    from ppo_lag import actor_loss_fn, critic_loss_fn, kl_shaped_rewards
 
     device, rank = torch.device(spec["device"]), spec["lora_rank"]
     gpu, dtype = device.type == "cuda", DTYPES[spec["dtype"]]
@@ -495,7 +496,7 @@ def save_model(args):
     from transformers import LlamaForCausalLM
 
     import rollout
-    from score_model import ScoreModel
+    from models import ScoreModel
 
     rollout.silence_library_bars()  # transformers' load and save bars: on a terminal only
     out, dt = Path(args.save_model), DTYPES[args.dtype or "bf16"]  # bf16 on disk: ppo_lag.py casts on load

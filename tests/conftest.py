@@ -119,7 +119,7 @@ def toy_models(tmp_path_factory):
     model initialised from it (random heads, seeded 0 and 1), each with its tokenizer."""
     import templates
     import toy
-    from score_model import ScoreModel
+    from models import ScoreModel
 
     root = tmp_path_factory.mktemp("toy_models")
     toy.make_toy_model(str(root / "base"))

@@ -13,16 +13,14 @@ import torch
 from conftest import ROOT, LoopbackServer, run_script, send_json
 from evaluate import (
     arena_counts,
-    call_judge,
     category_table,
     choice_logprobs,
     format_arena,
-    judge_totals,
     multiple_choice_grade,
-    parse_judge_reply,
     plot_runs,
     read_bigbench_task,
 )
+from judge import call_judge, judge_totals, parse_judge_reply
 
 PY = sys.executable
 
@@ -35,7 +33,7 @@ def toy(tmp_path_factory):
     (generation_config), so each of its answers ends after one token; `toy.jinja`: a chat template in toy words."""
     import shutil
 
-    from score_model import ScoreModel
+    from models import ScoreModel
     from templates import load_tokenizer
     from toy import make_toy_model
 
@@ -291,7 +289,7 @@ def test_arena_toy(toy, tmp_path):
     assert f"arena: {n} prompts" in proc.stdout and "red unsafe" in proc.stdout and "oracle harm" in proc.stdout
     assert not list(out.glob("*.tmp"))
     # the reward model's tokenizer differs, so its scores are of the re-tokenized text: recompute them here
-    from score_model import ScoreModel
+    from models import ScoreModel
     from templates import format_prompt, load_tokenizer
 
     rm, tok = ScoreModel.from_pretrained(str(toy / "rm")).eval(), load_tokenizer(str(toy / "rm"))
@@ -335,7 +333,7 @@ def chatml_arena(tmp_path_factory):
     cost model on base. Context 512: byte-level tokens of real prompts are many."""
     from test_templates import chatml_tokenizer, scripted_model
 
-    from score_model import ScoreModel
+    from models import ScoreModel
     from templates import save_chat_template
 
     root = tmp_path_factory.mktemp("chatml_arena")

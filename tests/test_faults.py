@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 from conftest import ROOT, LoopbackServer, send_json, signal_at, stage_env
 from data import RawDataset, parse_dataset
-from evaluate import call_judge
+from judge import call_judge
 
 PY = sys.executable
 

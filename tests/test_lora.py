@@ -20,7 +20,7 @@ import templates
 from checkpoint import check_model_folder
 from conftest import ROOT, run_script, signal_at, stage_env
 from lora import adapter_off
-from score_model import ScoreModel
+from models import ScoreModel
 from toy import make_toy_model
 
 PY = sys.executable

@@ -517,7 +517,7 @@ def test_reward_shaping_is_one_stream_with_a_fixed_lambda(toy_models, tmp_path):
 
 def test_normalize_flags_override_the_checkpoint(toy_models, tmp_path):
     """The anchor's --normalize_reward/--normalize_cost (default False) override a checkpoint's do_normalize."""
-    from score_model import ScoreModel
+    from models import ScoreModel
 
     rm = tmp_path / "rm_norm"
     model = ScoreModel.from_pretrained(str(toy_models / "rm"), do_normalize=True, normalizer_type="RunningMeanStd")
@@ -628,8 +628,8 @@ def test_model_chat_template_samples_and_first_cost(tmp_path):
 
     import data
     import templates
+    from models import ScoreModel
     from ppo_lag import SAMPLES_PER_LOG
-    from score_model import ScoreModel
 
     script, again = ["Ċ", "Mix", "Ġthe", "Ġflour"], ["<|im_start|>", "user"]
     scripted_model(

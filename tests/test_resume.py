@@ -93,7 +93,7 @@ def port():
 def models(tmp_path_factory):
     """The toy base model, a copy with attention dropout (so that SFT consumes random numbers), a reward and a cost
     model with seeded random heads."""
-    from score_model import ScoreModel
+    from models import ScoreModel
 
     root = tmp_path_factory.mktemp("resume")
     toy.make_toy_model(str(root / "base"))

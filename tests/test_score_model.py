@@ -19,8 +19,10 @@ import torch
 import data
 import templates
 import toy
+from common import lr_schedule
 from conftest import ROOT, run_script
-from score_model import Normalizer, ScoreModel, cost_loss, diverge_span, lr_lambda, pair_metrics, reward_loss
+from models import Normalizer, ScoreModel
+from score_model import cost_loss, diverge_span, pair_metrics, reward_loss
 
 
 def close(a, b, tol=1e-5):
@@ -188,13 +190,14 @@ def test_pair_metrics():
     assert pair_metrics(better, worse)["accuracy"].item() == pytest.approx(2 / 3)
 
 
-def test_lr_lambda_warmup_rule():
-    """Warm-up multiplier step / max(1, warmup_steps) (transformers' schedulers, so the anchor's), then the decay."""
-    assert [lr_lambda(s, 10, 4, "cosine") for s in range(5)] == pytest.approx([0, 0.25, 0.5, 0.75, 1])
-    assert [lr_lambda(s, 10, 2, "cosine") for s in (2, 6, 10)] == pytest.approx([1, 0.5, 0])
-    assert [lr_lambda(s, 10, 2, "linear") for s in (2, 6, 10)] == pytest.approx([1, 0.5, 0])
-    assert [lr_lambda(s, 10, 2, "constant") for s in (1, 6, 10)] == pytest.approx([0.5, 1, 1])
-    assert lr_lambda(0, 10, 0, "cosine") == 1.0  # no warm-up: the full LR from the first step
+def test_lr_schedule_warmup_rule():
+    """Warm-up multiplier step / max(1, warmup_steps) (transformers' schedulers, so the anchor's), then the decay; a
+    constant schedule has no warm-up (as the stages always ran it)."""
+    assert [lr_schedule("cosine", 10, 0.4)(s) for s in range(5)] == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+    assert [lr_schedule("cosine", 10, 0.2)(s) for s in (2, 6, 10)] == pytest.approx([1, 0.5, 0])
+    assert [lr_schedule("linear", 10, 0.2)(s) for s in (2, 6, 10)] == pytest.approx([1, 0.5, 0])
+    assert [lr_schedule("constant", 10, 0.2)(s) for s in (1, 6, 10)] == pytest.approx([1, 1, 1])
+    assert lr_schedule("cosine", 10, 0.0)(0) == 1.0  # no warm-up: the full LR from the first step
 
 
 # ----------------------------------------------------------------------------------------------------------------
