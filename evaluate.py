@@ -11,7 +11,7 @@ with a category (red-team files such as safe-rlhf's problem.json, `--datasets pr
 the helpfulness on benign prompts and the harmful rate on harmful ones. `--chat_template model` prompts each policy
 in its own tokenizer's chat template (`anchor`, the default: the anchor's); an answer ends at any of its stop tokens
 (the EOS, the generation config's EOS list, the template's end of turn). A score model with another tokenizer or
-template than the policy's reads the conversation re-tokenized, as the anchor does (rollout.score_conversations).
+template than the policy's reads the conversation written again in its own (rollout.score_conversations).
 
 Deviations from the anchor (safe-rlhf's arena, GPT-4 and BIG-bench evaluations):
 1. Reward ties (e.g. identical greedy answers) are counted as ties, not as "blue worse".
@@ -392,8 +392,8 @@ def main():
             for side, policy, tok in (("red", red, red_tok), ("blue", blue, blue_tok)):
                 seq, mask, answers, truncated = generate(policy, tok, inputs)
                 out[f"{side}_answer"], out[f"{side}_truncated"] = answers, truncated.tolist()
-                for role, model in scorers.items():  # another tokenizer or template: re-tokenized, as the anchor does
-                    retokenize = None if reads[side, role] else (toks[role], tok, args.chat_template, inputs, answers)
+                for role, model in scorers.items():  # another tokenizer or template: written again in its own
+                    retokenize = None if reads[side, role] else (toks[role], args.chat_template, inputs, answers)
                     scores = rollout.score_conversations(model, seq.to(device), mask.to(device), retokenize)
                     out[f"{side}_{role}"] = scores.cpu().tolist()
             for j, i in enumerate(idx):

@@ -251,15 +251,14 @@ def answers_of(tok, seq, mask, P):
     return tok.batch_decode([s[P:][m] for s, m in zip(seq, mask)], skip_special_tokens=True)
 
 
-def end_scores(scorers, seq, attention_mask, inputs, answers, actor_tok, chat_template):
-    """{name: end score (B,)} of each frozen score model {name: (model, own tokenizer or None)}: a score model with
-    its own tokenizer reads the conversation re-tokenized (rollout.score_conversations)."""
-    return {
-        name: rollout.score_conversations(
-            model, seq, attention_mask, tok and (tok, actor_tok, chat_template, inputs, answers)
-        )
-        for name, (model, tok) in scorers.items()
-    }
+def end_scores(scorers, seq, attention_mask, inputs, answers, chat_template):
+    """{name: end score (B,)} of each frozen score model {name: (model, own tokenizer or None)}: one with its own
+    tokenizer reads the conversation written again in it (rollout.score_conversations)."""
+    scores = {}
+    for name, (model, tok) in scorers.items():
+        retokenize = None if tok is None else (tok, chat_template, inputs, answers)
+        scores[name] = rollout.score_conversations(model, seq, attention_mask, retokenize)
+    return scores
 
 
 def evaluate(actor, actor_tok, scorers, eval_prompts, args, stops, step):
@@ -276,7 +275,7 @@ def evaluate(actor, actor_tok, scorers, eval_prompts, args, stops, step):
         seq, attention_mask, mask, P = sample_answers(actor, actor_tok, batch, args, stops, step, desc="eval generate")
         answers = answers_of(actor_tok, seq, mask, P)
         with torch.no_grad():
-            scores = end_scores(scorers, seq, attention_mask, batch["inputs"], answers, actor_tok, args.chat_template)
+            scores = end_scores(scorers, seq, attention_mask, batch["inputs"], answers, args.chat_template)
         r, c = scores["reward"], scores.get("cost", torch.zeros_like(scores["reward"]))
         ended = torch.isin(seq[:, P:], torch.tensor(stops, device=seq.device)).any(-1)  # stopped before the cap
         rows += zip(mb, r.tolist(), c.tolist(), batch["prompts"], answers, ended.tolist())
@@ -678,7 +677,7 @@ def main():
                 # 2) score with the frozen models: old and reference log-probs, end scores, each critic's values
                 old_logp = policy_logp(actor, seq, attention_mask, P, args.fused_logprobs)  # (B, L)
                 ref_logp = policy_logp(ref, seq, attention_mask, P, args.fused_logprobs)
-                scores = end_scores(scorers, seq, attention_mask, inputs, answers, actor_tok, args.chat_template)
+                scores = end_scores(scorers, seq, attention_mask, inputs, answers, args.chat_template)
                 old_values = {s["name"]: critic_values(s["critic"], seq, attention_mask, P) for s in streams}
                 t2 = common.clock(device)
 

@@ -263,25 +263,16 @@ def reads_policy_tokens(score_tok, policy_tok, chat_template) -> bool:
 def score_conversations(model, seq, attention_mask, retokenize=None):
     """The score model's end score (B,) fp32 of each conversation (prompt + answer) in seq (B, T), the policy's
     token ids with its attention mask (the answer's tokens after its first stop masked out).
-    retokenize: None when the model reads the policy's ids (reads_policy_tokens), else (score_tok, policy_tok,
-    chat_template, inputs (B,), answers (B,)) and the conversation is re-tokenized for it: in the anchor's template as
-    the anchor does (the text decoded without special tokens, the score tokenizer's EOS appended), in a model's own
-    template rendered again from the inputs and answer texts."""
+    retokenize: None when the model reads the policy's ids (reads_policy_tokens), else (score_tok, chat_template,
+    inputs (B,), answers (B,)): the conversation is written again from the prompts and answer texts, in the score
+    model's tokenizer and the template, as its training pairs were (data.conversation_ids)."""
     from data import conversation_ids
 
     device = seq.device
     if retokenize is not None:
-        tok, policy_tok, chat_template, inputs, answers = retokenize
+        tok, chat_template, inputs, answers = retokenize
         tok.pad_token = tok.pad_token or tok.eos_token  # padding is masked: any id will do
-        if chat_template == "anchor":
-            texts = policy_tok.batch_decode(
-                [s[m.bool()] for s, m in zip(seq, attention_mask)], skip_special_tokens=True
-            )
-            enc = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True).to(device)
-            seq, attention_mask = enc["input_ids"], enc["attention_mask"]
-        else:
-            ids = [torch.tensor(conversation_ids(tok, x, y, chat_template)) for x, y in zip(inputs, answers)]
-            seq = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tok.pad_token_id).to(device)
-            attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in ids], batch_first=True)
-            attention_mask = attention_mask.to(device)
-    return model(seq, attention_mask.long()).end_scores[:, 0].float()
+        ids = [torch.tensor(conversation_ids(tok, x, y, chat_template)) for x, y in zip(inputs, answers)]
+        seq = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tok.pad_token_id).to(device)
+        attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in ids], batch_first=True)
+    return model(seq, attention_mask.long().to(device)).end_scores[:, 0].float()

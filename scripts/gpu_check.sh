@@ -10,7 +10,7 @@
 #   bash scripts/gpu_check.sh wheels     # on a dev machine first: fill .whl/ (git-ignored) for the GPU machine
 #
 # The GPU machine's Python has torch, triton and transformers but no deepspeed or datasets and no package index
-# (../shared/ENV.md): the wheels in .whl/ go into /tmp/site with --no-deps. Each step has its own time limit, cut
+# of its own: the wheels in .whl/ go into /tmp/site with --no-deps. Each step has its own time limit, cut
 # to what is left of BUDGET, so a slow step cannot eat the others' time nor push the whole run past 8 minutes; the
 # log is also written to $OUT/gpu_check.log when $OUT is set.
 set -uo pipefail
