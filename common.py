@@ -92,6 +92,12 @@ def add_run_arguments(parser, unit: str = "optimizer steps") -> None:
     add("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored")
 
 
+def check_run_arguments(parser, args) -> None:
+    """The checks of add_run_arguments' flags: --offload needs the ZeRO stage that partitions what it offloads."""
+    if args.zero_stage < {"parameter": 3, "all": 3, "optimizer": 1}.get(args.offload, 0):
+        parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
+
+
 def str2bool(text: str) -> bool:
     """argparse type for the anchor's `--flag True/False` style."""
     if text.lower() in ("true", "1", "yes"):

@@ -256,8 +256,7 @@ def check_args(parser, args) -> None:
     """Flag ranges and combinations (argparse's one line, exit 2), before anything slow."""
     ranges = {**checkpoint.TRAIN_RANGES, "scale_coeff": "finite and > 0", "safety_margin": "finite and >= 0"}
     checkpoint.check_ranges(parser, args, ranges)
-    if args.zero_stage < {"parameter": 3, "all": 3, "optimizer": 1}.get(args.offload, 0):
-        parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
+    common.check_run_arguments(parser, args)
     if args.objective == "safedpo" and args.label != "better":
         parser.error("--objective safedpo orders pairs by the helpfulness label: drop --label safer")
     lora.check_arguments(parser, args)

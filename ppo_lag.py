@@ -509,9 +509,7 @@ def check_args(parser, args):
             "--lambda_init 0 can never move under --lambda_update sgd-log (its step is proportional to "
             "lambda): start from a small one such as --lambda_init 0.01, or use --lambda_update pid"
         )
-    offload_param, offload_optimizer = args.offload in ("parameter", "all"), args.offload in ("optimizer", "all")
-    if offload_param and args.zero_stage != 3 or offload_optimizer and args.zero_stage == 0:
-        parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
+    common.check_run_arguments(parser, args)
     if args.reward_shaping and not use_cost:
         parser.error("--reward_shaping shapes R - lambda * C: pass --cost_model_name_or_path")
     lora.check_arguments(parser, args, "actor_")
@@ -735,14 +733,11 @@ def main():
             if use_cost:
                 episode_cost, n_costs = windowed_cost(episode_costs, scores["cost"], device)
                 if step == 1:  # where the constraint starts: the threshold d is set against this number
-                    verdict = (
-                        " | above d: lambda grows"
-                        if episode_cost > args.threshold
-                        else (" | at or below d: lambda shrinks")
-                    )
+                    grows = episode_cost > args.threshold
+                    verdict = " | above d: lambda grows" if grows else " | at or below d: lambda shrinks"
                     print0(
-                        f"J_C {episode_cost:.4f} on the first rollout ({n_costs} answers of the initial "
-                        f"policy) | threshold d {args.threshold:g}" + (verdict if lagrangian else "")
+                        f"J_C {episode_cost:.4f} on the first rollout ({n_costs} answers of the initial policy) | "
+                        f"threshold d {args.threshold:g}" + (verdict if lagrangian else "")
                     )
             if lagrangian and step > args.lambda_update_delay_steps:
                 lam_state = update_multiplier(lam_state, episode_cost, args, device)

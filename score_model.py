@@ -182,9 +182,7 @@ def main():
         parser.error("--save_best and --plot_histogram need --eval_datasets or --eval_split_ratio")
     if args.normalize_score_during_training and not args.normalizer_type:
         parser.error("--normalize_score_during_training needs --normalizer_type")
-    offload_param, offload_optimizer = args.offload in ("parameter", "all"), args.offload in ("optimizer", "all")
-    if offload_param and args.zero_stage != 3 or offload_optimizer and args.zero_stage == 0:
-        parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
+    common.check_run_arguments(parser, args)
     lora.check_arguments(parser, args)
     if args.save_adapter_only and not args.lora_rank:
         parser.error("--save_adapter_only saves a LoRA adapter: pass --lora_rank > 0")

@@ -145,8 +145,7 @@ def check_args(parser, args) -> None:
     checkpoint.check_ranges(parser, args, checkpoint.TRAIN_RANGES)
     if args.eval_split_ratio is not None and (args.eval_datasets or not 0 < args.eval_split_ratio < 1):
         parser.error("--eval_split_ratio must be in (0, 1) and cannot be combined with --eval_datasets")
-    if args.zero_stage < {"parameter": 3, "all": 3, "optimizer": 1}.get(args.offload, 0):
-        parser.error(f"--offload {args.offload} needs --zero_stage 3 (parameters) or >= 1 (optimizer)")
+    common.check_run_arguments(parser, args)
     lora.check_arguments(parser, args)
     if args.save_adapter_only and not args.lora_rank:
         parser.error("--save_adapter_only saves a LoRA adapter: pass --lora_rank > 0")
