@@ -189,6 +189,39 @@ def sharded_loader(dataset, batch_size: int, rank: int, world_size: int, seed: i
     return sampler, loader
 
 
+def supervised_loaders(args, train_dataset, eval_dataset, rank: int, world_size: int, unit: str, note: str = ""):
+    """The loaders of a stage that learns from a fixed dataset (sft.py, score_model.py, dpo.py) and its length in
+    optimizer steps, printed in one line: (train_sampler, train_loader, eval_loader or None, steps_per_epoch,
+    total_steps). --eval_split_ratio holds out a seeded slice of the train set; the train set must fill one global
+    batch; the eval loader keeps its order."""
+    if getattr(args, "eval_split_ratio", None):
+        n_eval = max(1, round(args.eval_split_ratio * len(train_dataset)))
+        train_dataset, eval_dataset = torch.utils.data.random_split(
+            train_dataset, [len(train_dataset) - n_eval, n_eval], generator=torch.Generator().manual_seed(args.seed)
+        )
+    micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    global_batch = micro * accum * world_size
+    if len(train_dataset) < global_batch:
+        raise SystemExit(
+            f"error: {len(train_dataset)} train {unit} < one global batch of {global_batch} "
+            f"(= {micro} per device x {accum} accumulation x {world_size} ranks); lower the batch flags"
+        )
+    train_sampler, train_loader = sharded_loader(train_dataset, micro, rank, world_size, args.seed)
+    eval_loader = None
+    if eval_dataset:
+        size = args.per_device_eval_batch_size
+        eval_loader = sharded_loader(eval_dataset, size, rank, world_size, args.seed, shuffle=False)[1]
+    steps_per_epoch = len(train_loader) // accum
+    total_steps = args.epochs * steps_per_epoch
+    total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    warmup_steps = 0 if args.lr_scheduler_type == "constant" else int(args.lr_warmup_ratio * total_steps)
+    print0(
+        f"train {len(train_dataset):,} {unit}, eval {len(eval_dataset or []):,} | global batch {global_batch} = "
+        f"{micro} x {accum} accum x {world_size} ranks | {total_steps} steps, {warmup_steps} warmup{note}"
+    )
+    return train_sampler, train_loader, eval_loader, steps_per_epoch, total_steps
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The metrics line and its sinks
 

@@ -295,27 +295,11 @@ def main():
             eval_dataset = args.eval_datasets and Dataset(args.eval_datasets, tokenizer, **kwargs)
     except ValueError as e:  # no EOS token, no usable samples, nothing fits max_length, ...
         raise SystemExit(f"error: {e}") from None
-    micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    global_batch = micro * accum * world_size
-    if len(train_dataset) < global_batch:
-        raise SystemExit(
-            f"error: {len(train_dataset)} train pairs < one global batch of {global_batch} "
-            f"(= {micro} per device x {accum} accumulation x {world_size} ranks); lower the batch flags"
-        )
-    train_sampler, train_loader = common.sharded_loader(train_dataset, micro, rank, world_size, args.seed)
-    eval_loader = None
-    if eval_dataset:
-        batch = args.per_device_eval_batch_size
-        eval_loader = common.sharded_loader(eval_dataset, batch, rank, world_size, args.seed, shuffle=False)[1]
-    steps_per_epoch = len(train_loader) // accum
-    total_steps = args.epochs * steps_per_epoch
-    total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    warmup_steps = 0 if args.lr_scheduler_type == "constant" else int(args.lr_warmup_ratio * total_steps)
-    print0(
-        f"train {len(train_dataset):,} pairs, eval {len(eval_dataset or []):,} | global batch {global_batch} = "
-        f"{micro} x {accum} accum x {world_size} ranks | {total_steps} steps, {warmup_steps} warmup | "
-        f"{args.objective} on the {args.label} label, beta {args.scale_coeff:g}"
+    note = f" | {args.objective} on the {args.label} label, beta {args.scale_coeff:g}"
+    train_sampler, train_loader, eval_loader, steps_per_epoch, total_steps = common.supervised_loaders(
+        args, train_dataset, eval_dataset, rank, world_size, "pairs", note
     )
+    accum = args.gradient_accumulation_steps  # micro-batches per optimizer step
 
     # models: the policy (trained) and the reference (frozen: a second copy, or the policy with its adapter off)
     model = lora.from_pretrained(  # an adapter folder: its base with the adapter folded in

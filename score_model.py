@@ -226,32 +226,10 @@ def main():
             eval_dataset = args.eval_datasets and Dataset(args.eval_datasets, tokenizer, **kwargs)
     except ValueError as e:  # no usable samples, nothing fits max_length, hub unreachable, no chat template, ...
         raise SystemExit(f"error: {e}") from None
-    if args.eval_split_ratio:
-        n_eval = max(1, round(args.eval_split_ratio * len(train_dataset)))
-        train_dataset, eval_dataset = torch.utils.data.random_split(
-            train_dataset, [len(train_dataset) - n_eval, n_eval], generator=torch.Generator().manual_seed(args.seed)
-        )
-    micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    global_batch = micro * accum * world_size
-    if len(train_dataset) < global_batch:
-        raise SystemExit(
-            f"error: {len(train_dataset)} train pairs < one global batch of {global_batch} "
-            f"(= {micro} per device x {accum} accumulation x {world_size} ranks); lower the batch flags"
-        )
-    train_sampler, train_loader = common.sharded_loader(train_dataset, micro, rank, world_size, args.seed)
-    eval_loader = None  # in order, with its own generator too: an eval draws nothing from the global RNG (dropout's)
-    if eval_dataset is not None:
-        _, eval_loader = common.sharded_loader(
-            eval_dataset, args.per_device_eval_batch_size, rank, world_size, 0, False
-        )
-    steps_per_epoch = len(train_loader) // accum
-    total_steps = args.epochs * steps_per_epoch
-    total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    warmup_steps = 0 if args.lr_scheduler_type == "constant" else int(args.lr_warmup_ratio * total_steps)
-    print0(
-        f"train {len(train_dataset):,} pairs, eval {len(eval_dataset or []):,} | global batch {global_batch} = "
-        f"{micro} x {accum} accum x {world_size} ranks | {total_steps} steps, {warmup_steps} warmup"
+    train_sampler, train_loader, eval_loader, steps_per_epoch, total_steps = common.supervised_loaders(
+        args, train_dataset, eval_dataset, rank, world_size, "pairs"
     )
+    accum = args.gradient_accumulation_steps  # micro-batches per optimizer step
 
     # model, optimizer, engine
     model = ScoreModel.from_pretrained(
