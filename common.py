@@ -4,6 +4,7 @@ Nothing here is Safe RLHF: the algorithms stay in the stage files, which read to
 
 import argparse
 import atexit
+import itertools
 import json
 import math
 import os
@@ -220,6 +221,16 @@ def supervised_loaders(args, train_dataset, eval_dataset, rank: int, world_size:
         f"{micro} x {accum} accum x {world_size} ranks | {total_steps} steps, {warmup_steps} warmup{note}"
     )
     return train_sampler, train_loader, eval_loader, steps_per_epoch, total_steps
+
+
+def resumed_batches(loader, sampler, epochs: int, start_epoch: int = 0, skip: int = 0):
+    """(epoch, position in the epoch, batch) for every batch of every epoch, from where a resumed run stood: an
+    epoch's order depends on (seed, epoch) only, so a resume skips `skip` batches into epoch `start_epoch`."""
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        for position, batch in enumerate(itertools.islice(loader, skip, None), start=skip + 1):
+            yield epoch, position, batch
+        skip = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

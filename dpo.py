@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import copy
 import io
-import itertools
 import json
 import os
 import time
@@ -364,52 +363,47 @@ def main():
         if eval_loader is not None and resume_dir is None:  # the starting policy: loss log 2, rewards 0
             log(0, evaluate(engine, ref, eval_loader, args.scale_coeff, args.fused_logprobs, safety_margin))
             t0 = time.time()
-        for epoch in range(start_epoch, args.epochs):
-            train_sampler.set_epoch(epoch)
-            for position, batch in enumerate(itertools.islice(train_loader, skip, None), start=skip + 1):
-                if bar is None:
-                    steps_to_line = min(args.logging_steps - step % args.logging_steps, total_steps - step)
-                    bar = rollout.progress(total=steps_to_line * accum - micro_step % accum, desc="train", unit="mb")
-                batch = {k: v.to(engine.device) for k, v in batch.items()}
-                # 1) log-probs of both answers under the policy and the reference, summed over the differing span
-                # 2) the DPO loss (or SafeDPO's)
-                loss, metrics = pair_loss(engine, ref, batch, args.scale_coeff, args.fused_logprobs, safety_margin)
-                # 3) backward and (on boundaries) optimizer + LR step
-                engine.backward(loss)
-                engine.step()
-                pairs = torch.tensor(float(len(metrics["loss"])), device=engine.device)
-                running += torch.stack(
-                    [*(m.sum() for m in metrics.values()), pairs, batch["attention_mask"].sum().float()]
-                )
-                micro_step += 1
-                bar.update()
-                if micro_step % accum:
-                    continue
-                step += 1
-                # 4) log / eval / save
-                if step % args.logging_steps == 0 or step == total_steps:
-                    bar.close()
-                    bar = None
-                    dist.all_reduce(running)
-                    elapsed, t0 = time.time() - t0, time.time()
-                    stats = {f"train/{k}": v for k, v in zip(METRICS, running[:-2] / running[-2])}
-                    stats.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch})
-                    log(step, {**stats, "perf/tok_per_sec": running[-1] / elapsed})
-                    running.zero_()
-                t_pause = time.time()
-                eval_now = args.eval_interval and step % args.eval_interval == 0 or step == total_steps
-                if eval_loader is not None and eval_now:
-                    log(step, evaluate(engine, ref, eval_loader, args.scale_coeff, args.fused_logprobs, safety_margin))
-                if args.save_interval and step % args.save_interval == 0 and step < total_steps:
-                    # a full checkpoint-<step>/: engine state, RNG, where the loop stands, this rank's running sums
-                    loop_state = {"epoch": epoch, "position": position, "micro_step": micro_step}
-                    full = dict(engines={"model": engine}, state=loop_state, save_total_limit=args.save_total_limit)
-                    full["rank_state"] = {"running": running.tolist()}
-                    save_model(engine, partial, step, write_model, vars(args), full)
-                t0 += time.time() - t_pause
-                if step == total_steps:
-                    break
-            skip = 0
+        for epoch, position, batch in common.resumed_batches(
+            train_loader, train_sampler, args.epochs, start_epoch, skip
+        ):
+            if bar is None:
+                steps_to_line = min(args.logging_steps - step % args.logging_steps, total_steps - step)
+                bar = rollout.progress(total=steps_to_line * accum - micro_step % accum, desc="train", unit="mb")
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            # 1) log-probs of both answers under the policy and the reference, summed over the differing span
+            # 2) the DPO loss (or SafeDPO's)
+            loss, metrics = pair_loss(engine, ref, batch, args.scale_coeff, args.fused_logprobs, safety_margin)
+            # 3) backward and (on boundaries) optimizer + LR step
+            engine.backward(loss)
+            engine.step()
+            pairs = torch.tensor(float(len(metrics["loss"])), device=engine.device)
+            running += torch.stack([*(m.sum() for m in metrics.values()), pairs, batch["attention_mask"].sum().float()])
+            micro_step += 1
+            bar.update()
+            if micro_step % accum:
+                continue
+            step += 1
+            # 4) log / eval / save
+            if step % args.logging_steps == 0 or step == total_steps:
+                bar.close()
+                bar = None
+                dist.all_reduce(running)
+                elapsed, t0 = time.time() - t0, time.time()
+                stats = {f"train/{k}": v for k, v in zip(METRICS, running[:-2] / running[-2])}
+                stats.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch})
+                log(step, {**stats, "perf/tok_per_sec": running[-1] / elapsed})
+                running.zero_()
+            t_pause = time.time()
+            eval_now = args.eval_interval and step % args.eval_interval == 0 or step == total_steps
+            if eval_loader is not None and eval_now:
+                log(step, evaluate(engine, ref, eval_loader, args.scale_coeff, args.fused_logprobs, safety_margin))
+            if args.save_interval and step % args.save_interval == 0 and step < total_steps:
+                # a full checkpoint-<step>/: engine state, RNG, where the loop stands, this rank's running sums
+                loop_state = {"epoch": epoch, "position": position, "micro_step": micro_step}
+                full = dict(engines={"model": engine}, state=loop_state, save_total_limit=args.save_total_limit)
+                full["rank_state"] = {"running": running.tolist()}
+                save_model(engine, partial, step, write_model, vars(args), full)
+            t0 += time.time() - t_pause
             if step == total_steps:
                 break
         save_model(engine, partial, step, write_model, vars(args))

@@ -368,16 +368,6 @@ def load_models(args, actor_tok, score_toks, optimizer_steps, world_size):
     return actor, ref, scorers, streams
 
 
-def prompt_batches(loader, sampler, epochs, start_epoch=0, skip=0):
-    """(epoch, position in the epoch, batch) from where a resumed run stood: the epoch's order depends on (seed,
-    epoch) only, so a resume skips into it."""
-    for epoch in range(start_epoch, epochs):
-        sampler.set_epoch(epoch)
-        for position, batch in enumerate(itertools.islice(loader, skip, None), start=skip + 1):
-            yield epoch, position, batch
-        skip = 0
-
-
 def write_samples(run_dir, step, prompts, answers, ended, scores, num_return_sequences):
     """The first SAMPLES_PER_LOG rollouts to samples.jsonl, and the first one printed."""
     samples = [
@@ -653,7 +643,7 @@ def main():
         ptx_iter = endless(ptx_loader, ptx_sampler, ptx_drawn)
     t_start = time.time()
     try:
-        for epoch, position, batch in prompt_batches(loader, sampler, args.epochs, start_epoch, skip):
+        for epoch, position, batch in common.resumed_batches(loader, sampler, args.epochs, start_epoch, skip):
             if step >= total_steps:
                 break
             step += 1

@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import functools
 import io
-import itertools
 import json
 import os
 import shutil
@@ -318,90 +317,87 @@ def main():
         if eval_loader and resume_dir is None:  # step 0 (as the anchor): the untrained model's eval, to compare the
             log(0, evaluate()[0])  # later ones with; never a --save_best candidate
             t0 = time.time()
-        for epoch in range(start_epoch, args.epochs):
-            train_sampler.set_epoch(epoch)  # the epoch's order depends on (seed, epoch) only: a resume skips into it
-            for position, batch in enumerate(itertools.islice(train_loader, skip, None), start=skip + 1):
-                if bar is None:
-                    steps_to_line = min(args.logging_steps - step % args.logging_steps, total_steps - step)
-                    bar = rollout.progress(total=steps_to_line * accum - micro_step % accum, desc="train", unit="mb")
-                batch = {k: v.to(engine.device) for k, v in batch.items()}
-                ids, mask, signs = batch["input_ids"], batch["attention_mask"], [batch[k] for k in SIGNS if k in batch]
-                B = ids.size(0) // 2
-                # 1) score both halves in one forward: raw end scores (2B, 1) and per-token scores (2B, T, 1)
-                end, scores = engine(ids, mask)
-                # 2) the normaliser tracks the raw end scores of all ranks; the loss may see the normalised ones
-                if args.normalizer_type:
-                    gathered = [torch.empty_like(end) for _ in range(world_size)]
-                    dist.all_gather(gathered, end.detach().contiguous())
-                    engine.module.normalizer.update(torch.cat(gathered))
-                if args.normalize_score_during_training:
-                    end, scores = (engine.module.normalizer.normalize(x, args.score_type) for x in (end, scores))
-                # 3) the pairwise loss (module docstring); token-wise: on the span where the pair differs
-                end, scores = end[:, 0], scores[..., 0]
-                span, x = None, end  # sequence-wise: end scores (2B,); token-wise: per-token scores (2B, T)
-                if args.loss_type == "token-wise":
-                    span, x = diverge_span(ids[:B], ids[B:], mask[:B], mask[B:]), scores
-                if args.score_type == "reward":
-                    loss = reward_loss(x[:B], x[B:], args.regularization, span)
-                else:
-                    loss = cost_loss(x[:B], x[B:], *signs, args.regularization, span)
-                # 4) backward, and (on boundaries) the optimizer and LR step
-                engine.backward(loss)
-                engine.step()
-                metrics = pair_metrics(end[:B].detach(), end[B:].detach(), *signs, score_type=args.score_type)
-                running += torch.stack(
-                    [loss.detach().float(), *metrics.values(), torch.ones_like(loss), mask.sum().float()]
+        for epoch, position, batch in common.resumed_batches(
+            train_loader, train_sampler, args.epochs, start_epoch, skip
+        ):
+            if bar is None:
+                steps_to_line = min(args.logging_steps - step % args.logging_steps, total_steps - step)
+                bar = rollout.progress(total=steps_to_line * accum - micro_step % accum, desc="train", unit="mb")
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            ids, mask, signs = batch["input_ids"], batch["attention_mask"], [batch[k] for k in SIGNS if k in batch]
+            B = ids.size(0) // 2
+            # 1) score both halves in one forward: raw end scores (2B, 1) and per-token scores (2B, T, 1)
+            end, scores = engine(ids, mask)
+            # 2) the normaliser tracks the raw end scores of all ranks; the loss may see the normalised ones
+            if args.normalizer_type:
+                gathered = [torch.empty_like(end) for _ in range(world_size)]
+                dist.all_gather(gathered, end.detach().contiguous())
+                engine.module.normalizer.update(torch.cat(gathered))
+            if args.normalize_score_during_training:
+                end, scores = (engine.module.normalizer.normalize(x, args.score_type) for x in (end, scores))
+            # 3) the pairwise loss (module docstring); token-wise: on the span where the pair differs
+            end, scores = end[:, 0], scores[..., 0]
+            span, x = None, end  # sequence-wise: end scores (2B,); token-wise: per-token scores (2B, T)
+            if args.loss_type == "token-wise":
+                span, x = diverge_span(ids[:B], ids[B:], mask[:B], mask[B:]), scores
+            if args.score_type == "reward":
+                loss = reward_loss(x[:B], x[B:], args.regularization, span)
+            else:
+                loss = cost_loss(x[:B], x[B:], *signs, args.regularization, span)
+            # 4) backward, and (on boundaries) the optimizer and LR step
+            engine.backward(loss)
+            engine.step()
+            metrics = pair_metrics(end[:B].detach(), end[B:].detach(), *signs, score_type=args.score_type)
+            running += torch.stack(
+                [loss.detach().float(), *metrics.values(), torch.ones_like(loss), mask.sum().float()]
+            )
+            micro_step += 1
+            bar.update()
+            if micro_step % accum:
+                continue
+            step += 1
+            # 5) log / eval (every --eval_interval steps and each epoch end) / save the best
+            if step % args.logging_steps == 0 or step == total_steps:
+                bar.close()  # erased before the line is printed
+                bar = None
+                dist.all_reduce(running)
+                log(
+                    step,
+                    {
+                        **dict(zip(names, running[:-2] / running[-2])),
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/epoch": step / steps_per_epoch,
+                        "perf/tok_per_sec": running[-1] / (time.time() - t0),
+                    },
                 )
-                micro_step += 1
-                bar.update()
-                if micro_step % accum:
-                    continue
-                step += 1
-                # 5) log / eval (every --eval_interval steps and each epoch end) / save the best
-                if step % args.logging_steps == 0 or step == total_steps:
-                    bar.close()  # erased before the line is printed
-                    bar = None
-                    dist.all_reduce(running)
-                    log(
-                        step,
-                        {
-                            **dict(zip(names, running[:-2] / running[-2])),
-                            "train/lr": scheduler.get_last_lr()[0],
-                            "train/epoch": step / steps_per_epoch,
-                            "perf/tok_per_sec": running[-1] / (time.time() - t0),
-                        },
-                    )
-                    running.zero_()
-                    t0 = time.time()
-                if eval_loader and (
-                    args.eval_interval
-                    and step % args.eval_interval == 0
-                    or step % steps_per_epoch == 0
-                    or step == total_steps
-                ):
-                    t_eval = time.time()
-                    metrics, eval_pairs = evaluate()
-                    log(step, metrics)
-                    key = "eval/accuracy" if args.score_type == "reward" else "eval/accuracy_sign"
-                    if args.save_best and metrics[key].item() > best:  # kept as best-<step>/ until the end
-                        previous, best_dir, best = best_dir, partial / f"best-{step}", metrics[key].item()
-                        write = functools.partial(write_model, eval_pairs=eval_pairs)
-                        checkpoint.save_model(engine, best_dir, step, write, vars(args))
-                        if master_process and previous:
-                            shutil.rmtree(previous)  # only once the new best is whole
-                        print0(f"best {key} {best:.4f} at step {step}: saved")
-                    t0 += time.time() - t_eval  # eval (and save) time does not count against throughput
-                if args.save_interval and step % args.save_interval == 0 and step < total_steps:
-                    t_save = time.time()
-                    state = dict(epoch=epoch, position=position, micro_step=micro_step, best=best)
-                    state["best_dir"] = best_dir and best_dir.name  # the best model as of now, linked in as best/
-                    full = dict(engines={"model": engine}, state=state, save_total_limit=args.save_total_limit)
-                    full.update(rank_state={"running": running.tolist()}, folders=best_dir and {"best": best_dir})
-                    checkpoint.save_model(engine, partial, step, write_model, vars(args), checkpoint=full)
-                    t0 += time.time() - t_save
-                if step == total_steps:
-                    break
-            skip = 0
+                running.zero_()
+                t0 = time.time()
+            if eval_loader and (
+                args.eval_interval
+                and step % args.eval_interval == 0
+                or step % steps_per_epoch == 0
+                or step == total_steps
+            ):
+                t_eval = time.time()
+                metrics, eval_pairs = evaluate()
+                log(step, metrics)
+                key = "eval/accuracy" if args.score_type == "reward" else "eval/accuracy_sign"
+                if args.save_best and metrics[key].item() > best:  # kept as best-<step>/ until the end
+                    previous, best_dir, best = best_dir, partial / f"best-{step}", metrics[key].item()
+                    write = functools.partial(write_model, eval_pairs=eval_pairs)
+                    checkpoint.save_model(engine, best_dir, step, write, vars(args))
+                    if master_process and previous:
+                        shutil.rmtree(previous)  # only once the new best is whole
+                    print0(f"best {key} {best:.4f} at step {step}: saved")
+                t0 += time.time() - t_eval  # eval (and save) time does not count against throughput
+            if args.save_interval and step % args.save_interval == 0 and step < total_steps:
+                t_save = time.time()
+                state = dict(epoch=epoch, position=position, micro_step=micro_step, best=best)
+                state["best_dir"] = best_dir and best_dir.name  # the best model as of now, linked in as best/
+                full = dict(engines={"model": engine}, state=state, save_total_limit=args.save_total_limit)
+                full.update(rank_state={"running": running.tolist()}, folders=best_dir and {"best": best_dir})
+                checkpoint.save_model(engine, partial, step, write_model, vars(args), checkpoint=full)
+                t0 += time.time() - t_save
             if step == total_steps:
                 break
 

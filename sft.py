@@ -31,7 +31,6 @@ import checkpoint
 import argparse
 import contextlib
 import io
-import itertools
 import json
 import os
 import time
@@ -242,51 +241,46 @@ def main():
         if eval_loader is not None and resume_dir is None:  # step 0 (as the anchor): the untrained model's eval, to
             log(0, evaluate(engine, eval_loader, args.fused_logprobs))  # compare the later ones with
             t0 = time.time()
-        for epoch in range(start_epoch, args.epochs):
-            train_sampler.set_epoch(epoch)  # the epoch's order depends on (seed, epoch) only: a resume skips into it
-            for position, batch in enumerate(itertools.islice(train_loader, skip, None), start=skip + 1):
-                if bar is None:
-                    steps_to_line = min(args.logging_steps - step % args.logging_steps, total_steps - step)
-                    bar = rollout.progress(total=steps_to_line * accum - micro_step % accum, desc="train", unit="mb")
-                batch = {k: v.to(engine.device) for k, v in batch.items()}
-                # 1) forward and masked next-token cross-entropy
-                loss = batch_loss(engine, batch, args.fused_logprobs)
-                # 2) backward and (on boundaries) optimizer + LR step
-                engine.backward(loss)
-                engine.step()
-                running += torch.stack(
-                    [loss.detach().float(), torch.ones((), device=engine.device), batch["attention_mask"].sum().float()]
-                )
-                micro_step += 1
-                bar.update()
-                if micro_step % accum:
-                    continue
-                step += 1
-                # 3) log / eval / save
-                if step % args.logging_steps == 0 or step == total_steps:
-                    bar.close()  # erased before the line is printed
-                    bar = None
-                    dist.all_reduce(running)
-                    elapsed, t0 = time.time() - t0, time.time()
-                    stats = {"train/loss": running[0] / running[1], "train/lr": scheduler.get_last_lr()[0]}
-                    log(
-                        step, {**stats, "train/epoch": step / steps_per_epoch, "perf/tok_per_sec": running[2] / elapsed}
-                    )
-                    running.zero_()
-                t_pause = time.time()  # eval and save time does not count against throughput
-                eval_now = args.eval_interval and step % args.eval_interval == 0 or step == total_steps
-                if eval_loader is not None and eval_now:
-                    log(step, evaluate(engine, eval_loader, args.fused_logprobs))
-                if args.save_interval and step % args.save_interval == 0 and step < total_steps:
-                    # a full checkpoint-<step>/: engine state, RNG, where the loop stands, this rank's running sums
-                    loop_state = {"epoch": epoch, "position": position, "micro_step": micro_step}
-                    full = dict(engines={"model": engine}, state=loop_state, save_total_limit=args.save_total_limit)
-                    full["rank_state"] = {"running": running.tolist()}
-                    save_model(engine, partial, step, write_model, vars(args), full)
-                t0 += time.time() - t_pause
-                if step == total_steps:
-                    break
-            skip = 0
+        for epoch, position, batch in common.resumed_batches(
+            train_loader, train_sampler, args.epochs, start_epoch, skip
+        ):
+            if bar is None:
+                steps_to_line = min(args.logging_steps - step % args.logging_steps, total_steps - step)
+                bar = rollout.progress(total=steps_to_line * accum - micro_step % accum, desc="train", unit="mb")
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            # 1) forward and masked next-token cross-entropy
+            loss = batch_loss(engine, batch, args.fused_logprobs)
+            # 2) backward and (on boundaries) optimizer + LR step
+            engine.backward(loss)
+            engine.step()
+            running += torch.stack(
+                [loss.detach().float(), torch.ones((), device=engine.device), batch["attention_mask"].sum().float()]
+            )
+            micro_step += 1
+            bar.update()
+            if micro_step % accum:
+                continue
+            step += 1
+            # 3) log / eval / save
+            if step % args.logging_steps == 0 or step == total_steps:
+                bar.close()  # erased before the line is printed
+                bar = None
+                dist.all_reduce(running)
+                elapsed, t0 = time.time() - t0, time.time()
+                stats = {"train/loss": running[0] / running[1], "train/lr": scheduler.get_last_lr()[0]}
+                log(step, {**stats, "train/epoch": step / steps_per_epoch, "perf/tok_per_sec": running[2] / elapsed})
+                running.zero_()
+            t_pause = time.time()  # eval and save time does not count against throughput
+            eval_now = args.eval_interval and step % args.eval_interval == 0 or step == total_steps
+            if eval_loader is not None and eval_now:
+                log(step, evaluate(engine, eval_loader, args.fused_logprobs))
+            if args.save_interval and step % args.save_interval == 0 and step < total_steps:
+                # a full checkpoint-<step>/: engine state, RNG, where the loop stands, this rank's running sums
+                loop_state = {"epoch": epoch, "position": position, "micro_step": micro_step}
+                full = dict(engines={"model": engine}, state=loop_state, save_total_limit=args.save_total_limit)
+                full["rank_state"] = {"running": running.tolist()}
+                save_model(engine, partial, step, write_model, vars(args), full)
+            t0 += time.time() - t_pause
             if step == total_steps:
                 break
         save_model(engine, partial, step, write_model, vars(args))  # the final model, arguments.json last
