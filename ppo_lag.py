@@ -71,7 +71,7 @@ WARN_AFTER = 10  # consecutive rollouts with lambda at its cap, or J_C above d, 
 RANGES = {  # each flag's range, beyond the tables every stage shares (checkpoint.LOOP_RANGES, SAMPLING_RANGES)
     ">= 1": "update_iters num_return_sequences per_device_prompt_batch_size episode_cost_window_size",
     ">= 0": "actor_lr critic_lr lambda_lr lambda_init kl_coeff ptx_coeff lambda_update_delay_steps actor_weight_decay "
-    "critic_weight_decay pid_kp pid_ki pid_kd",
+    "critic_weight_decay pid_kp pid_ki pid_kd missing_eos_penalty",
     "> 0": "lambda_max clip_range_ratio clip_range_score clip_range_value",
     "[0, 1]": "gamma gae_lambda actor_lr_warmup_ratio critic_lr_warmup_ratio",
 }
@@ -101,6 +101,12 @@ def kl_shaped_rewards(end_score, old_logp, ref_logp, mask, kl_coeff, clip_range_
 def combined_advantage(reward_adv, cost_adv, lam):
     """Safe RLHF eq. (lambda detached): A = (A_r - lambda * A_c) / (1 + lambda)."""
     return (reward_adv - lam * cost_adv) / (1.0 + lam)
+
+
+def missing_eos_penalty(reward, ended, penalty):
+    """The reward end score (B,) minus `penalty` on each answer that hit the token cap without a stop token (ended
+    (B,) False): TRL's missing_eos_penalty (the anchor has none), so that never stopping cannot pay."""
+    return reward - penalty * (~ended).to(reward.dtype) if penalty else reward
 
 
 def actor_loss_fn(logp, old_logp, adv, mask, clip_ratio):
@@ -447,6 +453,7 @@ def parse_args():
     add("--pid_ki", type=float, default=0.05, help="PID integral gain (lambda per unit of J_C - d, per rollout)")
     add("--pid_kd", type=float, default=4.0, help="PID derivative gain (lambda per unit rise of J_C in one rollout)")
     add("--reward_shaping", action="store_true", help="the anchor's baseline: one stream R - lambda_init * C")
+    add("--missing_eos_penalty", type=float, default=0.0, help="subtracted from R when an answer hits the token cap")
     # optimisation
     add("--per_device_prompt_batch_size", type=int, default=16, help="prompts per rollout per device")
     add("--per_device_train_batch_size", type=int, default=16, help="rollout sequences per PPO micro-batch")
@@ -670,13 +677,13 @@ def main():
                 t2 = common.clock(device)
 
                 # 3) per stream: KL-shaped per-token rewards, then GAE with its own critic's values
-                adv, ret = {}, {}
+                reward = missing_eos_penalty(scores["reward"], ended, args.missing_eos_penalty)  # default 0: off
+                if args.reward_shaping:  # the anchor's baseline: one stream, end score R - lambda * C
+                    reward = reward - lam * scores["cost"]
+                ends, adv, ret = {"reward": reward, "cost": scores.get("cost")}, {}, {}
                 for s in streams:
-                    end = scores[s["name"]]
-                    if args.reward_shaping:  # the anchor's baseline: one stream, end score R - lambda * C
-                        end = scores["reward"] - lam * scores["cost"]
                     shaped = kl_shaped_rewards(
-                        end, old_logp, ref_logp, mask_f, args.kl_coeff, args.clip_range_score, s["sign"]
+                        ends[s["name"]], old_logp, ref_logp, mask_f, args.kl_coeff, args.clip_range_score, s["sign"]
                     )
                     adv[s["name"]], ret[s["name"]] = gae(
                         shaped, old_values[s["name"]], mask_f, args.gamma, args.gae_lambda

@@ -21,6 +21,7 @@ from ppo_lag import (
     lambda_update_pid,
     lambda_update_sgd_log,
     masked_mean,
+    missing_eos_penalty,
     response_mask,
 )
 
@@ -105,6 +106,13 @@ def test_actor_loss_by_hand_and_slow_loop():
                 terms.append(max(-adv[b, t] * ratio, -adv[b, t] * min(max(ratio, 0.8), 1.2)))
         per_seq.append(sum(terms) / len(terms))
     close(loss, sum(per_seq) / B, 1e-5)
+
+
+def test_missing_eos_penalty_by_hand():
+    """Answers cut at the token cap (ended False) lose the penalty from their reward; ended ones keep it; 0 is off."""
+    reward, ended = torch.tensor([1.0, 2.0, -0.5]), torch.tensor([True, False, False])
+    close(missing_eos_penalty(reward, ended, 3.0), [1.0, -1.0, -3.5])
+    assert torch.equal(missing_eos_penalty(reward, ended, 0.0), reward)
 
 
 def test_critic_loss_by_hand():
@@ -703,3 +711,25 @@ def test_model_chat_template_samples_and_first_cost(tmp_path):
     assert GenerationConfig.from_pretrained(out).eos_token_id == tok.convert_tokens_to_ids(
         ["<|endoftext|>", "<|im_end|>"]
     )
+
+
+def test_missing_eos_penalty_reaches_the_reward_stream(toy_models, tmp_path):
+    """--missing_eos_penalty lowers the reward the critic fits for answers cut at the token cap: the first rollout is
+    the same (same seed), the logged reward model score too, the reward critic's loss is not; and it is refused
+    below 0."""
+    runs = {}
+    for name, extra in (("off", []), ("on", ["--missing_eos_penalty", "20"])):
+        run_script(ppo_args(toy_models, tmp_path / name, "--max_length", "24", "--max_steps", "1", *extra))
+        runs[name] = read_metrics(tmp_path / name)[0]
+    off, on = runs["off"], runs["on"]
+    assert off["train/eos_rate"] < 1 and on["train/eos_rate"] == off["train/eos_rate"], (off, on)
+    assert on["train/reward"] == pytest.approx(off["train/reward"], rel=1e-6)  # the reward model's own score
+    assert on["loss/reward_critic"] != pytest.approx(off["loss/reward_critic"], rel=1e-3)
+    proc = subprocess.run(
+        ppo_args(toy_models, tmp_path / "x", "--missing_eos_penalty", "-1"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "--missing_eos_penalty must be" in proc.stderr.strip().splitlines()[-1]
