@@ -93,6 +93,22 @@ def add_run_arguments(parser, unit: str = "optimizer steps") -> None:
     add("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored")
 
 
+def add_optimizer_arguments(parser, unit: str, epochs: int, batch: int, accum: int, lr: float, weight_decay: float):
+    """The optimisation flags of a stage that learns from a fixed dataset (sft.py, score_model.py, dpo.py), with that
+    stage's defaults; unit: what a batch holds ("sequences", "pairs"). Their ranges: checkpoint.TRAIN_RANGES."""
+    add = parser.add_argument
+    add("--epochs", type=int, default=epochs, help="passes over the train set")
+    add("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests)")
+    add("--per_device_train_batch_size", type=int, default=batch, help=f"{unit} per micro-batch per rank")
+    add("--per_device_eval_batch_size", type=int, default=batch, help=f"{unit} per eval batch per rank")
+    add("--gradient_accumulation_steps", type=int, default=accum, help="micro-batches per optimizer step")
+    add("--lr", type=float, default=lr, help="peak learning rate")
+    add("--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup")
+    add("--lr_warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
+    add("--weight_decay", type=float, default=weight_decay, help="AdamW decay (not on biases and norms)")
+    add("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+
+
 def check_run_arguments(parser, args) -> None:
     """The checks of add_run_arguments' flags: --offload needs the ZeRO stage that partitions what it offloads."""
     if args.zero_stage < {"parameter": 3, "all": 3, "optimizer": 1}.get(args.offload, 0):

@@ -227,16 +227,7 @@ def parse_args():
     add("--objective", choices=["dpo", "safedpo"], default="dpo", help="safedpo: pairs reordered by T, a safety margin")
     add("--safety_margin", type=float, default=1.0, help="SafeDPO's Delta: logit margin of safe over unsafe answers")
     # optimisation
-    add("--epochs", type=int, default=2, help="passes over the train set")
-    add("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests)")
-    add("--per_device_train_batch_size", type=int, default=16, help="pairs per micro-batch per rank")
-    add("--per_device_eval_batch_size", type=int, default=16, help="pairs per eval batch per rank")
-    add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    add("--lr", type=float, default=1e-6, help="peak learning rate")
-    add("--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup")
-    add("--lr_warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
-    add("--weight_decay", type=float, default=0.05, help="AdamW decay (not on biases and norms)")
-    add("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    common.add_optimizer_arguments(parser, "pairs", epochs=2, batch=16, accum=1, lr=1e-6, weight_decay=0.05)
     add(
         "--fused_logprobs",
         action="store_true",

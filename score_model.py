@@ -157,16 +157,7 @@ def main():
     add("--loss_type", choices=["sequence-wise", "token-wise"], default="sequence-wise", help=loss_help)
     add("--regularization", type=float, default=0.001, help="L2 coefficient on the scores the loss sees")
     # optimisation
-    add("--epochs", type=int, default=2, help="passes over the train set")
-    add("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests)")
-    add("--per_device_train_batch_size", type=int, default=16, help="pairs per micro-batch per rank")
-    add("--per_device_eval_batch_size", type=int, default=16, help="pairs per eval batch per rank")
-    add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    add("--lr", type=float, default=2e-5, help="peak learning rate")
-    add("--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup")
-    add("--lr_warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
-    add("--weight_decay", type=float, default=0.1, help="AdamW decay (not on biases and norms)")
-    add("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    common.add_optimizer_arguments(parser, "pairs", epochs=2, batch=16, accum=1, lr=2e-5, weight_decay=0.1)
     # logging, checkpoints and system (common.py); evals also at each epoch end
     add("--save_best", action="store_true", help="save the best eval checkpoint instead of the last")
     add("--plot_histogram", action="store_true", help="write score_histogram.png of the saved model's eval")

@@ -115,16 +115,7 @@ def parse_args():
     lora.add_arguments(parser)
     add("--save_adapter_only", action="store_true", help="save the LoRA adapter folder, not merged")
     # optimisation
-    add("--epochs", type=int, default=3, help="passes over the train set")
-    add("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests)")
-    add("--per_device_train_batch_size", type=int, default=4, help="sequences per micro-batch per rank")
-    add("--per_device_eval_batch_size", type=int, default=4, help="sequences per eval batch per rank")
-    add("--gradient_accumulation_steps", type=int, default=8, help="micro-batches per optimizer step")
-    add("--lr", type=float, default=2e-5, help="peak learning rate")
-    add("--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup")
-    add("--lr_warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
-    add("--weight_decay", type=float, default=0.0, help="AdamW decay (not on biases and norms)")
-    add("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    common.add_optimizer_arguments(parser, "sequences", epochs=3, batch=4, accum=8, lr=2e-5, weight_decay=0.0)
     add(
         "--fused_logprobs",
         action="store_true",
