@@ -496,6 +496,19 @@ def find_resume(partial, resume: str, args_dict: dict, ignored=()) -> Path | Non
     return answer[0]
 
 
+def start_run(args, ignored=()) -> tuple[Path, Path | None]:
+    """Every rank, once the process group is up: rank 0 locks <output_dir> and prepares <output_dir>.partial
+    (prepare_output), then every rank learns the checkpoint to continue from, if any (find_resume; `ignored`: the
+    stage's flags that may differ from the checkpoint's). Returns (the .partial folder, the checkpoint or None)."""
+    import torch.distributed as dist
+
+    partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
+    if _master():  # before slow work: check it can be written, recover an interrupted swap
+        partial = prepare_output(args.output_dir, vars(args), args.resume_from_checkpoint)
+    dist.barrier()
+    return partial, find_resume(partial, args.resume_from_checkpoint, vars(args), ignored)
+
+
 def _rng_states() -> dict:
     import numpy as np
     import torch

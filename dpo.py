@@ -44,9 +44,7 @@ import contextlib
 import copy
 import io
 import json
-import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -55,7 +53,7 @@ import torch.nn.functional as F
 import common
 import lora
 import rollout
-from checkpoint import find_resume, interrupted, load_checkpoint, prepare_output, publish, save_model
+from checkpoint import interrupted, load_checkpoint, publish, save_model
 from common import print0
 from data import IGNORE_INDEX, PreferenceDataset, SafetyPreferenceDataset, parse_dataset
 from kernels.linear_logprobs import fused_head_problem
@@ -268,11 +266,8 @@ def main():
     rank, world_size, _ = common.init_distributed()  # a plain `python dpo.py` is a world of one
     master_process = rank == 0
     torch.manual_seed(args.seed)
-    partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
-    if master_process:  # lock <output_dir>, check it can be written, recover an interrupted swap: before slow work
-        partial = prepare_output(args.output_dir, vars(args), args.resume_from_checkpoint)
     eval_flags = ("eval_interval", "eval_datasets", "per_device_eval_batch_size")  # they draw no random numbers
-    resume_dir = find_resume(partial, args.resume_from_checkpoint, vars(args), eval_flags)
+    partial, resume_dir = checkpoint.start_run(args, eval_flags)  # <output_dir>.partial, and a checkpoint or None
 
     # data: rows [:B] of input_ids are the preferred answers, rows [B:] the others; data.py reports on every rank
     Dataset = {"better": PreferenceDataset, "safer": SafetyPreferenceDataset}[args.label]

@@ -57,7 +57,7 @@ import torch
 import common
 import lora
 import rollout
-from checkpoint import check_finite, check_model_folder, find_resume, interrupted, load_checkpoint, weights_finite
+from checkpoint import check_finite, check_model_folder, interrupted, load_checkpoint, weights_finite
 from common import print0, str2bool
 from data import IGNORE_INDEX, PromptOnlyDataset, SupervisedDataset, parse_dataset
 from kernels import gae, mean_nll
@@ -575,12 +575,8 @@ def main():
     # the output folder: locked for this run, written as <output_dir>.partial, renamed into place at the end; the
     # checkpoint to continue from, if any (refused, one line, when a flag that changes the result differs; the eval
     # flags may differ: evaluation samples from its own RNG stream, so it cannot move training)
-    run_dir = args.output_dir.rstrip("/") + ".partial"
-    if master_process:
-        checkpoint.prepare_output(args.output_dir, vars(args), args.resume_from_checkpoint)
-    torch.distributed.barrier()
     eval_flags = ("eval_interval", "eval_datasets", "per_device_eval_batch_size")
-    resume_dir = find_resume(run_dir, args.resume_from_checkpoint, vars(args), eval_flags)
+    run_dir, resume_dir = checkpoint.start_run(args, eval_flags)
 
     # data: prompts for the rollouts (and evals), SFT samples for the PTX loss
     try:

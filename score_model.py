@@ -43,7 +43,6 @@ import contextlib
 import functools
 import io
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -196,13 +195,10 @@ def main():
 
     master_process = rank == 0
     torch.manual_seed(args.seed)
-    partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
-    if master_process:  # lock <output_dir>, check it can be written, recover an interrupted swap: before slow work
-        partial = checkpoint.prepare_output(args.output_dir, vars(args), args.resume_from_checkpoint)
-    dist.barrier()
-    # a checkpoint to continue from (flags compared with the saved ones: a mismatch stops here, before any data);
-    # the eval is RNG-free, but --save_best picks its model by it, so the eval flags must match too
-    resume_dir = checkpoint.find_resume(partial, args.resume_from_checkpoint, vars(args), ignored=("plot_histogram",))
+    # the output folder (locked, written as <output_dir>.partial) and a checkpoint to continue from (flags compared
+    # with the saved ones: a mismatch stops here, before any data); the eval is RNG-free, but --save_best picks its
+    # model by it, so the eval flags must match too
+    partial, resume_dir = checkpoint.start_run(args, ignored=("plot_histogram",))
 
     # data; a batch's rows [:B] are better/safer, rows [B:] worse/unsafer
     Dataset = data.PreferenceDataset if args.score_type == "reward" else data.SafetyPreferenceDataset

@@ -32,9 +32,7 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -43,7 +41,7 @@ import torch.nn.functional as F
 import common
 import lora
 import rollout
-from checkpoint import find_resume, interrupted, load_checkpoint, prepare_output, publish, save_model
+from checkpoint import interrupted, load_checkpoint, publish, save_model
 from common import print0
 from data import IGNORE_INDEX, SupervisedDataset, parse_dataset
 from kernels import cross_entropy, mean_nll
@@ -153,13 +151,11 @@ def main():
     rank, world_size, _ = common.init_distributed()  # a plain `python sft.py` is a world of one
     master_process = rank == 0
     torch.manual_seed(args.seed)
-    partial = Path(f"{os.path.normpath(args.output_dir)}.partial")
-    if master_process:  # lock <output_dir>, check it can be written, recover an interrupted swap: before slow work
-        partial = prepare_output(args.output_dir, vars(args), args.resume_from_checkpoint)
-    # the checkpoint to continue from, if any; refused (one line) when a flag that changes the result differs. The
-    # eval flags may differ: evaluation draws no random numbers, so it cannot move training
+    # the output folder (locked, written as <output_dir>.partial) and the checkpoint to continue from, if any: refused
+    # (one line) when a flag that changes the result differs; the eval flags may differ (evaluation draws no random
+    # numbers, so it cannot move training)
     eval_flags = ("eval_interval", "eval_datasets", "per_device_eval_batch_size")
-    resume_dir = find_resume(partial, args.resume_from_checkpoint, vars(args), eval_flags)
+    partial, resume_dir = checkpoint.start_run(args, eval_flags)
 
     # data; data.py reports on every rank, keep rank 0's copy
     try:
