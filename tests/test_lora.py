@@ -439,7 +439,7 @@ def test_lora_ppo_lag_headline(tmp_path):
     epochs instead of 10 and the score models 1 epoch; PPO-Lag as LORA=1 runs it): the harmful rate falls well below
     SFT's (measured 0.01 against 0.49; oracle helpfulness 2.36 against SFT's 2.37) without the policy learning to
     refuse benign requests. 75 s of CPU time (about 2 min on 2 cores, so not in the default suite: RUN_SLOW=1 runs
-    it); `LORA=1 bash run_all.sh tiny` is the full-length run (README)."""
+    it); `LORA=1 bash run_all.sh tiny` is the full-length run (docs/lora.md)."""
     out = tmp_path
     common = ["--max_length", "64", "--per_device_train_batch_size", "32", "--seed", "42"]
     run_script([PY, "toy.py", "--output_dir", str(out / "base"), "--seed", "42"], cwd=ROOT)

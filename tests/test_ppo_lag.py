@@ -571,7 +571,7 @@ def test_old_logprobs_in_eval_mode(toy_models, tmp_path):
 # Golden numbers (llm.c style): the first two rollouts of a fixed-seed PPO-Lag run on the toy world (seeded random
 # heads). Any change to the math or the wiring of the two streams moves them: swapping the streams, flipping the
 # cost's sign, training a critic on the other stream's returns, dropping lambda from the actor's advantage, or moving
-# the multiplier the wrong way each fail this test (see the README's Tests section). An intended change regenerates
+# the multiplier the wrong way each fail this test (see docs/tests.md). An intended change regenerates
 # them in the same commit: REGEN_GOLDEN=1 pytest tests/test_ppo_lag.py -k golden -s prints the new values.
 GOLDEN_KEYS = (
     "train/reward",
