@@ -612,7 +612,6 @@ def save_model(engine, folder, step: int, write_model, args_dict: dict, checkpoi
         write(folder)
         (Path(folder) / "arguments.json").write_text(json.dumps(args_dict, indent=2, default=str))
     dist.barrier()
-    return Path(folder)
 
 
 def load_checkpoint(folder, engines: dict) -> dict:

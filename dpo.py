@@ -248,8 +248,6 @@ def check_args(parser, args) -> None:
     if args.objective == "safedpo" and args.label != "better":
         parser.error("--objective safedpo orders pairs by the helpfulness label: drop --label safer")
     lora.check_arguments(parser, args)
-    if args.save_adapter_only and not args.lora_rank:
-        parser.error("--save_adapter_only saves a LoRA adapter: pass --lora_rank > 0")
     # the model folder too, before any process group
     checkpoint.check_model_folder(args.model_name_or_path, "causal_lm", "--model_name_or_path")
 

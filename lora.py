@@ -40,13 +40,17 @@ def add_arguments(parser, prefix: str = "") -> None:
     )
 
 
-def check_arguments(parser, args, prefix: str = "") -> None:
+def check_arguments(parser, args, prefix: str = "", saved: bool = True) -> None:
+    """The --{prefix}lora_* flags' ranges; saved: this is the model whose adapter --save_adapter_only would save."""
     rank, alpha, dropout = (getattr(args, f"{prefix}lora_{k}") for k in ("rank", "alpha", "dropout"))
     if rank < 0 or not 0 < alpha < float("inf") or not 0 <= dropout < 1:
         parser.error(
             f"--{prefix}lora_rank must be >= 0 (0: full fine-tuning), --{prefix}lora_alpha finite and > 0, "
             f"--{prefix}lora_dropout in [0, 1); got {rank}, {alpha}, {dropout}"
         )
+    if saved and getattr(args, "save_adapter_only", False) and not rank:
+        whose = f"the {prefix.rstrip('_')}'s" if prefix else "a"
+        parser.error(f"--save_adapter_only saves {whose} LoRA adapter: pass --{prefix}lora_rank > 0")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -218,7 +218,7 @@ def multiplier_warnings(counts, lam, episode_cost, args):
 
 def sample_answers(actor, tok, batch, args, stops, step, num_return_sequences=1, desc="rollout"):
     """Sample answers to a batch of prompts from the actor (an engine: under ZeRO-3 its parameters are gathered once
-    per call, see rollout.py). Returns (sequences (B, P + L), attention mask, response mask (B, L), P)."""
+    per call, see rollout.py). Returns (sequences (B, P + L), attention mask, response mask (B, L), ended (B,), P)."""
     device = actor.device
     input_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     P = input_ids.shape[1]
@@ -235,9 +235,11 @@ def sample_answers(actor, tok, batch, args, stops, step, num_return_sequences=1,
     except RuntimeError:  # sampling from a policy whose weights went non-finite fails in here: name the cause
         check_finite({"actor weights": 1.0 if weights_finite(actor.module) else math.nan}, step)
         raise
-    mask = response_mask(seq[:, P:], torch.tensor(stops, device=device))  # (B, L)
+    stop_t = torch.tensor(stops, device=device)
+    mask = response_mask(seq[:, P:], stop_t)  # (B, L)
+    ended = torch.isin(seq[:, P:], stop_t).any(-1)  # (B,) stopped before the token cap
     attention_mask = torch.cat([prompt_mask.repeat_interleave(num_return_sequences, 0), mask], 1)
-    return seq, attention_mask, mask, P
+    return seq, attention_mask, mask, ended, P
 
 
 def policy_logp(model, seq, attention_mask, P, fused=False):
@@ -278,12 +280,13 @@ def evaluate(actor, actor_tok, scorers, eval_prompts, args, stops, step):
     for i in rollout.progress(range(0, len(idx), args.per_device_eval_batch_size), desc="eval", unit="batch"):
         mb = idx[i : i + args.per_device_eval_batch_size]
         batch = eval_prompts.collate([eval_prompts[j] for j in mb])
-        seq, attention_mask, mask, P = sample_answers(actor, actor_tok, batch, args, stops, step, desc="eval generate")
+        seq, attention_mask, mask, ended, P = sample_answers(
+            actor, actor_tok, batch, args, stops, step, desc="eval generate"
+        )
         answers = answers_of(actor_tok, seq, mask, P)
         with torch.no_grad():
             scores = end_scores(scorers, seq, attention_mask, batch["inputs"], answers, args.chat_template)
         r, c = scores["reward"], scores.get("cost", torch.zeros_like(scores["reward"]))
-        ended = torch.isin(seq[:, P:], torch.tensor(stops, device=seq.device)).any(-1)  # stopped before the cap
         rows += zip(mb, r.tolist(), c.tolist(), batch["prompts"], answers, ended.tolist())
     gathered = [None] * world_size
     torch.distributed.all_gather_object(gathered, rows)
@@ -341,7 +344,8 @@ def load_models(args, actor_tok, score_toks, optimizer_steps, world_size):
             "--fused_logprobs"
         )
     # --normalize_reward/cost (default off, as the anchor) override the checkpoint's own do_normalize
-    shared = {"reward", "cost"} if args.critic_lora_rank and lagrangian else {"reward"} if args.critic_lora_rank else ()
+    stream_names = ["reward", "cost"] if lagrangian else ["reward"]
+    shared = set(stream_names) if args.critic_lora_rank else set()  # LoRA critics: one backbone per stream
     scorers = {}
     for name in ["reward", "cost"] if use_cost else ["reward"]:
         if name in shared:
@@ -354,7 +358,7 @@ def load_models(args, actor_tok, score_toks, optimizer_steps, world_size):
         scorers[name] = (build(model), own_tokenizer(name))
         backbones.append(f"{name}_model")
     streams = []
-    for name, sign in [("reward", 1.0), ("cost", -1.0)] if lagrangian else [("reward", 1.0)]:
+    for name in stream_names:
         path = getattr(args, f"{name}_critic_model_name_or_path") or getattr(args, f"{name}_model_name_or_path")
         score_type = name if name in shared else "critic"  # shared: the normaliser's rule for the frozen scores
         critic_model = ScoreModel.from_pretrained(path, score_type=score_type, do_normalize=False, dtype=dtype)
@@ -363,7 +367,7 @@ def load_models(args, actor_tok, score_toks, optimizer_steps, world_size):
         if name in shared:
             critic_model = lora.add_lora(critic_model, args, "critic_", path, modules_to_save=["score_head"])
         critic = build(critic_model, "critic_")
-        streams.append({"name": name, "sign": sign, "critic": critic})
+        streams.append({"name": name, "sign": 1.0 if name == "reward" else -1.0, "critic": critic})
         if name in shared:  # the frozen score model reads what it would read loaded on its own
             scorers[name] = (
                 lora.adapter_off(critic, critic.module, getattr(args, f"normalize_{name}")),
@@ -510,9 +514,7 @@ def check_args(parser, args):
     if args.reward_shaping and not use_cost:
         parser.error("--reward_shaping shapes R - lambda * C: pass --cost_model_name_or_path")
     lora.check_arguments(parser, args, "actor_")
-    lora.check_arguments(parser, args, "critic_")
-    if args.save_adapter_only and not args.actor_lora_rank:
-        parser.error("--save_adapter_only saves the actor's LoRA adapter: pass --actor_lora_rank > 0")
+    lora.check_arguments(parser, args, "critic_", saved=False)
     for name in ("reward", "cost"):
         critic_path = getattr(args, f"{name}_critic_model_name_or_path")
         if args.critic_lora_rank and critic_path not in (None, getattr(args, f"{name}_model_name_or_path")):
@@ -655,13 +657,12 @@ def main():
 
             # 1) rollout: sample answers from the current policy (eval mode: no dropout)
             set_train(False)
-            seq, attention_mask, mask, P = sample_answers(
+            seq, attention_mask, mask, ended, P = sample_answers(
                 actor, actor_tok, batch, args, stops, step, args.num_return_sequences
             )
             mask_f = mask.float()
             inputs = [x for x in batch["inputs"] for _ in range(args.num_return_sequences)]  # generate's order
             answers = answers_of(actor_tok, seq, mask, P)
-            ended = torch.isin(seq[:, P:], torch.tensor(stops, device=device)).any(-1)  # stopped before the cap
             t1 = common.clock(device)
 
             with torch.no_grad():

@@ -173,8 +173,6 @@ def main():
         parser.error("--normalize_score_during_training needs --normalizer_type")
     common.check_run_arguments(parser, args)
     lora.check_arguments(parser, args)
-    if args.save_adapter_only and not args.lora_rank:
-        parser.error("--save_adapter_only saves a LoRA adapter: pass --lora_rank > 0")
     # a missing or broken model stops here, before any process group, folder or data; a causal LM (new head) and a
     # score model (its head kept) are both fine
     checkpoint.check_model_folder(args.model_name_or_path, "any", "--model_name_or_path")

@@ -135,8 +135,6 @@ def check_args(parser, args) -> None:
         parser.error("--eval_split_ratio must be in (0, 1) and cannot be combined with --eval_datasets")
     common.check_run_arguments(parser, args)
     lora.check_arguments(parser, args)
-    if args.save_adapter_only and not args.lora_rank:
-        parser.error("--save_adapter_only saves a LoRA adapter: pass --lora_rank > 0")
     # the model folder too, before any process group
     checkpoint.check_model_folder(args.model_name_or_path, "causal_lm", "--model_name_or_path")
 
