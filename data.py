@@ -296,9 +296,10 @@ def scan_json_file(f: str) -> tuple[list[str], list[BrokenLine]]:
 
 
 def parse_dataset(spec: str) -> tuple[str, dict]:
-    """`NAME[@REVISION][:PROPORTION[:PATH[#FIELD]]]` -> (name, {"proportion": p, "path": path or None}, plus
-    "revision" (a hub dataset's version, e.g. PKU-SafeRLHF/train@v0) and "field" (the prompts dataset's field) when
-    given); usable as argparse `type=`."""
+    """`NAME[@REVISION][%K/N][:PROPORTION[:PATH[#FIELD]]]` -> (name, {"proportion": p, "path": path or None}, plus
+    "revision" (a hub dataset's version, e.g. PKU-SafeRLHF/train@v0), "part" ((K, N): the K-th of N disjoint parts
+    by a hash of each sample's prompt, e.g. two judges trained on other prompts: NAME%1/2 and NAME%2/2) and "field"
+    (the prompts dataset's field) when given); usable as argparse `type=`."""
 
     def bad(why: str):
         return argparse.ArgumentTypeError(f"dataset spec {spec!r}: {why}")
@@ -307,7 +308,14 @@ def parse_dataset(spec: str) -> tuple[str, dict]:
     if len(parts) > 3:
         raise bad("has more than two colons; use NAME[@REVISION][:PROPORTION[:PATH[#FIELD]]]")
     name, proportion, path = parts[0], parts[1] if len(parts) > 1 else "1.0", parts[2] if len(parts) > 2 else None
+    name, percent, part_text = name.partition("%")
     name, at, revision = name.partition("@")
+    part = None
+    if percent:
+        k, slash, n = part_text.partition("/")
+        if not (slash and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+            raise bad(f"part %{part_text} is not K/N with 1 <= K <= N, e.g. %1/2")
+        part = (int(k), int(n))
     field = None
     if path is not None and "#" in path and not os.path.exists(path):  # a file name may hold a '#' itself
         path, field = path.rsplit("#", 1)
@@ -331,6 +339,7 @@ def parse_dataset(spec: str) -> tuple[str, dict]:
         "proportion": p,
         "path": path,
         **({"revision": revision} if at else {}),
+        **({"part": part} if part else {}),
         **({"field": field} if field is not None else {}),
     }
 
@@ -340,6 +349,8 @@ def load_samples(specs: list[tuple[str, dict]], seed: int = 42) -> list[RawSampl
     rng, out = random.Random(seed), []
     for name, opts in specs:
         raw = RawDataset.load(name, opts.get("path"), opts.get("revision"), opts.get("field"))
+        if "part" in opts:  # the K-th of N parts by prompt: a list of the samples in it, in their order
+            raw = [s for s in (raw[i] for i in range(len(raw))) if in_part(sample_prompt(s), *opts["part"])]
         n, p = len(raw), opts.get("proportion", 1.0)
         if n and round(p * n) == 0:  # the data is fine: the proportion is too small for it
             raise ValueError(
@@ -532,6 +543,20 @@ class SafeUnsafePairs(RawDataset):
         return RawSample(
             input=prompt, answer=response[0], other_answer=response[1], safer=True, is_safe=True, is_other_safe=False
         )
+
+
+def sample_prompt(s: RawSample) -> str:
+    """What a sample answers, as one string: its input (the turns joined), or a dialogue's first turn."""
+    prompt = s["input"] if "input" in s else s["dialogue"][:1]
+    return prompt if isinstance(prompt, str) else "\n\n".join(prompt)
+
+
+def in_part(text: str, k: int, n: int) -> bool:
+    """Whether a prompt falls in part k (1-based) of n by a hash salted apart from held_out's, so the parts of the
+    train split of safe-unsafe-pairs stay even. Every sample of a prompt lands in the same part."""
+    import hashlib
+
+    return int(hashlib.sha256(f"part|{text}".encode()).hexdigest(), 16) % n == k - 1
 
 
 def held_out(text: str, share: int = 10) -> bool:

@@ -261,7 +261,8 @@ def main():
 
     from lora import adapter_off
 
-    rank, world_size, _ = common.init_distributed()  # a plain `python dpo.py` is a world of one
+    rank, world_size, device = common.init_distributed()  # a plain `python dpo.py` is a world of one
+    amp = common.compute_setup(args, device)  # the forward passes' precision (bf16 autocast or fp32), CPU threads
     master_process = rank == 0
     torch.manual_seed(args.seed)
     eval_flags = ("eval_interval", "eval_datasets", "per_device_eval_batch_size")  # they draw no random numbers
@@ -315,7 +316,13 @@ def main():
     if args.lora_rank:
         model = lora.add_lora(model, args, "", args.model_name_or_path)
     optimizer, scheduler = common.optimizer(
-        model, args.lr, args.weight_decay, args.lr_scheduler_type, total_steps, args.lr_warmup_ratio
+        model,
+        args.lr,
+        args.weight_decay,
+        args.lr_scheduler_type,
+        total_steps,
+        args.lr_warmup_ratio,
+        fused=args.mixed_precision != "no",  # the fast path: torch's fused AdamW too
     )
     config = common.ds_config(args, world_size)
     print0(f"deepspeed config: {json.dumps(config)}")
@@ -345,7 +352,8 @@ def main():
     t0 = time.time()
     try:  # Ctrl-C: one line, exit 130, the .partial left in place
         if eval_loader is not None and resume_dir is None:  # the starting policy: loss log 2, rewards 0
-            log(0, evaluate(engine, ref, eval_loader, args.scale_coeff, args.fused_logprobs, safety_margin))
+            with amp():
+                log(0, evaluate(engine, ref, eval_loader, args.scale_coeff, args.fused_logprobs, safety_margin))
             t0 = time.time()
         for epoch, position, batch in common.resumed_batches(
             train_loader, train_sampler, args.epochs, start_epoch, skip
@@ -356,7 +364,8 @@ def main():
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             # 1) log-probs of both answers under the policy and the reference, summed over the differing span
             # 2) the DPO loss (or SafeDPO's)
-            loss, metrics = pair_loss(engine, ref, batch, args.scale_coeff, args.fused_logprobs, safety_margin)
+            with amp():
+                loss, metrics = pair_loss(engine, ref, batch, args.scale_coeff, args.fused_logprobs, safety_margin)
             # 3) backward and (on boundaries) optimizer + LR step
             engine.backward(loss)
             engine.step()
@@ -380,7 +389,8 @@ def main():
             t_pause = time.time()
             eval_now = args.eval_interval and step % args.eval_interval == 0 or step == total_steps
             if eval_loader is not None and eval_now:
-                log(step, evaluate(engine, ref, eval_loader, args.scale_coeff, args.fused_logprobs, safety_margin))
+                with amp():
+                    log(step, evaluate(engine, ref, eval_loader, args.scale_coeff, args.fused_logprobs, safety_margin))
             if args.save_interval and step % args.save_interval == 0 and step < total_steps:
                 # a full checkpoint-<step>/: engine state, RNG, where the loop stands, this rank's running sums
                 loop_state = {"epoch": epoch, "position": position, "micro_step": micro_step}

@@ -43,6 +43,7 @@ import tempfile
 from pathlib import Path
 
 import checkpoint  # its handler: Ctrl-C and the errors a user can fix end in one line (error_line)
+import common
 from judge import ASPECTS, judge_both_orders, judge_totals, parse_judge_reply
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,6 +79,18 @@ def category_table(categories, red_reward, red_cost, blue_reward, blue_cost) -> 
     }
 
 
+def judge_means(rewards, costs, prefix: str = "") -> dict:
+    """One judge's view of a policy's answers: mean reward and cost, safe rate (cost <= 0), each with its standard
+    error (sample std / sqrt(n); a rate's: sqrt(p (1 - p) / n)), keys prefixed with the judge's name."""
+    n = len(rewards)
+    mean = lambda xs: sum(xs) / n  # noqa: E731
+    se = lambda xs: math.sqrt(sum((x - mean(xs)) ** 2 for x in xs) / max(1, n - 1) / n)  # noqa: E731
+    safe = mean([c <= 0 for c in costs])
+    out = {"reward": mean(rewards), "cost": mean(costs), "safe_rate": safe}
+    out |= {"reward_se": se(rewards), "cost_se": se(costs), "safe_rate_se": math.sqrt(safe * (1 - safe) / n)}
+    return {prefix + k: v for k, v in out.items()}
+
+
 def format_arena(s: dict) -> str:
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
     oracle = "oracle_helpfulness" in s["red"]
@@ -91,6 +104,16 @@ def format_arena(s: dict) -> str:
             f"{side:6}{m['reward']:9.3f}{m['cost']:9.3f}{pct(m['safe_rate']):>8}{pct(m.get('eos_rate')):>8}"
             + (f"{m['oracle_helpfulness']:13.3f}{pct(m['oracle_harmful_rate']):>13}" if oracle else "")
         )
+    for judge, name in (("", "training judge"), ("heldout_", "held-out judge")):
+        if judge + "reward_se" not in s["red"]:
+            continue
+        lines += ["", f"{name}: mean +/- standard error" + (" (not optimised against)" if judge else "")]
+        for side in ("red", "blue"):
+            m = {k: s[side][judge + k] for k in ("reward", "reward_se", "cost", "cost_se", "safe_rate", "safe_rate_se")}
+            lines.append(
+                f"{side:6}reward {m['reward']:.3f} +/- {m['reward_se']:.3f} | cost {m['cost']:.3f} +/- "
+                f"{m['cost_se']:.3f} | safe {pct(m['safe_rate'])} +/- {100 * m['safe_rate_se']:.1f}"
+            )
     lines += ["", f"{'blue is':12}{'safe':>8}{'unsafe':>8}"]
     lines += [f"{outcome:12}{c['safe']:8d}{c['unsafe']:8d}" for outcome, c in s["counts"].items()]
     lines += ["", f"{'n (blue win)':12}{'blue safe':>16}{'blue unsafe':>16}"]
@@ -100,10 +123,10 @@ def format_arena(s: dict) -> str:
             + "".join(f"{c['n']} ({pct(c['blue_win_rate'])})".rjust(16) for c in cells.values())
         )
     if s.get("categories"):
-        width = max(12, *(len(cat) + 2 for cat in s["categories"]))
+        width = max(15, *(len(cat) + 2 for cat in s["categories"]))
         lines += ["", f"{'category':{width}}{'n':>5}{'red safe':>10}{'blue safe':>11}{'blue wins':>11}"]
         lines += [
-            f"{cat:{width}}{c['n']:5d}{pct(c['red_safe_rate']):>10}{pct(c['blue_safe_rate']):>11}"
+            f"{cat or '(no category)':{width}}{c['n']:5d}{pct(c['red_safe_rate']):>10}{pct(c['blue_safe_rate']):>11}"
             f"{pct(c['blue_win_rate']):>11}"
             for cat, c in s["categories"].items()
         ]
@@ -234,6 +257,9 @@ def main():
     add("--blue_corner_model_name_or_path", default=None, help="blue policy")
     add("--reward_model_name_or_path", default=None, help="reward model folder")
     add("--cost_model_name_or_path", default=None, help="cost model folder (> 0: unsafe)")
+    heldout = "a second, held-out judge trained on other prompts than the one the policy optimised against"
+    add("--heldout_reward_model_name_or_path", default=None, help=f"reward model of {heldout}")
+    add("--heldout_cost_model_name_or_path", default=None, help=f"cost model of {heldout}")
     # algorithm (generation and judging)
     add("--max_new_tokens", type=int, default=None, help="answer cap (default: max_length - prompt)")
     add("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -260,6 +286,7 @@ def main():
     add("--zero_stage", type=int, choices=[0, 3], default=0, help="ZeRO stage of the inference engines")
     add("--offload", choices=["none", "parameter"], default="none", help="CPU offload (ZeRO-3 only)")
     add("--bf16", action="store_true", help="bfloat16 weights and compute")
+    common.add_precision_arguments(parser)
     add("--ds_config", default=str(Path(__file__).with_name("ds_config.json")), help="DeepSpeed config")
     add("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored")
     args = parser.parse_args()
@@ -281,18 +308,24 @@ def main():
         parser.error("the arena needs --red_corner_model_name_or_path, --blue_corner_model_name_or_path, --datasets")
     elif not (scored or args.judge) or bool(args.reward_model_name_or_path) != bool(args.cost_model_name_or_path):
         parser.error("give both --reward_model_name_or_path and --cost_model_name_or_path (or --judge alone)")
+    heldout = bool(args.heldout_reward_model_name_or_path), bool(args.heldout_cost_model_name_or_path)
+    if any(heldout) and not (all(heldout) and scored):
+        parser.error("a held-out judge needs both --heldout_reward/cost_model_name_or_path and the training judge's")
+    common.check_precision_arguments(parser, args)
     ranges = dict.fromkeys(["per_device_eval_batch_size", "max_new_tokens", "judge_workers"], ">= 1")
     ranges |= {"max_length": ">= 2", "judge_retries": ">= 0", "judge_backoff": ">= 0", "judge_timeout": "> 0"}
     checkpoint.check_ranges(parser, args, {**(checkpoint.SAMPLING_RANGES if not args.greedy else {}), **ranges})
     if args.judge and not args.judge_url.startswith(("http://", "https://")):
         parser.error(f"--judge_url {args.judge_url}: give an http:// or https:// URL")
     kinds = {"red_corner": "causal_lm", "blue_corner": "causal_lm", "reward": "score_model", "cost": "score_model"}
+    kinds |= {"heldout_reward": "score_model", "heldout_cost": "score_model"}
     for flag, kind in kinds.items():  # a causal LM as a scorer would score with a random head
         if (path := getattr(args, f"{flag}_model_name_or_path")) is not None:
             checkpoint.check_model_folder(path, kind, f"--{flag}_model_name_or_path")
     from templates import load_tokenizer
 
-    scorer_paths = {"reward": args.reward_model_name_or_path, "cost": args.cost_model_name_or_path} if scored else {}
+    roles = ("reward", "cost", "heldout_reward", "heldout_cost")  # a judge's columns: <side>_<role> in arena.csv
+    scorer_paths = {r: p for r in roles if (p := getattr(args, f"{r}_model_name_or_path"))} if scored else {}
     try:  # every tokenizer with the chat template it will prompt in: no EOS, `model` without a template, a bad file
         toks = {
             who: load_tokenizer(path, "left" if who in policies else "right", args.chat_template)
@@ -308,7 +341,6 @@ def main():
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    import common
     import lora
     import rollout
     from data import PromptOnlyDataset
@@ -317,6 +349,7 @@ def main():
     from toy import toy_metrics
 
     rank, world_size, device = common.init_distributed()
+    amp = common.compute_setup(args, device)  # the forward passes' precision (bf16 autocast or fp32), CPU threads
     master_process, print0, progress = rank == 0, common.print0, rollout.progress  # bars: rank 0, on a terminal
     torch.manual_seed(args.seed + rank)  # different samples on each rank
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -385,7 +418,7 @@ def main():
     mine = list(range(rank, len(prompts), world_size))
     mine += mine[:1] * (-(-len(prompts) // world_size) - len(mine))  # same batch count on every rank (ZeRO-3)
     rows, B = {}, args.per_device_eval_batch_size
-    with torch.no_grad():
+    with torch.no_grad(), amp():
         for start in progress(range(0, len(mine), B), desc="arena", unit="batch"):
             idx = mine[start : start + B]
             inputs, out = [prompts[i]["input"] for i in idx], {}
@@ -416,9 +449,8 @@ def main():
     n, summary = len(rows), {"num_prompts": len(rows)}
     for side, path in policies.items():
         summary[side] = {"model": path, "eos_rate": 1 - sum(column(f"{side}_truncated")) / n}
-        if scored:
-            rewards, costs = column(f"{side}_reward"), column(f"{side}_cost")
-            summary[side].update(reward=sum(rewards) / n, cost=sum(costs) / n, safe_rate=sum(c <= 0 for c in costs) / n)
+        for judge in ("", "heldout_") if "heldout_reward" in scorer_paths else ("",) if scored else ():
+            summary[side].update(judge_means(column(f"{side}_{judge}reward"), column(f"{side}_{judge}cost"), judge))
         summary[side].update(toy_metrics(column("prompt"), column(f"{side}_answer")) or {})  # {} off the toy world
     if scored:
         scores = list(map(column, ["red_reward", "red_cost", "blue_reward", "blue_cost"]))

@@ -317,7 +317,7 @@ def load_models(args, actor_tok, score_toks, optimizer_steps, world_size):
         if prefix is None:
             return common.engine(model, common.ds_config(args, world_size, train=False))
         flags = [getattr(args, prefix + k) for k in ("lr", "weight_decay", "lr_scheduler_type", "lr_warmup_ratio")]
-        opt = common.optimizer(model, *flags[:3], optimizer_steps, flags[3])
+        opt = common.optimizer(model, *flags[:3], optimizer_steps, flags[3], fused=args.mixed_precision != "no")
         return common.engine(model, common.ds_config(args, world_size), opt)
 
     def load_lm():  # an adapter folder: its base with the adapter folded in
@@ -570,6 +570,7 @@ def main():
     actor_tok, score_toks = load_tokenizers(parser, args)
     use_cost, lagrangian = args.cost_model_name_or_path is not None, is_lagrangian(args)
     rank, world_size, device = common.init_distributed()
+    amp = common.compute_setup(args, device)  # the forward passes' precision (bf16 autocast or fp32), CPU threads
     master_process = rank == 0
     random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)  # + rank: each rank samples different answers
@@ -657,9 +658,10 @@ def main():
 
             # 1) rollout: sample answers from the current policy (eval mode: no dropout)
             set_train(False)
-            seq, attention_mask, mask, ended, P = sample_answers(
-                actor, actor_tok, batch, args, stops, step, args.num_return_sequences
-            )
+            with amp():
+                seq, attention_mask, mask, ended, P = sample_answers(
+                    actor, actor_tok, batch, args, stops, step, args.num_return_sequences
+                )
             mask_f = mask.float()
             inputs = [x for x in batch["inputs"] for _ in range(args.num_return_sequences)]  # generate's order
             answers = answers_of(actor_tok, seq, mask, P)
@@ -667,10 +669,11 @@ def main():
 
             with torch.no_grad():
                 # 2) score with the frozen models: old and reference log-probs, end scores, each critic's values
-                old_logp = policy_logp(actor, seq, attention_mask, P, args.fused_logprobs)  # (B, L)
-                ref_logp = policy_logp(ref, seq, attention_mask, P, args.fused_logprobs)
-                scores = end_scores(scorers, seq, attention_mask, inputs, answers, args.chat_template)
-                old_values = {s["name"]: critic_values(s["critic"], seq, attention_mask, P) for s in streams}
+                with amp():  # all four come out fp32
+                    old_logp = policy_logp(actor, seq, attention_mask, P, args.fused_logprobs)  # (B, L)
+                    ref_logp = policy_logp(ref, seq, attention_mask, P, args.fused_logprobs)
+                    scores = end_scores(scorers, seq, attention_mask, inputs, answers, args.chat_template)
+                    old_values = {s["name"]: critic_values(s["critic"], seq, attention_mask, P) for s in streams}
                 t2 = common.clock(device)
 
                 # 3) per stream: KL-shaped per-token rewards, then GAE with its own critic's values
@@ -694,7 +697,8 @@ def main():
             bar = rollout.progress(total=args.update_iters * micro_per_rollout, desc="ppo update", unit="mb")
             for _ in range(args.update_iters):
                 for mb in torch.randperm(seq.shape[0], device=device).split(args.per_device_train_batch_size):
-                    logp = policy_logp(actor, seq[mb], attention_mask[mb], P, args.fused_logprobs)
+                    with amp():
+                        logp = policy_logp(actor, seq[mb], attention_mask[mb], P, args.fused_logprobs)
                     actor_loss, clip_frac = actor_loss_fn(
                         logp, old_logp[mb], actor_adv[mb], mask_f[mb], args.clip_range_ratio
                     )
@@ -702,7 +706,8 @@ def main():
                     if ptx is not None:
                         ptx_batch = {k: v.to(device) for k, v in next(ptx_iter).items()}
                         ptx_drawn += 1
-                        lp = token_logprobs(actor, ptx_batch, 1, args.fused_logprobs)  # answer tokens, 0 elsewhere
+                        with amp():
+                            lp = token_logprobs(actor, ptx_batch, 1, args.fused_logprobs)  # answer tokens, else 0
                         ptx_loss = mean_nll(lp, ptx_batch["labels"][:, 1:], IGNORE_INDEX)
                         loss = loss + args.ptx_coeff * ptx_loss
                         stats["loss/ptx"].append(ptx_loss.detach())
@@ -712,7 +717,8 @@ def main():
                     stats["train/clip_frac"].append(clip_frac.detach())
                     for s in streams:
                         name = s["name"]
-                        v = critic_values(s["critic"], seq[mb], attention_mask[mb], P)
+                        with amp():
+                            v = critic_values(s["critic"], seq[mb], attention_mask[mb], P)
                         critic_loss = critic_loss_fn(
                             v, old_values[name][mb], ret[name][mb], mask_f[mb], args.clip_range_value
                         )
@@ -765,7 +771,8 @@ def main():
                 set_train(False)
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     torch.manual_seed(args.seed + rank)  # its own stream: an eval does not move training
-                    metrics = evaluate(actor, actor_tok, scorers, eval_prompts, args, stops, step)
+                    with amp():
+                        metrics = evaluate(actor, actor_tok, scorers, eval_prompts, args, stops, step)
                 log(step, metrics, head=f"eval step {step}")
             if args.save_interval and step % args.save_interval == 0 and step < total_steps:
                 loop_state = {"epoch": epoch, "position": position, "lam_state": lam_state, "ptx_drawn": ptx_drawn}

@@ -324,18 +324,23 @@ elif [ "$PRESET" = smol ]; then
   for f in "$ALPACA" "$HH_HELPFUL" "$PKU_SAFETY" "$REDTEAM_PROMPTS"; do
     [ -e "$f" ] || { echo "error: $f does not exist; set ALPACA, HH_HELPFUL, PKU_SAFETY, REDTEAM_PROMPTS" >&2; exit 2; }
   done
-  # One thread, as tiny: on a shared 2-core machine two OpenMP threads spin against other work, and token-by-token
-  # generation ran 15x slower (4.9 s a token instead of 0.34 s, measured with a test suite beside it).
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
-  # The sizes of the run: on a CPU in fp32 a 135M model trains at about 100 tokens/s, so every stage sees a hundred
-  # examples or so and sequences are cut at 160 tokens (ChatML's system line, the prompt and the answer).
+  # Threads: each stage takes the cores that other work leaves idle when it starts and says how many (OMP_NUM_THREADS
+  # overrides): beside another busy process two threads ran 3-8x slower than one, on an idle machine 1.3-1.7x faster.
+  export TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
+  # Precision: bf16 matmuls (torch.autocast) with fp32 weights, gradients and saved models where the CPU computes bf16
+  # natively (avx512_bf16, AMX), else fp32; every stage prints which. MIXED=no forces fp32, MIXED=bf16 forces bf16.
+  MIXED=${MIXED:-auto}
+  # The sizes of the run, from the measured unit costs in bf16 on 2 cores (docs/smol.md): sequences up to 256 tokens
+  # (ChatML's system line, the prompt and the answer; 97% of the safety pairs and 64% of the HH pairs fit whole).
+  # Two judges: each reward and cost model is trained on one half of the prompts (NAME%1/2, NAME%2/2: disjoint by a
+  # hash of the prompt); PPO-Lag optimises against the first, the arena also reports the second, which it never saw.
   # Proportions are of the whole files (5,000 Alpaca records, 2,354 HH pairs, 5,135 safety pairs, 83 red-team prompts).
   if [ "${SMOKE:-0}" = 1 ]; then
-    SFT_PART=0.003; RM_PART=0.006; CM_PART=0.003; CM_EVAL=0.02; EVAL_PART=0.05
-    PPO_STEPS=1; PPO_BATCH=2; MAXLEN=128
+    SFT_PART=0.003; RM_PART=0.01; RM_EVAL=0.01; CM_PART=0.005; CM_EVAL=0.02; EVAL_PART=0.05; PKU_EVAL=0.02
+    PPO_STEPS=1; PPO_BATCH=2; MAXLEN=128; ARENA_BATCH=16
   else
-    SFT_PART=0.02; RM_PART=0.1; CM_PART=0.025; CM_EVAL=0.1; EVAL_PART=1.0
-    PPO_STEPS=20; PPO_BATCH=8; MAXLEN=160
+    SFT_PART=0.02; RM_PART=0.3; RM_EVAL=0.08; CM_PART=0.1; CM_EVAL=0.2; EVAL_PART=1.0; PKU_EVAL=1.0
+    PPO_STEPS=20; PPO_BATCH=8; MAXLEN=256; ARENA_BATCH=32
   fi
   mkdir -p "$OUT"
 
@@ -372,68 +377,63 @@ elif [ "$PRESET" = smol ]; then
       --logging_steps 5 \
       --seed "$SEED" \
       --zero_stage 0 \
+      --mixed_precision "$MIXED" \
       --log_type "$LOG_TYPE" \
       --output_dir "$OUT/sft"
 
-  # 2a) Reward model (helpfulness) on Anthropic HH-RLHF helpful pairs, from the SFT model with a new score head.
-  #     Score models get a few dozen steps here, so a larger learning rate than the anchor's 2e-5.
-  stage "reward model" "$OUT/rm" \
-    $PY score_model.py \
-      --score_type reward \
-      --model_name_or_path "$OUT/sft" \
-      --chat_template model \
-      --train_datasets "hh-rlhf-helpful-preference:$RM_PART:$HH_HELPFUL" \
-      --eval_split_ratio 0.15 \
-      --max_length "$MAXLEN" \
-      --epochs 1 \
-      --per_device_train_batch_size 4 \
-      --per_device_eval_batch_size 8 \
-      --lr 1e-4 \
-      --lr_scheduler_type cosine \
-      --lr_warmup_ratio 0.1 \
-      --weight_decay 0.1 \
-      --regularization 0.001 \
-      --logging_steps 5 \
-      --seed "$SEED" \
-      --zero_stage 0 \
-      --log_type "$LOG_TYPE" \
-      --output_dir "$OUT/rm"
-
+  # 2) The score models, from the SFT model with a new score head, one epoch each; a few dozen steps, so a larger
+  #    learning rate than the anchor's 2e-5. Each judge's held-out accuracy is measured on pairs it was not trained on.
+  score_model() {  # name, folder, --score_type, train spec, eval spec
+    stage "$1" "$2" \
+      $PY score_model.py \
+        --score_type "$3" \
+        --model_name_or_path "$OUT/sft" \
+        --chat_template model \
+        --train_datasets "$4" \
+        --eval_datasets "$5" \
+        --max_length "$MAXLEN" \
+        --epochs 1 \
+        --per_device_train_batch_size 4 \
+        --per_device_eval_batch_size 8 \
+        --lr 1e-4 \
+        --lr_scheduler_type cosine \
+        --lr_warmup_ratio 0.1 \
+        --weight_decay 0.1 \
+        --regularization 0.001 \
+        --logging_steps 5 \
+        --seed "$SEED" \
+        --zero_stage 0 \
+        --mixed_precision "$MIXED" \
+        --log_type "$LOG_TYPE" \
+        --output_dir "$2"
+  }
+  # 2a) Reward model (helpfulness) on Anthropic HH-RLHF helpful pairs; its eval: pairs of the other half's prompts.
+  HH=hh-rlhf-helpful-preference
+  score_model "reward model" "$OUT/rm" reward "$HH%1/2:$RM_PART:$HH_HELPFUL" "$HH%2/2:$RM_EVAL:$HH_HELPFUL"
   # 2b) Cost model (cost > 0 means unsafe) on PKU-SafeRLHF-derived pairs, each a safe and an unsafe answer to one
-  #     prompt; held-out prompts (safe-unsafe-pairs/test, a tenth of them by hash) for its eval.
-  stage "cost model" "$OUT/cm" \
-    $PY score_model.py \
-      --score_type cost \
-      --model_name_or_path "$OUT/sft" \
-      --chat_template model \
-      --train_datasets "safe-unsafe-pairs/train:$CM_PART:$PKU_SAFETY" \
-      --eval_datasets "safe-unsafe-pairs/test:$CM_EVAL:$PKU_SAFETY" \
-      --max_length "$MAXLEN" \
-      --epochs 1 \
-      --per_device_train_batch_size 4 \
-      --per_device_eval_batch_size 8 \
-      --lr 1e-4 \
-      --lr_scheduler_type cosine \
-      --lr_warmup_ratio 0.1 \
-      --weight_decay 0.1 \
-      --regularization 0.001 \
-      --logging_steps 5 \
-      --seed "$SEED" \
-      --zero_stage 0 \
-      --log_type "$LOG_TYPE" \
-      --output_dir "$OUT/cm"
+  #     prompt (safe-unsafe-pairs/train); its eval: safe-unsafe-pairs/test, the tenth of the prompts no stage trains on.
+  PAIRS=safe-unsafe-pairs
+  score_model "cost model" "$OUT/cm" cost "$PAIRS/train%1/2:$CM_PART:$PKU_SAFETY" "$PAIRS/test:$CM_EVAL:$PKU_SAFETY"
+  # 2c) The held-out judge: the same recipe on the other half of the prompts; only the arena reads it.
+  score_model "held-out reward model" "$OUT/rm_heldout" reward \
+    "$HH%2/2:$RM_PART:$HH_HELPFUL" "$HH%1/2:$RM_EVAL:$HH_HELPFUL"
+  score_model "held-out cost model" "$OUT/cm_heldout" cost \
+    "$PAIRS/train%2/2:$CM_PART:$PKU_SAFETY" "$PAIRS/test:$CM_EVAL:$PKU_SAFETY"
 
-  # 3) PPO-Lag on the PKU prompts (930, mostly harmful requests): maximise reward subject to J_C <= d = 0, the
-  #    anchor's threshold. 20 rollouts only, so the actor and critics take larger steps than the anchor's, and the
-  #    multiplier moves faster (lambda_lr 0.5, J_C over the last 4 rollouts): with the anchor's 0.1 and 128 answers,
+  # 3) PPO-Lag on the PKU training prompts (838, mostly harmful requests): maximise reward subject to J_C <= d = 0,
+  #    the anchor's threshold. 20 rollouts only, so the actor and critics take larger steps than the anchor's, and the
+  #    multiplier moves faster (lambda_lr 0.5, J_C over the last 32 answers): with the anchor's 0.1 and 128 answers,
   #    lambda went from 1 to 1.16 in 6 rollouts while the reward model's taste for long answers raised the cost.
+  #    --missing_eos_penalty 2 (TRL's; the anchor has none): an answer cut at the token cap loses 2 of reward, more
+  #    than the reward model's taste for long answers gave it (cut answers scored 1.3 above ended ones), so never
+  #    stopping does not pay.
   stage "PPO-Lag" "$OUT/ppo_lag" \
     $PY ppo_lag.py \
       --actor_model_name_or_path "$OUT/sft" \
       --reward_model_name_or_path "$OUT/rm" \
       --cost_model_name_or_path "$OUT/cm" \
       --chat_template model \
-      --train_datasets "prompts:1.0:$PKU_SAFETY" \
+      --train_datasets "$PAIRS/train:1.0:$PKU_SAFETY" \
       --max_length "$MAXLEN" \
       --epochs 1 \
       --max_steps "$PPO_STEPS" \
@@ -444,6 +444,7 @@ elif [ "$PRESET" = smol ]; then
       --actor_lr_warmup_ratio 0.0 \
       --critic_lr 3e-5 \
       --kl_coeff 0.01 \
+      --missing_eos_penalty 2.0 \
       --threshold 0.0 \
       --lambda_init 1.0 \
       --lambda_lr 0.5 \
@@ -452,41 +453,52 @@ elif [ "$PRESET" = smol ]; then
       --episode_cost_window_size 32 \
       --seed "$SEED" \
       --zero_stage 0 \
+      --mixed_precision "$MIXED" \
       --log_type "$LOG_TYPE" \
       --output_dir "$OUT/ppo_lag"
 
-  # 4) Arena: SFT (red) against PPO-Lag (blue) on the anchor's 83 red-team prompts (problem.json), scored by the
-  #    reward and cost models; per-category safe rates in its summary.
+  # 4) Arena: SFT (red) against PPO-Lag (blue) on the anchor's 83 red-team prompts (problem.json) and the held-out
+  #    PKU prompts (safe-unsafe-pairs/test: no stage trained on them), one sampled answer each, scored by both judges.
   stage "arena sft vs ppo_lag" "$OUT/arena" \
     $PY evaluate.py \
       --red_corner_model_name_or_path "$OUT/sft" \
       --blue_corner_model_name_or_path "$OUT/ppo_lag" \
       --reward_model_name_or_path "$OUT/rm" \
       --cost_model_name_or_path "$OUT/cm" \
+      --heldout_reward_model_name_or_path "$OUT/rm_heldout" \
+      --heldout_cost_model_name_or_path "$OUT/cm_heldout" \
       --chat_template model \
-      --datasets "prompts:$EVAL_PART:$REDTEAM_PROMPTS" \
+      --datasets "prompts:$EVAL_PART:$REDTEAM_PROMPTS" "$PAIRS/test:$PKU_EVAL:$PKU_SAFETY" \
       --max_length "$MAXLEN" \
-      --per_device_eval_batch_size 16 \
+      --per_device_eval_batch_size "$ARENA_BATCH" \
       --temperature 1.0 \
       --seed "$SEED" \
+      --mixed_precision "$MIXED" \
       --output_dir "$OUT/arena"
 
-  # 5) The result: one table, also written to $OUT/summary.json.
+  # 5) The result: one table per judge, also written to $OUT/summary.json.
   $PY - "$OUT" <<'EOF'
 import json, sys
 out = sys.argv[1]
 arena = json.load(open(f"{out}/arena/summary.json"))
-keys = ("reward", "cost", "safe_rate", "eos_rate")
-summary = {"sft": {k: arena["red"][k] for k in keys}, "ppo_lag": {k: arena["blue"][k] for k in keys}}
+keys = [j + k for j in ("", "heldout_") for k in ("reward", "cost", "safe_rate")]
+keys += [k + "_se" for k in keys] + ["eos_rate"]
+summary = {"num_prompts": arena["num_prompts"]}
+summary |= {"sft": {k: arena["red"][k] for k in keys}, "ppo_lag": {k: arena["blue"][k] for k in keys}}
 lams = [json.loads(l)["train/lambda"] for l in open(f"{out}/ppo_lag/metrics.jsonl") if "train/lambda" in l]
 summary["ppo_lag"]["lambda"] = lams[-1]
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)
-print(f"\n{arena['num_prompts']} red-team prompts | safe: cost <= 0 by the cost model | eos: answers that ended")
-print(f"{'policy':<8} | {'reward':>7} | {'cost':>7} | {'safe rate':>9} | {'eos rate':>8} | {'lambda':>6}")
-for name, row in summary.items():
-    lam = f"{row['lambda']:.2f}" if "lambda" in row else "-"
-    print(f"{name:<8} | {row['reward']:>7.2f} | {row['cost']:>7.2f} | {100 * row['safe_rate']:>8.1f}% | "
-          f"{100 * row['eos_rate']:>7.1f}% | {lam:>6}")
+print(f"\n{arena['num_prompts']} prompts (red-team + held-out PKU) | safe: cost <= 0 | eos: answers that ended")
+for judge, name in (("", "training judge (PPO-Lag optimised against it)"), ("heldout_", "held-out judge (other prompts)")):
+    print(f"\n{name}: mean +/- standard error")
+    print(f"{'policy':<8} | {'reward':>13} | {'cost':>13} | {'safe rate':>14} | {'eos rate':>8} | {'lambda':>6}")
+    for policy in ("sft", "ppo_lag"):
+        row = summary[policy]
+        lam = f"{row['lambda']:.2f}" if "lambda" in row else "-"
+        pm = lambda k: f"{row[judge + k]:.2f} +/- {row[judge + k + '_se']:.2f}"
+        safe = f"{100 * row[judge + 'safe_rate']:.1f}% +/- {100 * row[judge + 'safe_rate_se']:.1f}"
+        eos = f"{100 * row['eos_rate']:.1f}%"
+        print(f"{policy:<8} | {pm('reward'):>13} | {pm('cost'):>13} | {safe:>14} | {eos:>8} | {lam:>6}")
 print(f"\nwritten to {out}/summary.json; answers in {out}/arena/arena.csv")
 EOF
 elif [ "$PRESET" = baselines ]; then

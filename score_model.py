@@ -188,7 +188,8 @@ def main():
         ) from None
 
     # distributed preamble: a plain `python score_model.py` is a world of one
-    rank, world_size, _ = common.init_distributed()
+    rank, world_size, device = common.init_distributed()
+    amp = common.compute_setup(args, device)  # the forward passes' precision (bf16 autocast or fp32), CPU threads
     import torch.distributed as dist
 
     master_process = rank == 0
@@ -237,7 +238,13 @@ def main():
     if args.lora_rank:  # the backbone frozen with adapters; the head trained whole (a copy: see lora.py)
         model = lora.add_lora(model, args, "", args.model_name_or_path, modules_to_save=["score_head"])
     opt, scheduler = common.optimizer(
-        model, args.lr, args.weight_decay, args.lr_scheduler_type, total_steps, args.lr_warmup_ratio
+        model,
+        args.lr,
+        args.weight_decay,
+        args.lr_scheduler_type,
+        total_steps,
+        args.lr_warmup_ratio,
+        fused=args.mixed_precision != "no",  # the fast path: torch's fused AdamW too
     )
     config = common.ds_config(args, world_size)
     print0(f"deepspeed config: {json.dumps(config)}")
@@ -248,7 +255,7 @@ def main():
         """Eval metrics over every rank's pairs, and the pairs' end scores (for the histogram)."""
         engine.eval()
         parts = []  # per batch: first half, second half of the end scores (+ their signs for cost)
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             for batch in rollout.progress(eval_loader, desc="eval", unit="batch"):  # rank 0, terminal (rollout.py)
                 ids, mask = batch["input_ids"].to(engine.device), batch["attention_mask"].to(engine.device)
                 end = engine(ids, mask).end_scores[:, 0].cpu()  # (2B,)
@@ -312,7 +319,8 @@ def main():
             ids, mask, signs = batch["input_ids"], batch["attention_mask"], [batch[k] for k in SIGNS if k in batch]
             B = ids.size(0) // 2
             # 1) score both halves in one forward: raw end scores (2B, 1) and per-token scores (2B, T, 1)
-            end, scores = engine(ids, mask)
+            with amp():  # the end scores come out fp32 (models.ScoreHead)
+                end, scores = engine(ids, mask)
             # 2) the normaliser tracks the raw end scores of all ranks; the loss may see the normalised ones
             if args.normalizer_type:
                 gathered = [torch.empty_like(end) for _ in range(world_size)]

@@ -75,11 +75,11 @@ def batch_loss(model, batch: dict, fused: bool = False) -> torch.Tensor:
         return mean_nll(model(**inputs).logits, targets, IGNORE_INDEX)  # the "logits" are log p(target): (B, T)
 
 
-def evaluate(model, loader, fused: bool = False) -> dict:
+def evaluate(model, loader, fused: bool = False, amp=contextlib.nullcontext) -> dict:
     """Eval loss (per answer token, over every rank's shard) and perplexity."""
     model.eval()
     totals = torch.zeros(2, device=model.device)  # (sum of token losses, answer tokens)
-    with torch.no_grad():
+    with torch.no_grad(), amp():
         for batch in rollout.progress(loader, desc="eval", unit="batch"):  # rank 0, in a terminal (rollout.py)
             batch = {k: v.to(model.device) for k, v in batch.items()}
             n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
@@ -146,7 +146,8 @@ def main():
     args = parse_args()
     from transformers import AutoModelForCausalLM
 
-    rank, world_size, _ = common.init_distributed()  # a plain `python sft.py` is a world of one
+    rank, world_size, device = common.init_distributed()  # a plain `python sft.py` is a world of one
+    amp = common.compute_setup(args, device)  # the forward passes' precision (bf16 autocast or fp32), CPU threads
     master_process = rank == 0
     torch.manual_seed(args.seed)
     # the output folder (locked, written as <output_dir>.partial) and the checkpoint to continue from, if any: refused
@@ -199,7 +200,13 @@ def main():
     if args.lora_rank:  # the base frozen; the optimizer sees the adapters only
         model = lora.add_lora(model, args, "", args.model_name_or_path)
     optimizer, scheduler = common.optimizer(
-        model, args.lr, args.weight_decay, args.lr_scheduler_type, total_steps, args.lr_warmup_ratio
+        model,
+        args.lr,
+        args.weight_decay,
+        args.lr_scheduler_type,
+        total_steps,
+        args.lr_warmup_ratio,
+        fused=args.mixed_precision != "no",  # the fast path: torch's fused AdamW too
     )
     config = common.ds_config(args, world_size)
     print0(f"deepspeed config: {json.dumps(config)}")
@@ -224,7 +231,7 @@ def main():
     t0 = time.time()
     try:  # Ctrl-C: one line, exit 130, the .partial left in place
         if eval_loader is not None and resume_dir is None:  # step 0 (as the anchor): the untrained model's eval, to
-            log(0, evaluate(engine, eval_loader, args.fused_logprobs))  # compare the later ones with
+            log(0, evaluate(engine, eval_loader, args.fused_logprobs, amp))  # compare the later ones with
             t0 = time.time()
         for epoch, position, batch in common.resumed_batches(
             train_loader, train_sampler, args.epochs, start_epoch, skip
@@ -234,7 +241,8 @@ def main():
                 bar = rollout.progress(total=steps_to_line * accum - micro_step % accum, desc="train", unit="mb")
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             # 1) forward and masked next-token cross-entropy
-            loss = batch_loss(engine, batch, args.fused_logprobs)
+            with amp():
+                loss = batch_loss(engine, batch, args.fused_logprobs)
             # 2) backward and (on boundaries) optimizer + LR step
             engine.backward(loss)
             engine.step()
@@ -258,7 +266,7 @@ def main():
             t_pause = time.time()  # eval and save time does not count against throughput
             eval_now = args.eval_interval and step % args.eval_interval == 0 or step == total_steps
             if eval_loader is not None and eval_now:
-                log(step, evaluate(engine, eval_loader, args.fused_logprobs))
+                log(step, evaluate(engine, eval_loader, args.fused_logprobs, amp))
             if args.save_interval and step % args.save_interval == 0 and step < total_steps:
                 # a full checkpoint-<step>/: engine state, RNG, where the loop stands, this rank's running sums
                 loop_state = {"epoch": epoch, "position": position, "micro_step": micro_step}

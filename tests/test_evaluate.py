@@ -301,6 +301,36 @@ def test_arena_toy(toy, tmp_path):
         assert [float(r[f"{side}_reward"]) for r in rows] == pytest.approx(expected.tolist(), abs=1e-4)
 
 
+def test_arena_heldout_judge_and_standard_errors(toy, tmp_path):
+    """A second judge's columns and means beside the first's, with standard errors; here the held-out judge is the
+    first one swapped (reward <- cost model, cost <- reward model), so each of its columns must equal one of the
+    first's; under bf16 autocast, forced (any CPU runs it)."""
+    out, rm, cm = tmp_path / "arena", str(toy / "rm"), str(toy / "cm")
+    judges = ["--reward_model_name_or_path", rm, "--cost_model_name_or_path", cm]
+    heldout = ["--heldout_reward_model_name_or_path", cm, "--heldout_cost_model_name_or_path", rm]
+    proc = run_script(arena_args(toy, out, *judges, *heldout, "--mixed_precision", "bf16"))
+    assert "precision: bf16 autocast, fp32 weights" in proc.stdout
+    summary, rows = json.loads((out / "summary.json").read_text()), read_csv(out / "arena.csv")
+    n = len(rows)
+    for side in ("red", "blue"):
+        column = lambda key, side=side: [float(r[f"{side}_{key}"]) for r in rows]  # noqa: E731
+        assert column("heldout_reward") == column("cost") and column("heldout_cost") == column("reward")
+        s = summary[side]
+        assert s["heldout_reward"] == pytest.approx(s["cost"]) and s["heldout_cost"] == pytest.approx(s["reward"])
+        assert s["heldout_safe_rate"] == pytest.approx(sum(r <= 0 for r in column("reward")) / n)
+        assert s["reward_se"] == pytest.approx(torch.tensor(column("reward")).std().item() / math.sqrt(n), rel=1e-4)
+        p = s["safe_rate"]
+        assert s["safe_rate_se"] == pytest.approx(math.sqrt(p * (1 - p) / n))
+        assert all(math.isfinite(v) for k, v in s.items() if k != "model")
+    assert "held-out judge: mean +/- standard error (not optimised against)" in proc.stdout
+    assert "training judge: mean +/- standard error" in proc.stdout
+    import subprocess
+
+    bad = arena_args(toy, tmp_path / "bad", *judges, heldout[0], cm)
+    proc = subprocess.run(bad, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "a held-out judge needs both" in proc.stderr
+
+
 def test_arena_generates_through_rollout_with_either_cache(toy, tmp_path):
     """The arena samples as PPO's rollouts do (rollout.generate): --generation_cache picks the cache, the run names
     it, and greedy answers are the same with both."""

@@ -2,6 +2,7 @@
 written here, the SmolLM2 converter's errors, and (slow: RUN_SLOW=1, with the model and ../shared/data at hand)
 `SMOKE=1 bash run_all.sh smol` end to end."""
 
+import argparse
 import importlib.util
 import json
 import math
@@ -74,6 +75,43 @@ def test_safe_unsafe_pairs_train_and_test_split_by_prompt(tmp_path, capsys):
     assert train.skipped == test.skipped == 0 and "skipped" not in capsys.readouterr().out  # the other split's pairs
     again = RawDataset.load("safe-unsafe-pairs/test", path)  # by a hash of the text: the same split every run
     assert [s["input"] for s in again] == [s["input"] for s in test]
+
+
+def test_judge_halves_split_by_prompt(tmp_path):
+    """NAME%1/2 and NAME%2/2: two judges' training data, disjoint by prompt (a prompt's pairs all in one part), the
+    same parts every run, together every sample; the held-out tenth's split is not skewed by the halves."""
+    records = [{"prompt": f"request {i}", "response": [SAFE, f"{UNSAFE} ({j})"]} for i in range(200) for j in range(3)]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(records))
+    load = lambda spec: data.load_samples([parse_dataset(f"{spec}:1.0:{path}")])  # noqa: E731
+    one, two, every = load("safe-unsafe-pairs%1/2"), load("safe-unsafe-pairs%2/2"), load("safe-unsafe-pairs")
+    a, b = {s["input"] for s in one}, {s["input"] for s in two}
+    assert not a & b and len(a | b) == 200 and len(one) + len(two) == len(every) == 600
+    assert 70 <= len(a) <= 130  # about half
+    assert [s["input"] for s in load("safe-unsafe-pairs%1/2")] == [s["input"] for s in one]  # stable
+    train_one, train_two = load("safe-unsafe-pairs/train%1/2"), load("safe-unsafe-pairs/train%2/2")
+    assert abs(len(train_one) - len(train_two)) < 0.3 * len(train_one)  # a hash of its own, not held_out's
+    assert parse_dataset(f"safe-unsafe-pairs/train%2/3:0.5:{path}")[1] == {
+        "proportion": 0.5,
+        "path": str(path),
+        "part": (2, 3),
+    }
+    for bad in ("%0/2", "%3/2", "%1", "%a/b", "%1/2/3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not K/N with 1 <= K <= N"):
+            parse_dataset(f"safe-unsafe-pairs{bad}:1.0:{path}")
+
+
+def test_real_judge_halves_are_disjoint(shared_data):
+    files = {
+        "hh-rlhf-helpful-preference": shared_data / "hh-rlhf/helpful-base-test.jsonl.gz",
+        "safe-unsafe-pairs/train": shared_data / "pku-saferlhf-derived/pku_seferlhf_realign_dpo_5k.json",
+    }
+    for name, path in files.items():
+        one, two = (data.load_samples([parse_dataset(f"{name}%{k}/2:1.0:{path}")]) for k in (1, 2))
+        a, b = ({data.sample_prompt(s) for s in part} for part in (one, two))
+        assert not a & b and 0.4 < len(one) / (len(one) + len(two)) < 0.6, name
+    test = {s["input"] for s in RawDataset.load("safe-unsafe-pairs/test", str(files["safe-unsafe-pairs/train"]))}
+    assert not test & {data.sample_prompt(s) for s in one}  # the cost judges' eval prompts: trained by neither
 
 
 def test_safe_unsafe_pairs_unparseable_records_name_the_fields(tmp_path, capsys):
