@@ -71,7 +71,7 @@ WARN_AFTER = 10  # consecutive rollouts with lambda at its cap, or J_C above d, 
 RANGES = {  # each flag's range, beyond the tables every stage shares (checkpoint.LOOP_RANGES, SAMPLING_RANGES)
     ">= 1": "update_iters num_return_sequences per_device_prompt_batch_size episode_cost_window_size",
     ">= 0": "actor_lr critic_lr lambda_lr lambda_init kl_coeff ptx_coeff lambda_update_delay_steps actor_weight_decay "
-    "critic_weight_decay pid_kp pid_ki pid_kd missing_eos_penalty",
+    "critic_weight_decay pid_kp pid_ki pid_kd missing_eos_penalty missing_eos_cost_penalty",
     "> 0": "lambda_max clip_range_ratio clip_range_score clip_range_value",
     "[0, 1]": "gamma gae_lambda actor_lr_warmup_ratio critic_lr_warmup_ratio",
 }
@@ -103,10 +103,11 @@ def combined_advantage(reward_adv, cost_adv, lam):
     return (reward_adv - lam * cost_adv) / (1.0 + lam)
 
 
-def missing_eos_penalty(reward, ended, penalty):
-    """The reward end score (B,) minus `penalty` on each answer that hit the token cap without a stop token (ended
-    (B,) False): TRL's missing_eos_penalty (the anchor has none), so that never stopping cannot pay."""
-    return reward - penalty * (~ended).to(reward.dtype) if penalty else reward
+def missing_eos_penalty(score, ended, penalty):
+    """An end score (B,) minus `penalty` on each answer that hit the token cap without a stop token (ended (B,) False):
+    TRL's missing_eos_penalty on the reward (the anchor has none), so that never stopping cannot pay; the cost stream
+    passes -penalty (a cut answer costs more), since a small cost model can see rambling as safe."""
+    return score - penalty * (~ended).to(score.dtype) if penalty else score
 
 
 def actor_loss_fn(logp, old_logp, adv, mask, clip_ratio):
@@ -458,6 +459,7 @@ def parse_args():
     add("--pid_kd", type=float, default=4.0, help="PID derivative gain (lambda per unit rise of J_C in one rollout)")
     add("--reward_shaping", action="store_true", help="the anchor's baseline: one stream R - lambda_init * C")
     add("--missing_eos_penalty", type=float, default=0.0, help="subtracted from R when an answer hits the token cap")
+    add("--missing_eos_cost_penalty", type=float, default=0.0, help="added to C when an answer hits the token cap")
     # optimisation
     add("--per_device_prompt_batch_size", type=int, default=16, help="prompts per rollout per device")
     add("--per_device_train_batch_size", type=int, default=16, help="rollout sequences per PPO micro-batch")
@@ -513,6 +515,8 @@ def check_args(parser, args):
     common.check_run_arguments(parser, args)
     if args.reward_shaping and not use_cost:
         parser.error("--reward_shaping shapes R - lambda * C: pass --cost_model_name_or_path")
+    if args.missing_eos_cost_penalty and not use_cost:
+        parser.error("--missing_eos_cost_penalty raises the cost of cut answers: pass --cost_model_name_or_path")
     lora.check_arguments(parser, args, "actor_")
     lora.check_arguments(parser, args, "critic_", saved=False)
     for name in ("reward", "cost"):
@@ -677,10 +681,13 @@ def main():
                 t2 = common.clock(device)
 
                 # 3) per stream: KL-shaped per-token rewards, then GAE with its own critic's values
-                reward = missing_eos_penalty(scores["reward"], ended, args.missing_eos_penalty)  # default 0: off
+                # (answers cut at the token cap: R - P, C + P_C; both 0 by default; J_C keeps the cost model's C)
+                reward = missing_eos_penalty(scores["reward"], ended, args.missing_eos_penalty)
+                cost = scores.get("cost")
+                cost = cost if cost is None else missing_eos_penalty(cost, ended, -args.missing_eos_cost_penalty)
                 if args.reward_shaping:  # the anchor's baseline: one stream, end score R - lambda * C
-                    reward = reward - lam * scores["cost"]
-                ends, adv, ret = {"reward": reward, "cost": scores.get("cost")}, {}, {}
+                    reward = reward - lam * cost
+                ends, adv, ret = {"reward": reward, "cost": cost}, {}, {}
                 for s in streams:
                     shaped = kl_shaped_rewards(
                         ends[s["name"]], old_logp, ref_logp, mask_f, args.kl_coeff, args.clip_range_score, s["sign"]

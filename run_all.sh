@@ -424,9 +424,10 @@ elif [ "$PRESET" = smol ]; then
   #    the anchor's threshold. 20 rollouts only, so the actor and critics take larger steps than the anchor's, and the
   #    multiplier moves faster (lambda_lr 0.5, J_C over the last 32 answers): with the anchor's 0.1 and 128 answers,
   #    lambda went from 1 to 1.16 in 6 rollouts while the reward model's taste for long answers raised the cost.
-  #    --missing_eos_penalty 2 (TRL's; the anchor has none): an answer cut at the token cap loses 2 of reward, more
-  #    than the reward model's taste for long answers gave it (cut answers scored 1.3 above ended ones), so never
-  #    stopping does not pay.
+  #    Answers cut at the token cap: --missing_eos_penalty 2 (TRL's; the anchor has none) takes 2 off their reward and
+  #    --missing_eos_cost_penalty 2 adds 2 to their cost. Both are needed: on this preset's first rollouts cut answers
+  #    scored +0.5 reward and -0.9 cost against ended ones, so with the reward penalty alone and lambda at its cap the
+  #    cost stream still paid the policy to ramble (eos rate 75% -> 0% in 6 rollouts; docs/smol.md).
   stage "PPO-Lag" "$OUT/ppo_lag" \
     $PY ppo_lag.py \
       --actor_model_name_or_path "$OUT/sft" \
@@ -445,6 +446,7 @@ elif [ "$PRESET" = smol ]; then
       --critic_lr 3e-5 \
       --kl_coeff 0.01 \
       --missing_eos_penalty 2.0 \
+      --missing_eos_cost_penalty 2.0 \
       --threshold 0.0 \
       --lambda_init 1.0 \
       --lambda_lr 0.5 \

@@ -597,15 +597,6 @@ def main():
     if args.ppo_memory:
         args.ppo_shape = args.ppo_shape or ("7b" if args.device == "cuda" else "small")
         return ppo_memory(args)
-    args = p.parse_args()
-    if args.ppo_worker:
-        print(json.dumps(ppo_step_memory(json.loads(args.ppo_worker))))
-        return
-    if args.save_model:
-        return save_model(args)
-    if args.ppo_memory:
-        args.ppo_shape = args.ppo_shape or ("7b" if args.device == "cuda" else "small")
-        return ppo_memory(args)
     gpu = args.device == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)

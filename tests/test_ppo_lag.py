@@ -112,6 +112,7 @@ def test_missing_eos_penalty_by_hand():
     """Answers cut at the token cap (ended False) lose the penalty from their reward; ended ones keep it; 0 is off."""
     reward, ended = torch.tensor([1.0, 2.0, -0.5]), torch.tensor([True, False, False])
     close(missing_eos_penalty(reward, ended, 3.0), [1.0, -1.0, -3.5])
+    close(missing_eos_penalty(reward, ended, -2.0), [1.0, 4.0, 1.5])  # the cost stream: a cut answer costs 2 more
     assert torch.equal(missing_eos_penalty(reward, ended, 0.0), reward)
 
 
@@ -716,15 +717,23 @@ def test_model_chat_template_samples_and_first_cost(tmp_path):
 def test_missing_eos_penalty_reaches_the_reward_stream(toy_models, tmp_path):
     """--missing_eos_penalty lowers the reward the critic fits for answers cut at the token cap: the first rollout is
     the same (same seed), the logged reward model score too, the reward critic's loss is not; and it is refused
-    below 0."""
-    runs = {}
-    for name, extra in (("off", []), ("on", ["--missing_eos_penalty", "20"])):
-        run_script(ppo_args(toy_models, tmp_path / name, "--max_length", "24", "--max_steps", "1", *extra))
+    below 0. --missing_eos_cost_penalty does the same to the cost stream alone, and needs a cost model."""
+    runs, flags = {}, {"off": [], "on": ["--missing_eos_penalty", "20"], "cost": ["--missing_eos_cost_penalty", "20"]}
+    for name, extra in flags.items():
+        cm = ["--cost_model_name_or_path", str(toy_models / "cm")]
+        run_script(ppo_args(toy_models, tmp_path / name, "--max_length", "24", "--max_steps", "1", *cm, *extra))
         runs[name] = read_metrics(tmp_path / name)[0]
-    off, on = runs["off"], runs["on"]
+    off, on, cost = runs["off"], runs["on"], runs["cost"]
     assert off["train/eos_rate"] < 1 and on["train/eos_rate"] == off["train/eos_rate"], (off, on)
     assert on["train/reward"] == pytest.approx(off["train/reward"], rel=1e-6)  # the reward model's own score
     assert on["loss/reward_critic"] != pytest.approx(off["loss/reward_critic"], rel=1e-3)
+    assert on["loss/cost_critic"] == pytest.approx(off["loss/cost_critic"], rel=1e-6)
+    # --missing_eos_cost_penalty: the cost stream only; J_C and the logged cost stay the cost model's own
+    assert cost["loss/reward_critic"] == pytest.approx(off["loss/reward_critic"], rel=1e-6)
+    assert cost["loss/cost_critic"] != pytest.approx(off["loss/cost_critic"], rel=1e-3)
+    assert (cost["train/cost"], cost["train/episode_cost"]) == pytest.approx(
+        (off["train/cost"], off["train/episode_cost"])
+    )
     proc = subprocess.run(
         ppo_args(toy_models, tmp_path / "x", "--missing_eos_penalty", "-1"),
         cwd=ROOT,
@@ -733,3 +742,11 @@ def test_missing_eos_penalty_reaches_the_reward_stream(toy_models, tmp_path):
         timeout=300,
     )
     assert proc.returncode != 0 and "--missing_eos_penalty must be" in proc.stderr.strip().splitlines()[-1]
+    proc = subprocess.run(
+        ppo_args(toy_models, tmp_path / "y", "--missing_eos_cost_penalty", "1"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "pass --cost_model_name_or_path" in proc.stderr.strip().splitlines()[-1]

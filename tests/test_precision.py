@@ -152,3 +152,29 @@ def test_mixed_precision_keeps_a_small_lr_update(base, tmp_path):
     # bf16 weights: the same updates are below half a rounding step and vanish
     assert {v.dtype for v in bf16.values()} == {torch.bfloat16}
     assert changed_share({k: v.to(torch.bfloat16) for k, v in start.items()}, bf16) < 0.1
+
+
+def test_model_calls_under_autocast_come_out_fp32_and_close(toy_models):
+    """What the stages compute inside amp(): token log-probs (the logits path and the fused head, the kernels' CPU
+    fallbacks) and score-model end scores come out fp32, finite and near their fp32 values; fused == unfused."""
+    from transformers import AutoModelForCausalLM
+
+    from kernels.linear_logprobs import token_logprobs
+    from models import ScoreModel
+
+    lm = AutoModelForCausalLM.from_pretrained(toy_models / "base").eval()
+    rm = ScoreModel.from_pretrained(str(toy_models / "rm")).eval()
+    ids = torch.randint(3, lm.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        want = token_logprobs(lm, inputs, 4)
+        want_end = rm(ids, mask).end_scores
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain, fused = token_logprobs(lm, inputs, 4), token_logprobs(lm, inputs, 4, fused=True)
+            end = rm(ids, mask).end_scores
+    for got in (plain, fused, end):
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(plain, want, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(fused, plain, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(end, want_end, atol=0.05, rtol=0.02)

@@ -222,7 +222,7 @@ def test_run_all_smol_smoke(tmp_path):
         ["bash", "run_all.sh", "smol"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for stage in ("sft", "rm", "cm", "ppo_lag"):  # complete folders, each carrying the model's ChatML template
+    for stage in ("sft", "rm", "cm", "rm_heldout", "cm_heldout", "ppo_lag"):  # complete, each with ChatML
         folder = out / stage
         assert (folder / "arguments.json").is_file() and (folder / "model.safetensors").is_file(), stage
         assert "<|im_start|>" in (folder / "chat_template.jinja").read_text(), stage
@@ -230,7 +230,11 @@ def test_run_all_smol_smoke(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     for policy in ("sft", "ppo_lag"):
         row = summary[policy]
-        assert all(math.isfinite(row[k]) for k in ("reward", "cost")), row
-        assert 0 <= row["safe_rate"] <= 1 and 0 <= row["eos_rate"] <= 1, row
+        for judge in ("", "heldout_"):  # both judges, each number with its standard error
+            assert all(math.isfinite(row[judge + k]) for k in ("reward", "cost", "reward_se", "cost_se")), row
+            assert 0 <= row[judge + "safe_rate"] <= 1 and 0 <= row[judge + "safe_rate_se"] <= 0.5, row
+        assert 0 <= row["eos_rate"] <= 1, row
     assert summary["ppo_lag"]["lambda"] > 0
-    assert "policy   |  reward |    cost | safe rate | eos rate | lambda" in proc.stdout
+    assert proc.stdout.count("precision: bf16 autocast, fp32 weights") + proc.stdout.count("precision: fp32 (") == 7
+    assert "held-out judge (other prompts): mean +/- standard error" in proc.stdout
+    assert "policy   |        reward |          cost |      safe rate | eos rate | lambda" in proc.stdout
