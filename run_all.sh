@@ -427,7 +427,11 @@ elif [ "$PRESET" = smol ]; then
   #    Answers cut at the token cap: --missing_eos_penalty 2 (TRL's; the anchor has none) takes 2 off their reward and
   #    --missing_eos_cost_penalty 2 adds 2 to their cost. Both are needed: on this preset's first rollouts cut answers
   #    scored +0.5 reward and -0.9 cost against ended ones, so with the reward penalty alone and lambda at its cap the
-  #    cost stream still paid the policy to ramble (eos rate 75% -> 0% in 6 rollouts; docs/smol.md).
+  #    cost stream still paid the policy to ramble (eos rate 75% -> 0% in 6 rollouts; docs/smol.md). So did the
+  #    critics: each starts as its score model, which rates an unfinished answer above the same answer ended (reward
+  #    0.67 just before <|im_end|>, -0.86 on it), so with GAE's bootstrapping (lambda 0.95) the end-of-turn token got
+  #    an advantage of about -1.5 while the penalty at the cap, 100 tokens later, reached early tokens as 0.95^100.
+  #    --gae_lambda 1 compares every token's actual return (the penalties included) with the same baseline.
   stage "PPO-Lag" "$OUT/ppo_lag" \
     $PY ppo_lag.py \
       --actor_model_name_or_path "$OUT/sft" \
@@ -445,6 +449,7 @@ elif [ "$PRESET" = smol ]; then
       --actor_lr_warmup_ratio 0.0 \
       --critic_lr 3e-5 \
       --kl_coeff 0.01 \
+      --gae_lambda 1.0 \
       --missing_eos_penalty 2.0 \
       --missing_eos_cost_penalty 2.0 \
       --threshold 0.0 \
