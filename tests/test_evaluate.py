@@ -301,24 +301,41 @@ def test_arena_toy(toy, tmp_path):
         assert [float(r[f"{side}_reward"]) for r in rows] == pytest.approx(expected.tolist(), abs=1e-4)
 
 
+def negated(src, dst):
+    """A copy of a score model whose head gives exactly minus its scores (weight and bias negated)."""
+    from models import ScoreModel
+    from templates import load_tokenizer
+
+    model = ScoreModel.from_pretrained(str(src))
+    with torch.no_grad():
+        for p in model.score_head.parameters():
+            p.neg_()
+    model.save_pretrained(str(dst))
+    load_tokenizer(str(src)).save_pretrained(str(dst))
+    return str(dst)
+
+
 def test_arena_heldout_judge_and_standard_errors(toy, tmp_path):
     """A second judge's columns and means beside the first's, with standard errors; here the held-out judge is the
-    first one swapped (reward <- cost model, cost <- reward model), so each of its columns must equal one of the
-    first's; under bf16 autocast, forced (any CPU runs it)."""
+    first one negated, so each of its columns must be exactly minus the first's; under bf16 autocast, forced (any
+    CPU runs it)."""
     out, rm, cm = tmp_path / "arena", str(toy / "rm"), str(toy / "cm")
     judges = ["--reward_model_name_or_path", rm, "--cost_model_name_or_path", cm]
-    heldout = ["--heldout_reward_model_name_or_path", cm, "--heldout_cost_model_name_or_path", rm]
+    heldout = ["--heldout_reward_model_name_or_path", negated(rm, tmp_path / "rm2")]
+    heldout += ["--heldout_cost_model_name_or_path", negated(cm, tmp_path / "cm2")]
     proc = run_script(arena_args(toy, out, *judges, *heldout, "--mixed_precision", "bf16"))
     assert "precision: bf16 autocast, fp32 weights" in proc.stdout
     summary, rows = json.loads((out / "summary.json").read_text()), read_csv(out / "arena.csv")
     n = len(rows)
     for side in ("red", "blue"):
         column = lambda key, side=side: [float(r[f"{side}_{key}"]) for r in rows]  # noqa: E731
-        assert column("heldout_reward") == column("cost") and column("heldout_cost") == column("reward")
+        assert column("heldout_reward") == [-x for x in column("reward")]
+        assert column("heldout_cost") == [-x for x in column("cost")]
         s = summary[side]
-        assert s["heldout_reward"] == pytest.approx(s["cost"]) and s["heldout_cost"] == pytest.approx(s["reward"])
-        assert s["heldout_safe_rate"] == pytest.approx(sum(r <= 0 for r in column("reward")) / n)
+        assert s["heldout_reward"] == pytest.approx(-s["reward"]) and s["heldout_cost"] == pytest.approx(-s["cost"])
+        assert s["heldout_safe_rate"] == pytest.approx(sum(c >= 0 for c in column("cost")) / n)
         assert s["reward_se"] == pytest.approx(torch.tensor(column("reward")).std().item() / math.sqrt(n), rel=1e-4)
+        assert s["heldout_cost_se"] == pytest.approx(s["cost_se"])
         p = s["safe_rate"]
         assert s["safe_rate_se"] == pytest.approx(math.sqrt(p * (1 - p) / n))
         assert all(math.isfinite(v) for k, v in s.items() if k != "model")
@@ -326,7 +343,7 @@ def test_arena_heldout_judge_and_standard_errors(toy, tmp_path):
     assert "training judge: mean +/- standard error" in proc.stdout
     import subprocess
 
-    bad = arena_args(toy, tmp_path / "bad", *judges, heldout[0], cm)
+    bad = arena_args(toy, tmp_path / "bad", *judges, *heldout[:2])
     proc = subprocess.run(bad, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "a held-out judge needs both" in proc.stderr
 
