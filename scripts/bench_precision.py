@@ -6,7 +6,7 @@ of a stage back to back (a shared machine drifts slowly). Not a test; never in C
     python scripts/bench_precision.py --smol_dir output/smol    # about 12 minutes on 2 cores
 
 Prints one table: SFT and score-model throughput (tokens/s over the steps after the first), a PPO-Lag rollout of 8
-prompts split into generate / score / update (its second rollout: the first pays one-time costs), and an arena of 16
+prompts split into generate / score / update (its second rollout: the first pays one-time costs), and an arena of 17
 prompts (the whole command's seconds, model loading included), each fp32 | bf16 | fp32 time / bf16 time.
 """
 
@@ -51,7 +51,8 @@ def main():
         if not path.exists():
             raise SystemExit(f"error: {path} does not exist; run `bash run_all.sh smol` (or pass --smol_dir, --data)")
     common = ["--chat_template", "model", "--max_length", "256", "--seed", "42"]
-    train = [*common, "--epochs", "1", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--max_steps", "4"]
+    train = [*common, "--epochs", "1", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]
+    train += ["--logging_steps", "1", "--max_steps", "4"]
     train += ["--lr_scheduler_type", "constant", "--lr_warmup_ratio", "0"]
     stages = {
         "SFT (tokens/s)": [
@@ -71,7 +72,7 @@ def main():
         + ["--reward_model_name_or_path", smol / "rm", "--cost_model_name_or_path", smol / "cm"]
         + ["--train_datasets", f"safe-unsafe-pairs/train:1.0:{pku}", *common, "--max_steps", "2"]
         + ["--per_device_prompt_batch_size", "8", "--per_device_train_batch_size", "2", "--missing_eos_penalty", "2"],
-        "arena of 16 prompts (s)": ["evaluate.py", "--red_corner_model_name_or_path", smol / "sft"]
+        "arena of 17 prompts (s)": ["evaluate.py", "--red_corner_model_name_or_path", smol / "sft"]
         + ["--blue_corner_model_name_or_path", smol / "sft", "--reward_model_name_or_path", smol / "rm"]
         + ["--cost_model_name_or_path", smol / "cm", "--datasets", f"prompts:0.2:{redteam}", *common]
         + ["--per_device_eval_batch_size", "16"],
