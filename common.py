@@ -191,7 +191,7 @@ def busy_cores(seconds: float = 0.3) -> float:
 def compute_setup(args, device: torch.device):
     """Settle the precision and the CPU threads, say both in one line, and return amp(): the context the forward
     passes run in (torch.autocast to bf16, or a no-op)."""
-    mode, why = getattr(args, "mixed_precision", "no"), ""
+    mode, why = args.mixed_precision, ""
     if mode == "auto":
         native, why = native_bf16(device)
         mode = "bf16" if native and not args.bf16 else "no"
@@ -200,7 +200,7 @@ def compute_setup(args, device: torch.device):
     line = "bf16 weights and compute" if args.bf16 else "bf16 autocast, fp32 weights" if use_bf16 else "fp32"
     line = f"precision: {line}{why}"
     if device.type == "cpu":
-        threads, how = choose_threads(getattr(args, "threads", None), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        threads, how = choose_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(threads)
         line += f" | {threads} CPU thread{'s' * (threads > 1)} ({how})"
     print0(line)
@@ -236,20 +236,25 @@ def lr_schedule(kind: str, total_steps: int, warmup_ratio: float):
     return f
 
 
-def optimizer(model, lr, weight_decay, schedule: str, total_steps: int, warmup_ratio: float, fused: bool = False):
+def optimizer(model, args, total_steps: int, prefix: str = ""):
     """A client torch AdamW (betas 0.9/0.95, as the anchor; no decay on biases and norms) over the trainable
-    parameters (LoRA: the adapters and any trained head), and its LambdaLR schedule. Returns (optimizer, scheduler).
-    DeepSpeed's own FusedAdam/CPUAdam would JIT-compile for ~40 s and need a toolchain; the update rule is the same.
-    fused: torch's fused kernel (on CPU 7x faster than the default for 135M parameters: 0.07 s a step instead of
-    0.46; equal to it within float rounding, not bit for bit, so the fp32 path keeps the default)."""
+    parameters (LoRA: the adapters and any trained head), and its LambdaLR schedule, from the flags `<prefix>lr`,
+    `<prefix>weight_decay`, `<prefix>lr_scheduler_type`, `<prefix>lr_warmup_ratio` (ppo_lag.py: prefix actor_ or
+    critic_). Returns (optimizer, scheduler). DeepSpeed's own FusedAdam/CPUAdam would JIT-compile for ~40 s and need a
+    toolchain; the update rule is the same. With --mixed_precision, torch's fused kernel (on CPU 7x faster than the
+    default for 135M parameters: 0.07 s a step instead of 0.46; equal to it within float rounding, not bit for bit, so
+    the fp32 path keeps the default)."""
+    flag = lambda name: getattr(args, prefix + name)  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": flag("weight_decay")},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    fused = args.mixed_precision != "no" or None  # None: torch's default (foreach)
     # an empty group (adapters alone have no 1-d one) trips the scheduler
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), fused=fused or None)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(schedule, total_steps, warmup_ratio))
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=flag("lr"), betas=(0.9, 0.95), fused=fused)
+    schedule = lr_schedule(flag("lr_scheduler_type"), total_steps, flag("lr_warmup_ratio"))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
 def ds_config(args, world_size: int, train: bool = True, micro_batch: int | None = None, accum: int | None = None):

@@ -350,7 +350,7 @@ def load_samples(specs: list[tuple[str, dict]], seed: int = 42) -> list[RawSampl
     for name, opts in specs:
         raw = RawDataset.load(name, opts.get("path"), opts.get("revision"), opts.get("field"))
         if "part" in opts:  # the K-th of N parts by prompt: a list of the samples in it, in their order
-            raw = [s for s in (raw[i] for i in range(len(raw))) if in_part(sample_prompt(s), *opts["part"])]
+            raw = [s for s in raw if in_part(sample_prompt(s), *opts["part"])]
         n, p = len(raw), opts.get("proportion", 1.0)
         if n and round(p * n) == 0:  # the data is fine: the proportion is too small for it
             raise ValueError(
@@ -551,19 +551,22 @@ def sample_prompt(s: RawSample) -> str:
     return prompt if isinstance(prompt, str) else "\n\n".join(prompt)
 
 
+def text_hash(text: str) -> int:
+    """sha256 of a text as an int: stable across runs and machines (Python's hash() is salted per process)."""
+    import hashlib
+
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16)
+
+
 def in_part(text: str, k: int, n: int) -> bool:
     """Whether a prompt falls in part k (1-based) of n by a hash salted apart from held_out's, so the parts of the
     train split of safe-unsafe-pairs stay even. Every sample of a prompt lands in the same part."""
-    import hashlib
-
-    return int(hashlib.sha256(f"part|{text}".encode()).hexdigest(), 16) % n == k - 1
+    return text_hash(f"part|{text}") % n == k - 1
 
 
 def held_out(text: str, share: int = 10) -> bool:
     """Whether a text falls in the held-out 1/share of a split by hash (stable across runs and machines)."""
-    import hashlib
-
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16) % share == 0
+    return text_hash(text) % share == 0
 
 
 variant(SafeUnsafePairs, "safe-unsafe-pairs/train", HELD_OUT=False)

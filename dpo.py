@@ -315,15 +315,7 @@ def main():
         )
     if args.lora_rank:
         model = lora.add_lora(model, args, "", args.model_name_or_path)
-    optimizer, scheduler = common.optimizer(
-        model,
-        args.lr,
-        args.weight_decay,
-        args.lr_scheduler_type,
-        total_steps,
-        args.lr_warmup_ratio,
-        fused=args.mixed_precision != "no",  # the fast path: torch's fused AdamW too
-    )
+    optimizer, scheduler = common.optimizer(model, args, total_steps)
     config = common.ds_config(args, world_size)
     print0(f"deepspeed config: {json.dumps(config)}")
     engine = common.engine(model, config, (optimizer, scheduler))

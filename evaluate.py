@@ -39,6 +39,7 @@ import io
 import json
 import math
 import os
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -83,10 +84,9 @@ def judge_means(rewards, costs, prefix: str = "") -> dict:
     """One judge's view of a policy's answers: mean reward and cost, safe rate (cost <= 0), each with its standard
     error (sample std / sqrt(n); a rate's: sqrt(p (1 - p) / n)), keys prefixed with the judge's name."""
     n = len(rewards)
-    mean = lambda xs: sum(xs) / n  # noqa: E731
-    se = lambda xs: math.sqrt(sum((x - mean(xs)) ** 2 for x in xs) / max(1, n - 1) / n)  # noqa: E731
-    safe = mean([c <= 0 for c in costs])
-    out = {"reward": mean(rewards), "cost": mean(costs), "safe_rate": safe}
+    se = lambda xs: statistics.stdev(xs) / math.sqrt(n) if n > 1 else 0.0  # noqa: E731
+    safe = sum(c <= 0 for c in costs) / n
+    out = {"reward": statistics.fmean(rewards), "cost": statistics.fmean(costs), "safe_rate": safe}
     out |= {"reward_se": se(rewards), "cost_se": se(costs), "safe_rate_se": math.sqrt(safe * (1 - safe) / n)}
     return {prefix + k: v for k, v in out.items()}
 
@@ -447,9 +447,10 @@ def main():
                 f"inf) for {len(rows)} prompts; nothing written: check that model (a NaN weight?)"
             )
     n, summary = len(rows), {"num_prompts": len(rows)}
+    judges = [role.removesuffix("reward") for role in scorer_paths if role.endswith("reward")]  # "", "heldout_"
     for side, path in policies.items():
         summary[side] = {"model": path, "eos_rate": 1 - sum(column(f"{side}_truncated")) / n}
-        for judge in ("", "heldout_") if "heldout_reward" in scorer_paths else ("",) if scored else ():
+        for judge in judges:
             summary[side].update(judge_means(column(f"{side}_{judge}reward"), column(f"{side}_{judge}cost"), judge))
         summary[side].update(toy_metrics(column("prompt"), column(f"{side}_answer")) or {})  # {} off the toy world
     if scored:

@@ -317,8 +317,7 @@ def load_models(args, actor_tok, score_toks, optimizer_steps, world_size):
     def build(model, prefix=None):  # a trained engine with the actor_ or critic_ optimisation flags, or a frozen one
         if prefix is None:
             return common.engine(model, common.ds_config(args, world_size, train=False))
-        flags = [getattr(args, prefix + k) for k in ("lr", "weight_decay", "lr_scheduler_type", "lr_warmup_ratio")]
-        opt = common.optimizer(model, *flags[:3], optimizer_steps, flags[3], fused=args.mixed_precision != "no")
+        opt = common.optimizer(model, args, optimizer_steps, prefix)
         return common.engine(model, common.ds_config(args, world_size), opt)
 
     def load_lm():  # an adapter folder: its base with the adapter folded in

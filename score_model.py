@@ -237,15 +237,7 @@ def main():
         model.gradient_checkpointing_enable()
     if args.lora_rank:  # the backbone frozen with adapters; the head trained whole (a copy: see lora.py)
         model = lora.add_lora(model, args, "", args.model_name_or_path, modules_to_save=["score_head"])
-    opt, scheduler = common.optimizer(
-        model,
-        args.lr,
-        args.weight_decay,
-        args.lr_scheduler_type,
-        total_steps,
-        args.lr_warmup_ratio,
-        fused=args.mixed_precision != "no",  # the fast path: torch's fused AdamW too
-    )
+    opt, scheduler = common.optimizer(model, args, total_steps)
     config = common.ds_config(args, world_size)
     print0(f"deepspeed config: {json.dumps(config)}")
     engine = common.engine(model, config, (opt, scheduler))
